@@ -1,0 +1,102 @@
+//! The engine's errors. Each etcd-visible error carries etcd's exact meaning; the gRPC
+//! layer maps them to etcd's codes and messages (see `pgetcd-server`'s status table).
+
+use thiserror::Error;
+
+/// An error of an engine operation.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A request or compare without a key.
+    #[error("key is not provided")]
+    EmptyKey,
+    /// `ignore_value`/`ignore_lease` on a key that does not exist.
+    #[error("key not found")]
+    KeyNotFound,
+    /// `ignore_value` together with a value.
+    #[error("value is provided")]
+    ValueProvided,
+    /// `ignore_lease` together with a lease.
+    #[error("lease is provided")]
+    LeaseProvided,
+    /// More compares or ops in a txn than `--max-txn-ops`.
+    #[error("too many operations in txn request")]
+    TooManyOps,
+    /// Two writes of one key in one txn.
+    #[error("duplicate key given in txn request")]
+    DuplicateKey,
+    /// Sort order or target outside the enum.
+    #[error("invalid sort option")]
+    InvalidSortOption,
+    /// A revision at or below the compact revision was asked for.
+    #[error("mvcc: required revision has been compacted")]
+    Compacted,
+    /// A revision above the current one was asked for.
+    #[error("mvcc: required revision is a future revision")]
+    FutureRevision,
+    /// The lease named by a request does not exist.
+    #[error("requested lease not found")]
+    LeaseNotFound,
+    /// The encoded request is larger than `--max-request-bytes`.
+    #[error("request is too large")]
+    RequestTooLarge,
+    /// The outcome of the write is unknown or it failed for a transient reason; the
+    /// client may retry (etcd's "request timed out").
+    #[error("request timed out")]
+    Timeout,
+    /// A committed version's value is in neither the cache nor Postgres.
+    #[error("value of revision {revision}.{sub} is missing from postgres")]
+    MissingValue {
+        /// Main revision.
+        revision: i64,
+        /// Sub-revision.
+        sub: u32,
+    },
+    /// The engine is shutting down or its writer stopped.
+    #[error("server stopped")]
+    Stopped,
+    /// Another pgetcd instance took over this keyspace (fencing epoch moved).
+    #[error("keyspace {schema:?} was taken over by another pgetcd instance (leader epoch moved)")]
+    Fenced {
+        /// The keyspace.
+        schema: String,
+    },
+    /// The keyspace's schema is newer than this build understands.
+    #[error(
+        "keyspace {schema:?} has schema version {found}, newer than this pgetcd build supports ({supported}); upgrade pgetcd"
+    )]
+    SchemaTooNew {
+        /// The keyspace.
+        schema: String,
+        /// Version found in `meta`.
+        found: i32,
+        /// Version this build writes.
+        supported: i32,
+    },
+    /// The Postgres server is not configured as pgetcd needs.
+    #[error("PostgreSQL is misconfigured: {0}")]
+    Misconfigured(String),
+    /// Postgres failed.
+    #[error("postgres: {context}")]
+    Postgres {
+        /// What we were doing.
+        context: &'static str,
+        /// The cause.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// Getting a connection from the read pool failed.
+    #[error("postgres connection pool: {0}")]
+    Pool(String),
+    /// Bad configuration.
+    #[error(transparent)]
+    Layout(#[from] pgetcd_partitioning::LayoutError),
+}
+
+impl Error {
+    pub(crate) fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
+        move |source| Error::Postgres { context, source }
+    }
+}
+
+/// Result of an engine operation.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

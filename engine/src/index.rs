@@ -1,0 +1,493 @@
+//! The in-memory revision index: every key with its retained versions, ordered by key.
+//!
+//! Concurrency protocol:
+//! - One writer (the engine's writer task) appends versions, rolls back unpublished
+//!   ones and prunes compacted ones. Many readers read concurrently without a global
+//!   lock: the key map is a lock-free skip list; each key's version list sits behind its
+//!   own small `RwLock`, held only to copy out one version.
+//! - Readers always read *at a revision* and ignore versions above it. The writer
+//!   appends versions of revisions above the published revision, so readers at a
+//!   published revision see a consistent snapshot while a batch is being evaluated;
+//!   the writer itself reads "at latest" (`i64::MAX`) to see its own pending effects.
+//! - Compaction first raises the compact revision, then prunes. A reader that read at
+//!   revision `r` re-checks the compact revision afterwards and reports `Compacted` if
+//!   it moved above `r` (see `Engine`), so pruning never yields a silently wrong read.
+//! - Values live in the versions as `Option<Bytes>`; `None` means "evicted from the
+//!   value cache, read it from Postgres by (revision, sub)". Tombstones have version 0.
+
+use std::collections::VecDeque;
+use std::ops::Bound;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use crossbeam_skiplist::SkipMap;
+use parking_lot::{Mutex, RwLock};
+
+/// One version of a key: a put (`version >= 1`) or a tombstone (`version == 0`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    /// Main revision of the change.
+    pub mod_revision: i64,
+    /// Sub-revision inside the main revision.
+    pub sub: u32,
+    /// Revision of the key's (re)creation; 0 for tombstones.
+    pub create_revision: i64,
+    /// 1 on create, +1 per put; 0 marks a tombstone.
+    pub version: i64,
+    /// Attached lease, 0 for none.
+    pub lease: i64,
+    /// The value, `None` when evicted from the cache (or a tombstone).
+    pub value: Option<Bytes>,
+}
+
+impl Version {
+    /// Whether this version deletes the key.
+    pub fn is_tombstone(&self) -> bool {
+        self.version == 0
+    }
+}
+
+/// A key's value as visible at some revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Visible {
+    /// The key.
+    pub key: Bytes,
+    /// Its live version at the read revision.
+    pub version: Version,
+}
+
+/// Which keys a request names, decoded from etcd's `key`/`range_end` convention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRange {
+    /// `range_end` empty: exactly `key`.
+    Single(Bytes),
+    /// `[start, end)`; `end == None` is unbounded (`range_end == "\0"`).
+    Span {
+        /// First key.
+        start: Bytes,
+        /// End (exclusive), `None` for no end.
+        end: Option<Bytes>,
+    },
+}
+
+impl KeyRange {
+    /// etcd's reading of `key` and `range_end`.
+    pub fn new(key: &Bytes, range_end: &Bytes) -> Self {
+        if range_end.is_empty() {
+            KeyRange::Single(key.clone())
+        } else if range_end.as_ref() == [0] {
+            KeyRange::Span {
+                start: key.clone(),
+                end: None,
+            }
+        } else {
+            KeyRange::Span {
+                start: key.clone(),
+                end: Some(range_end.clone()),
+            }
+        }
+    }
+
+    /// Whether `key` falls in the range.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        match self {
+            KeyRange::Single(k) => k.as_ref() == key,
+            KeyRange::Span { start, end } => {
+                key >= start.as_ref() && end.as_ref().is_none_or(|e| key < e.as_ref())
+            }
+        }
+    }
+}
+
+struct KeyEntry {
+    versions: RwLock<Vec<Version>>,
+}
+
+/// Visible version of a list at revision `at`: the last version at or below it, unless
+/// it is a tombstone.
+fn visible_at(versions: &[Version], at: i64) -> Option<&Version> {
+    let idx = versions.partition_point(|v| v.mod_revision <= at);
+    let v = versions[..idx].last()?;
+    (!v.is_tombstone()).then_some(v)
+}
+
+/// One cached value's bookkeeping, in insertion order.
+struct CacheEntry {
+    key: Bytes,
+    mod_revision: i64,
+    sub: u32,
+    len: usize,
+}
+
+/// What compaction removed and kept, for the physical step in Postgres.
+#[derive(Debug, Default)]
+pub struct Pruned {
+    /// (revision, sub) of removed versions below `retained_below`.
+    pub removed_retained: Vec<(i64, u32)>,
+    /// (revision, sub) of surviving versions at or below the compact revision that are
+    /// in partitions about to be dropped: they must be copied to `history_retained`.
+    pub to_retain: Vec<(i64, u32)>,
+    /// Keys removed from the index altogether.
+    pub keys_removed: usize,
+}
+
+/// The ordered map of keys to versions plus the value-cache bookkeeping.
+pub struct Index {
+    map: SkipMap<Bytes, KeyEntry>,
+    cache_budget: usize,
+    cache_bytes: AtomicUsize,
+    cache_fifo: Mutex<VecDeque<CacheEntry>>,
+}
+
+impl Index {
+    /// An empty index whose cached values may use up to `cache_budget` bytes.
+    pub fn new(cache_budget: usize) -> Self {
+        Self {
+            map: SkipMap::new(),
+            cache_budget,
+            cache_bytes: AtomicUsize::new(0),
+            cache_fifo: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Number of keys with at least one retained version (live or not).
+    pub fn key_count(&self) -> usize {
+        self.map.len()
+    }
+
+    /// The cache budget in bytes.
+    pub fn cache_budget(&self) -> usize {
+        self.cache_budget
+    }
+
+    /// Bytes of values counted in the cache.
+    pub fn cached_bytes(&self) -> usize {
+        self.cache_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The version of `key` visible at `at`.
+    pub fn get(&self, key: &[u8], at: i64) -> Option<Visible> {
+        let entry = self.map.get(key)?;
+        let versions = entry.value().versions.read();
+        visible_at(&versions, at).map(|v| Visible {
+            key: entry.key().clone(),
+            version: v.clone(),
+        })
+    }
+
+    /// Calls `f` for each key in `range` visible at `at`, in key order, until it returns
+    /// false.
+    pub fn scan(&self, range: &KeyRange, at: i64, mut f: impl FnMut(&Bytes, &Version) -> bool) {
+        match range {
+            KeyRange::Single(key) => {
+                if let Some(entry) = self.map.get(key.as_ref()) {
+                    let versions = entry.value().versions.read();
+                    if let Some(v) = visible_at(&versions, at) {
+                        f(entry.key(), v);
+                    }
+                }
+            }
+            KeyRange::Span { start, end } => {
+                if let Some(e) = end
+                    && e.as_ref() <= start.as_ref()
+                {
+                    return;
+                }
+                let upper = match end {
+                    Some(e) => Bound::Excluded(e.as_ref()),
+                    None => Bound::Unbounded,
+                };
+                let bounds: (Bound<&[u8]>, Bound<&[u8]>) = (Bound::Included(start.as_ref()), upper);
+                for entry in self.map.range::<[u8], _>(bounds) {
+                    let versions = entry.value().versions.read();
+                    if let Some(v) = visible_at(&versions, at)
+                        && !f(entry.key(), v)
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keys in `range` visible at `at`: up to `limit` of them (0 = all) and the total.
+    pub fn range(&self, range: &KeyRange, at: i64, limit: usize) -> (Vec<Visible>, usize) {
+        let mut out = Vec::new();
+        let mut total = 0usize;
+        self.scan(range, at, |k, v| {
+            total += 1;
+            if limit == 0 || out.len() < limit {
+                out.push(Visible {
+                    key: k.clone(),
+                    version: v.clone(),
+                });
+            }
+            true
+        });
+        (out, total)
+    }
+
+    /// Number of keys in `range` visible at `at`.
+    pub fn count(&self, range: &KeyRange, at: i64) -> usize {
+        let mut total = 0usize;
+        self.scan(range, at, |_, _| {
+            total += 1;
+            true
+        });
+        total
+    }
+
+    /// Appends a version (writer only). Its revision must exceed the key's last one.
+    pub fn append(&self, key: &Bytes, version: Version) {
+        let entry = self.map.get_or_insert_with(key.clone(), || KeyEntry {
+            versions: RwLock::new(Vec::with_capacity(1)),
+        });
+        let mut versions = entry.value().versions.write();
+        debug_assert!(
+            versions
+                .last()
+                .is_none_or(|l| (l.mod_revision, l.sub) < (version.mod_revision, version.sub)),
+            "versions must be appended in revision order"
+        );
+        versions.push(version);
+    }
+
+    /// Loads a version during start-up, in any order.
+    pub fn load(&self, key: Bytes, version: Version) {
+        let entry = self.map.get_or_insert_with(key, || KeyEntry {
+            versions: RwLock::new(Vec::with_capacity(1)),
+        });
+        let mut versions = entry.value().versions.write();
+        let pos = versions
+            .partition_point(|v| (v.mod_revision, v.sub) < (version.mod_revision, version.sub));
+        versions.insert(pos, version);
+    }
+
+    /// Removes every version above `published` of `keys` (writer only): undoes a batch
+    /// that did not commit.
+    pub fn rollback(&self, keys: &[Bytes], published: i64) {
+        for key in keys {
+            if let Some(entry) = self.map.get(key.as_ref()) {
+                let empty = {
+                    let mut versions = entry.value().versions.write();
+                    let keep = versions.partition_point(|v| v.mod_revision <= published);
+                    versions.truncate(keep);
+                    versions.is_empty()
+                };
+                if empty {
+                    entry.remove();
+                }
+            }
+        }
+    }
+
+    /// Records that the values of these committed versions are now cached, evicting the
+    /// oldest cached values while over budget.
+    pub fn note_cached(&self, entries: impl IntoIterator<Item = (Bytes, i64, u32, usize)>) {
+        {
+            let mut fifo = self.cache_fifo.lock();
+            for (key, mod_revision, sub, len) in entries {
+                self.cache_bytes.fetch_add(len, Ordering::Relaxed);
+                fifo.push_back(CacheEntry {
+                    key,
+                    mod_revision,
+                    sub,
+                    len,
+                });
+            }
+        }
+        self.evict();
+    }
+
+    fn evict(&self) {
+        while self.cache_bytes.load(Ordering::Relaxed) > self.cache_budget {
+            let Some(victim) = self.cache_fifo.lock().pop_front() else {
+                return;
+            };
+            if let Some(entry) = self.map.get(victim.key.as_ref()) {
+                let mut versions = entry.value().versions.write();
+                if let Some(v) = versions
+                    .iter_mut()
+                    .find(|v| v.mod_revision == victim.mod_revision && v.sub == victim.sub)
+                {
+                    v.value = None;
+                }
+            }
+            self.cache_bytes.fetch_sub(victim.len, Ordering::Relaxed);
+        }
+    }
+
+    /// Puts a value read from Postgres back into its version, if the version still
+    /// exists and has none.
+    pub fn fill(&self, key: &Bytes, mod_revision: i64, sub: u32, value: &Bytes) {
+        let filled = match self.map.get(key.as_ref()) {
+            Some(entry) => {
+                let mut versions = entry.value().versions.write();
+                match versions
+                    .iter_mut()
+                    .find(|v| v.mod_revision == mod_revision && v.sub == sub)
+                {
+                    Some(v) if v.value.is_none() => {
+                        v.value = Some(value.clone());
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            None => false,
+        };
+        if filled {
+            self.note_cached([(key.clone(), mod_revision, sub, value.len())]);
+        }
+    }
+
+    /// Drops versions made unreachable by compacting at `compact`: every version at or
+    /// below it except each key's newest one, and that one too when it is a tombstone.
+    /// Versions below `retained_below` live in `history_retained`; survivors at or below
+    /// `drop_below` sit in partitions about to be dropped (writer only).
+    pub fn compact(&self, compact: i64, retained_below: i64, drop_below: i64) -> Pruned {
+        let mut pruned = Pruned::default();
+        for entry in self.map.iter() {
+            let empty = {
+                let mut versions = entry.value().versions.write();
+                let upto = versions.partition_point(|v| v.mod_revision <= compact);
+                if upto == 0 {
+                    continue;
+                }
+                let newest = &versions[upto - 1];
+                let cut = if newest.is_tombstone() {
+                    upto
+                } else {
+                    upto - 1
+                };
+                for v in &versions[..cut] {
+                    if v.mod_revision < retained_below {
+                        pruned.removed_retained.push((v.mod_revision, v.sub));
+                    }
+                }
+                if cut < upto {
+                    let kept = &versions[upto - 1];
+                    if kept.mod_revision >= retained_below && kept.mod_revision < drop_below {
+                        pruned.to_retain.push((kept.mod_revision, kept.sub));
+                    }
+                }
+                versions.drain(..cut);
+                versions.is_empty()
+            };
+            if empty {
+                pruned.keys_removed += 1;
+                entry.remove();
+            }
+        }
+        pruned
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn put(rev: i64, create: i64, ver: i64, value: &'static str) -> Version {
+        Version {
+            mod_revision: rev,
+            sub: 0,
+            create_revision: create,
+            version: ver,
+            lease: 0,
+            value: Some(Bytes::from_static(value.as_bytes())),
+        }
+    }
+
+    fn tomb(rev: i64) -> Version {
+        Version {
+            mod_revision: rev,
+            sub: 0,
+            create_revision: 0,
+            version: 0,
+            lease: 0,
+            value: None,
+        }
+    }
+
+    fn b(s: &'static str) -> Bytes {
+        Bytes::from_static(s.as_bytes())
+    }
+
+    #[test]
+    fn reads_at_revision() {
+        let ix = Index::new(usize::MAX);
+        ix.append(&b("a"), put(2, 2, 1, "x"));
+        ix.append(&b("a"), put(4, 2, 2, "y"));
+        ix.append(&b("a"), tomb(5));
+        ix.append(&b("a"), put(7, 7, 1, "z"));
+        assert!(ix.get(b"a", 1).is_none());
+        assert_eq!(ix.get(b"a", 3).unwrap().version.value, Some(b("x")));
+        assert_eq!(ix.get(b"a", 4).unwrap().version.version, 2);
+        assert!(ix.get(b"a", 6).is_none());
+        assert_eq!(ix.get(b"a", 7).unwrap().version.create_revision, 7);
+    }
+
+    #[test]
+    fn ranges_count_and_limit() {
+        let ix = Index::new(usize::MAX);
+        for (i, k) in ["a", "b", "c", "d"].iter().enumerate() {
+            ix.append(
+                &Bytes::from_static(k.as_bytes()),
+                put(i as i64 + 2, i as i64 + 2, 1, "v"),
+            );
+        }
+        let all = KeyRange::new(&b("a"), &Bytes::from_static(&[0]));
+        let (kvs, total) = ix.range(&all, 10, 2);
+        assert_eq!(total, 4);
+        assert_eq!(kvs.len(), 2);
+        assert_eq!(ix.count(&all, 3), 2);
+        let bc = KeyRange::new(&b("b"), &b("d"));
+        assert_eq!(ix.count(&bc, 10), 2);
+        let inverted = KeyRange::new(&b("d"), &b("b"));
+        assert_eq!(ix.count(&inverted, 10), 0);
+        assert_eq!(ix.count(&KeyRange::new(&b("c"), &Bytes::new()), 10), 1);
+    }
+
+    #[test]
+    fn rollback_removes_pending_versions_and_new_keys() {
+        let ix = Index::new(usize::MAX);
+        ix.append(&b("a"), put(2, 2, 1, "x"));
+        ix.append(&b("a"), put(3, 2, 2, "y"));
+        ix.append(&b("n"), put(3, 3, 1, "y"));
+        ix.rollback(&[b("a"), b("n")], 2);
+        assert_eq!(ix.get(b"a", i64::MAX).unwrap().version.version, 1);
+        assert_eq!(ix.key_count(), 1);
+    }
+
+    #[test]
+    fn compaction_keeps_newest_live_version() {
+        let ix = Index::new(usize::MAX);
+        ix.append(&b("a"), put(2, 2, 1, "x"));
+        ix.append(&b("a"), put(3, 2, 2, "y"));
+        ix.append(&b("a"), put(6, 2, 3, "z"));
+        ix.append(&b("d"), put(4, 4, 1, "x"));
+        ix.append(&b("d"), tomb(5));
+        let pruned = ix.compact(5, 0, 6);
+        assert_eq!(ix.key_count(), 1);
+        assert_eq!(pruned.keys_removed, 1);
+        assert_eq!(ix.get(b"a", 5).unwrap().version.version, 2);
+        assert_eq!(pruned.to_retain, vec![(3, 0)]);
+        assert!(pruned.removed_retained.is_empty());
+    }
+
+    #[test]
+    fn cache_evicts_oldest_beyond_budget_and_refills() {
+        let ix = Index::new(3);
+        ix.append(&b("a"), put(2, 2, 1, "xx"));
+        ix.append(&b("b"), put(3, 3, 1, "yy"));
+        ix.note_cached([(b("a"), 2, 0, 2), (b("b"), 3, 0, 2)]);
+        assert_eq!(ix.get(b"a", 9).unwrap().version.value, None);
+        assert_eq!(ix.get(b"b", 9).unwrap().version.value, Some(b("yy")));
+        ix.fill(&b("a"), 2, 0, &b("xx"));
+        // Filling a pushes b out.
+        assert_eq!(ix.get(b"a", 9).unwrap().version.value, Some(b("xx")));
+        assert_eq!(ix.get(b"b", 9).unwrap().version.value, None);
+        assert_eq!(ix.cached_bytes(), 2);
+    }
+}

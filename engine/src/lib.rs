@@ -1,0 +1,393 @@
+//! pgetcd's MVCC engine: etcd's key-value semantics over Postgres.
+//!
+//! Owns the revision index (every key and its retained versions, in memory), the value
+//! cache, txn evaluation, the single writer that group-commits batches to Postgres, and
+//! compaction. It speaks etcd's request and response messages (`pgetcd-proto` without
+//! its gRPC feature) but knows nothing of gRPC: it must not depend on tonic.
+//!
+//! Invariants:
+//! - One writer per keyspace assigns revisions; a revision is visible to readers only
+//!   after its batch committed in Postgres (read-your-writes, linearizable reads).
+//! - Reads never touch Postgres except to fetch values evicted from the cache.
+//! - A write whose COMMIT outcome is unknown is resolved by reading `meta` back, never
+//!   guessed; until then its clients wait.
+
+mod error;
+mod exec;
+/// The in-memory revision index and value-cache bookkeeping.
+pub mod index;
+mod store;
+/// Request checks done before a request reaches the writer.
+pub mod validate;
+mod writer;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+use parking_lot::RwLock;
+use pgetcd_partitioning::Layout;
+use pgetcd_proto::etcdserverpb::{
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse,
+};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tracing::info;
+
+pub use error::{Error, Result};
+pub use exec::{Change, txn_is_read_only};
+pub use pgetcd_partitioning::DEFAULT_PARTITION_REVISIONS;
+pub use store::{Meta, PgStore};
+
+use exec::Exec;
+use index::{Index, Visible};
+use writer::{Job, Op, Reply, Writer};
+
+/// etcd's default `--max-request-bytes`.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1_572_864;
+/// etcd's default `--max-txn-ops`.
+pub const DEFAULT_MAX_TXN_OPS: usize = 128;
+/// Default value-cache budget.
+pub const DEFAULT_CACHE_BYTES: usize = 1 << 30;
+/// Default most requests per group commit.
+pub const DEFAULT_MAX_BATCH: usize = 4096;
+/// Bytes etcd adds around a request in its raft entry before comparing it with
+/// `--max-request-bytes` (request header and field tags), approximated.
+pub const REQUEST_ENVELOPE_BYTES: usize = 16;
+
+/// How to run an engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Postgres connection string (URL or libpq key=value form).
+    pub postgres_url: String,
+    /// Postgres schema of the keyspace.
+    pub schema: String,
+    /// Revisions per history partition.
+    pub partition_revisions: i64,
+    /// Value-cache budget in bytes.
+    pub cache_bytes: usize,
+    /// Largest write request accepted (etcd's `--max-request-bytes`).
+    pub max_request_bytes: usize,
+    /// Most compares/ops per txn level (etcd's `--max-txn-ops`).
+    pub max_txn_ops: usize,
+    /// Most requests per group commit.
+    pub max_batch: usize,
+    /// Connections for value reads.
+    pub read_pool_size: usize,
+}
+
+impl EngineConfig {
+    /// Defaults for everything but the connection string.
+    pub fn new(postgres_url: impl Into<String>) -> Self {
+        Self {
+            postgres_url: postgres_url.into(),
+            schema: "pgetcd".into(),
+            partition_revisions: pgetcd_partitioning::DEFAULT_PARTITION_REVISIONS,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_txn_ops: DEFAULT_MAX_TXN_OPS,
+            max_batch: DEFAULT_MAX_BATCH,
+            read_pool_size: 8,
+        }
+    }
+}
+
+/// The index plus the revisions it is published at. Replaced whole when the writer
+/// reloads from Postgres.
+pub(crate) struct State {
+    pub(crate) index: Index,
+    published: AtomicI64,
+    compact: AtomicI64,
+    store: Arc<PgStore>,
+}
+
+impl State {
+    pub(crate) fn published(&self) -> i64 {
+        self.published.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn compact(&self) -> i64 {
+        self.compact.load(Ordering::SeqCst)
+    }
+
+    /// Fails a read at `at` if compaction passed it while the read ran.
+    pub(crate) fn check_not_compacted(&self, at: i64) -> Result<()> {
+        if at < self.compact() {
+            Err(Error::Compacted)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether a lease exists. Leases are not granted yet (LeaseGrant answers
+    /// Unimplemented), so no lease id names one.
+    pub(crate) fn lease_exists(&self, _id: i64) -> bool {
+        false
+    }
+
+    /// Makes sure every entry of `kvs` has its value, reading misses from Postgres.
+    pub(crate) async fn fill_values(&self, kvs: &mut [Visible], at: i64) -> Result<()> {
+        let missing: Vec<usize> = (0..kvs.len())
+            .filter(|&i| kvs[i].version.value.is_none())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<(i64, u32)> = missing
+            .iter()
+            .map(|&i| (kvs[i].version.mod_revision, kvs[i].version.sub))
+            .collect();
+        let got = self.store.fetch_values(&ids).await?;
+        for (&i, id) in missing.iter().zip(ids.iter()) {
+            match got.get(id) {
+                Some(v) => {
+                    self.index.fill(&kvs[i].key, id.0, id.1, v);
+                    kvs[i].version.value = Some(v.clone());
+                }
+                None => {
+                    self.check_not_compacted(at)?;
+                    return Err(Error::MissingValue {
+                        revision: id.0,
+                        sub: id.1,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the engine and its writer share.
+pub(crate) struct Core {
+    state: RwLock<Arc<State>>,
+    store: Arc<PgStore>,
+    cluster_id: u64,
+    member_id: u64,
+    raft_term: u64,
+    config: EngineConfig,
+    writer_failed: AtomicBool,
+}
+
+impl Core {
+    pub(crate) fn state(&self) -> Arc<State> {
+        self.state.read().clone()
+    }
+
+    /// Loads a fresh state from Postgres.
+    pub(crate) async fn load_state(
+        store: &Arc<PgStore>,
+        client: &tokio_postgres::Client,
+        cache_bytes: usize,
+    ) -> Result<State> {
+        let meta = store.read_meta(client).await?;
+        let index = Index::new(cache_bytes);
+        let rows = store.load(client, &index, meta.compact_revision).await?;
+        info!(
+            rows,
+            keys = index.key_count(),
+            revision = meta.revision,
+            compact_revision = meta.compact_revision,
+            "loaded index"
+        );
+        Ok(State {
+            index,
+            published: AtomicI64::new(meta.revision),
+            compact: AtomicI64::new(meta.compact_revision),
+            store: store.clone(),
+        })
+    }
+}
+
+/// A running engine for one keyspace. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    core: Arc<Core>,
+    jobs: mpsc::Sender<Job>,
+}
+
+/// Point-in-time figures for Status and metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    /// Current (published) revision.
+    pub revision: i64,
+    /// Compact revision (-1 before the first compaction).
+    pub compact_revision: i64,
+    /// Keys in the index (live or with retained history).
+    pub index_keys: usize,
+    /// Bytes of cached values.
+    pub cached_bytes: usize,
+}
+
+impl Engine {
+    /// Connects, creates or checks the keyspace schema, fences earlier writers, loads the
+    /// index and starts the writer.
+    pub async fn open(config: EngineConfig) -> Result<Engine> {
+        let layout = Layout::new(&config.schema, config.partition_revisions)?;
+        let store = Arc::new(PgStore::new(
+            &config.postgres_url,
+            layout,
+            config.read_pool_size,
+        )?);
+        let mut client = store.connect().await?;
+        let meta = store.setup(&mut client).await?;
+        let state = Core::load_state(&store, &client, config.cache_bytes).await?;
+        let partitions = store.partitions(&client).await?;
+        let core = Arc::new(Core {
+            state: RwLock::new(Arc::new(state)),
+            store,
+            cluster_id: meta.cluster_id,
+            member_id: meta.member_id,
+            raft_term: meta.leader_epoch as u64,
+            config: config.clone(),
+            writer_failed: AtomicBool::new(false),
+        });
+        let (jobs, rx) = mpsc::channel(config.max_batch * 4);
+        let writer = Writer::new(core.clone(), rx, client, meta.leader_epoch, partitions);
+        tokio::spawn(writer.run());
+        Ok(Engine { core, jobs })
+    }
+
+    /// Fills the header's ids and term (and revision when unset), like etcd's
+    /// header filler.
+    pub fn fill_header(&self, header: &mut Option<ResponseHeader>) {
+        let h = header.get_or_insert_with(Default::default);
+        h.cluster_id = self.core.cluster_id;
+        h.member_id = self.core.member_id;
+        h.raft_term = self.core.raft_term;
+        if h.revision == 0 {
+            h.revision = self.core.state().published();
+        }
+    }
+
+    /// A header for responses that are not produced by the engine.
+    pub fn header(&self) -> ResponseHeader {
+        let mut h = None;
+        self.fill_header(&mut h);
+        h.unwrap_or_default()
+    }
+
+    /// etcd cluster id of this keyspace.
+    pub fn cluster_id(&self) -> u64 {
+        self.core.cluster_id
+    }
+
+    /// etcd member id of this server.
+    pub fn member_id(&self) -> u64 {
+        self.core.member_id
+    }
+
+    /// Raft term stand-in: the leader epoch of this instance.
+    pub fn raft_term(&self) -> u64 {
+        self.core.raft_term
+    }
+
+    /// Current figures.
+    pub fn stats(&self) -> Stats {
+        let st = self.core.state();
+        Stats {
+            revision: st.published(),
+            compact_revision: st.compact(),
+            index_keys: st.index.key_count(),
+            cached_bytes: st.index.cached_bytes(),
+        }
+    }
+
+    /// Whether the writer stopped for good (fenced by another instance).
+    pub fn writer_failed(&self) -> bool {
+        self.core.writer_failed.load(Ordering::Relaxed)
+    }
+
+    /// Size on disk of the keyspace in Postgres.
+    pub async fn db_size(&self) -> Result<i64> {
+        self.core.store.db_size().await
+    }
+
+    /// Whether Postgres answers.
+    pub async fn ping(&self) -> Result<()> {
+        self.core.store.ping().await
+    }
+
+    fn check_size(&self, len: usize) -> Result<()> {
+        if len + REQUEST_ENVELOPE_BYTES > self.core.config.max_request_bytes {
+            Err(Error::RequestTooLarge)
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn submit(&self, op: Op) -> Result<Reply> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job { op, reply })
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Range: served from the index at the published revision.
+    pub async fn range(&self, r: &RangeRequest) -> Result<RangeResponse> {
+        validate::check_range(r)?;
+        let st = self.core.state();
+        let ex = Exec::new(&st, st.published(), st.compact());
+        let mut resp = ex.range(r).await?;
+        self.fill_header(&mut resp.header);
+        Ok(resp)
+    }
+
+    /// Put through the writer.
+    pub async fn put(&self, r: PutRequest) -> Result<PutResponse> {
+        validate::check_put(&r)?;
+        self.check_size(r.encoded_len())?;
+        match self.submit(Op::Put(r)).await? {
+            Reply::Put(mut resp) => {
+                self.fill_header(&mut resp.header);
+                Ok(resp)
+            }
+            _ => Err(Error::Stopped),
+        }
+    }
+
+    /// DeleteRange through the writer.
+    pub async fn delete_range(&self, r: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+        validate::check_delete(&r)?;
+        self.check_size(r.encoded_len())?;
+        match self.submit(Op::Delete(r)).await? {
+            Reply::Delete(mut resp) => {
+                self.fill_header(&mut resp.header);
+                Ok(resp)
+            }
+            _ => Err(Error::Stopped),
+        }
+    }
+
+    /// Txn: read-only txns are served from the index; others go through the writer.
+    pub async fn txn(&self, r: TxnRequest) -> Result<TxnResponse> {
+        validate::check_txn(&r, self.core.config.max_txn_ops)?;
+        let mut resp = if txn_is_read_only(&r) {
+            let st = self.core.state();
+            let mut ex = Exec::new(&st, st.published(), st.compact());
+            ex.txn(&r).await?
+        } else {
+            self.check_size(r.encoded_len())?;
+            match self.submit(Op::Txn(r)).await? {
+                Reply::Txn(resp) => resp,
+                _ => return Err(Error::Stopped),
+            }
+        };
+        self.fill_header(&mut resp.header);
+        Ok(resp)
+    }
+
+    /// Compact through the writer; returns once history at or below the revision is
+    /// gone from memory and Postgres (partitions dropped).
+    pub async fn compact(&self, r: CompactionRequest) -> Result<CompactionResponse> {
+        self.check_size(r.encoded_len())?;
+        match self.submit(Op::Compact(r)).await? {
+            Reply::Compact(mut resp) => {
+                self.fill_header(&mut resp.header);
+                Ok(resp)
+            }
+            _ => Err(Error::Stopped),
+        }
+    }
+}

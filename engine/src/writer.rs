@@ -1,0 +1,390 @@
+//! The single writer of a keyspace: drains queued write requests into a batch,
+//! evaluates them in order against the index (each sees the effects of the ones before
+//! it), commits the whole batch in one Postgres transaction, then publishes the new
+//! revision and answers every client.
+//!
+//! Failure protocol:
+//! - Determinate commit failure: the batch's versions are removed from the index and
+//!   every client of the batch gets `Timeout` (etcd's "request timed out").
+//! - Indeterminate (connection lost around COMMIT): the writer reconnects and reads
+//!   `meta.revision` until it can tell. Committed: publish and answer normally. Not
+//!   committed: roll back and answer `Timeout`. Nobody is answered before that.
+//! - Fenced (another instance raised the leader epoch): roll back, answer `Fenced`,
+//!   and stop; later requests get `Stopped`.
+//! - Compaction failure: the index was already pruned, so it is reloaded from
+//!   Postgres, which still holds the uncompacted state.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pgetcd_proto::etcdserverpb::{
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
+    PutResponse, TxnRequest, TxnResponse,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::Client;
+use tracing::{error, info, warn};
+
+use crate::error::{Error, Result};
+use crate::exec::{Change, Exec, header};
+use crate::store::CommitError;
+use crate::{Core, State};
+
+/// A write request.
+pub(crate) enum Op {
+    Put(PutRequest),
+    Delete(DeleteRangeRequest),
+    Txn(TxnRequest),
+    Compact(CompactionRequest),
+}
+
+/// Its response.
+pub(crate) enum Reply {
+    Put(PutResponse),
+    Delete(DeleteRangeResponse),
+    Txn(TxnResponse),
+    Compact(CompactionResponse),
+}
+
+/// A queued request and where its answer goes.
+pub(crate) struct Job {
+    pub(crate) op: Op,
+    pub(crate) reply: oneshot::Sender<Result<Reply>>,
+}
+
+pub(crate) struct Writer {
+    core: Arc<Core>,
+    rx: mpsc::Receiver<Job>,
+    client: Option<Client>,
+    epoch: i64,
+    partitions: Vec<i64>,
+    stash: Option<Job>,
+}
+
+enum Outcome {
+    Committed,
+    NotCommitted(Error),
+    Fenced,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        core: Arc<Core>,
+        rx: mpsc::Receiver<Job>,
+        client: Client,
+        epoch: i64,
+        partitions: Vec<i64>,
+    ) -> Self {
+        Self {
+            core,
+            rx,
+            client: Some(client),
+            epoch,
+            partitions,
+            stash: None,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        loop {
+            let first = match self.stash.take() {
+                Some(job) => job,
+                None => match self.rx.recv().await {
+                    Some(job) => job,
+                    None => break,
+                },
+            };
+            let keep_going = if let Op::Compact(req) = first.op {
+                self.compact(req, first.reply).await
+            } else {
+                let mut batch = vec![first];
+                while batch.len() < self.core.config.max_batch {
+                    match self.rx.try_recv() {
+                        Ok(job) if matches!(job.op, Op::Compact(_)) => {
+                            self.stash = Some(job);
+                            break;
+                        }
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                self.batch(batch).await
+            };
+            if !keep_going {
+                self.core.writer_failed.store(true, Ordering::Relaxed);
+                error!("writer stopped: this keyspace is now written by another instance");
+                self.rx.close();
+                while let Some(job) = self.rx.recv().await {
+                    let _ = job.reply.send(Err(Error::Fenced {
+                        schema: self.core.config.schema.clone(),
+                    }));
+                }
+                return;
+            }
+        }
+        info!("writer finished");
+    }
+
+    async fn client(&mut self) -> Result<&mut Client> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = None;
+            let c = self.core.store.connect().await?;
+            self.client = Some(c);
+        }
+        self.client.as_mut().ok_or(Error::Stopped)
+    }
+
+    fn fenced(&self) -> Error {
+        Error::Fenced {
+            schema: self.core.config.schema.clone(),
+        }
+    }
+
+    /// Evaluates, commits and answers one batch. Returns false when fenced.
+    async fn batch(&mut self, jobs: Vec<Job>) -> bool {
+        let st = self.core.state();
+        let published = st.published();
+        let compact = st.compact();
+        let mut rev = published;
+        let mut changes: Vec<Change> = Vec::new();
+        let mut results: Vec<(oneshot::Sender<Result<Reply>>, Result<Reply>)> =
+            Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let mut ex = Exec::new(&st, rev, compact);
+            let res = match &job.op {
+                Op::Put(p) => ex.put(p).await.map(Reply::Put),
+                Op::Delete(d) => ex.delete_range(d).await.map(Reply::Delete),
+                Op::Txn(t) => ex.txn(t).await.map(Reply::Txn),
+                Op::Compact(_) => Err(Error::Stopped),
+            };
+            match res {
+                Ok(reply) => {
+                    let mine = ex.into_changes();
+                    if !mine.is_empty() {
+                        rev += 1;
+                        changes.extend(mine);
+                    }
+                    results.push((job.reply, Ok(reply)));
+                }
+                Err(e) => {
+                    ex.rollback();
+                    results.push((job.reply, Err(e)));
+                }
+            }
+        }
+        if changes.is_empty() {
+            for (reply, res) in results {
+                let _ = reply.send(res);
+            }
+            return true;
+        }
+        let outcome = self.commit(&st, published, rev, &changes).await;
+        let failure = match outcome {
+            Outcome::Committed => {
+                st.published.store(rev, Ordering::Release);
+                st.index.note_cached(changes.iter().filter_map(|c| {
+                    c.version.value.as_ref().map(|v| {
+                        (
+                            c.key.clone(),
+                            c.version.mod_revision,
+                            c.version.sub,
+                            v.len(),
+                        )
+                    })
+                }));
+                for (reply, res) in results {
+                    let _ = reply.send(res);
+                }
+                return true;
+            }
+            Outcome::NotCommitted(e) => {
+                warn!(error = %e, revision = rev, "batch not committed");
+                Error::Timeout
+            }
+            Outcome::Fenced => self.fenced(),
+        };
+        let keys: Vec<Bytes> = changes.into_iter().map(|c| c.key).collect();
+        st.index.rollback(&keys, published);
+        let fenced = matches!(failure, Error::Fenced { .. });
+        for (reply, _) in results {
+            let _ = reply.send(Err(match &failure {
+                Error::Fenced { schema } => Error::Fenced {
+                    schema: schema.clone(),
+                },
+                _ => Error::Timeout,
+            }));
+        }
+        !fenced
+    }
+
+    async fn commit(
+        &mut self,
+        st: &State,
+        published: i64,
+        rev: i64,
+        changes: &[Change],
+    ) -> Outcome {
+        let epoch = self.epoch;
+        let store = self.core.store.clone();
+        let created_upto = self
+            .partitions
+            .last()
+            .map(|s| s + store.layout().partition_revisions())
+            .unwrap_or(0);
+        let want = store.layout().partitions_to_create(created_upto, rev);
+        let client = match self.client().await {
+            Ok(c) => c,
+            Err(e) => return Outcome::NotCommitted(e),
+        };
+        if !want.is_empty() {
+            if let Err(e) = store.create_partitions(client, &want).await {
+                return Outcome::NotCommitted(e);
+            }
+            self.partitions.extend(want);
+            self.partitions.sort_unstable();
+            self.partitions.dedup();
+        }
+        let client = match self.client().await {
+            Ok(c) => c,
+            Err(e) => return Outcome::NotCommitted(e),
+        };
+        match store.commit(client, epoch, rev, changes).await {
+            Ok(()) => Outcome::Committed,
+            Err(CommitError::Determinate(e)) => Outcome::NotCommitted(e),
+            Err(CommitError::Fenced) => Outcome::Fenced,
+            Err(CommitError::Indeterminate(e)) => {
+                warn!(error = %e, revision = rev, "commit outcome unknown, resolving from meta");
+                let _ = st;
+                self.resolve(published, rev).await
+            }
+        }
+    }
+
+    /// Reads `meta` back until it tells whether the batch ending at `rev` committed.
+    async fn resolve(&mut self, published: i64, rev: i64) -> Outcome {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            self.client = None;
+            let store = self.core.store.clone();
+            match self.client().await {
+                Ok(client) => match store.read_revision(client).await {
+                    Ok((found, epoch)) => {
+                        if epoch != self.epoch {
+                            return Outcome::Fenced;
+                        }
+                        if found == rev {
+                            info!(revision = rev, "commit outcome resolved: committed");
+                            return Outcome::Committed;
+                        }
+                        if found == published {
+                            info!(revision = rev, "commit outcome resolved: not committed");
+                            return Outcome::NotCommitted(Error::Timeout);
+                        }
+                        error!(found, published, rev, "meta revision moved unexpectedly");
+                        return Outcome::Fenced;
+                    }
+                    Err(e) => warn!(error = %e, "resolving commit outcome"),
+                },
+                Err(e) => warn!(error = %e, "reconnecting to resolve commit outcome"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Compaction: validate, prune the index, then one Postgres transaction that records
+    /// the compact revision, keeps what is still visible and drops whole partitions.
+    /// Returns false when fenced.
+    async fn compact(
+        &mut self,
+        req: CompactionRequest,
+        reply: oneshot::Sender<Result<Reply>>,
+    ) -> bool {
+        let st = self.core.state();
+        let cur = st.published();
+        let rev = req.revision;
+        if rev <= st.compact() {
+            let _ = reply.send(Err(Error::Compacted));
+            return true;
+        }
+        if rev > cur {
+            let _ = reply.send(Err(Error::FutureRevision));
+            return true;
+        }
+        st.compact.store(rev, Ordering::SeqCst);
+        let layout = self.core.store.layout().clone();
+        let floor = self
+            .partitions
+            .first()
+            .copied()
+            .unwrap_or_else(|| layout.partition_start(cur));
+        let drop = layout.droppable_partitions(&self.partitions, rev);
+        let drop_below = drop
+            .last()
+            .map(|s| s + layout.partition_revisions())
+            .unwrap_or(floor)
+            .max(floor);
+        let pruned = st.index.compact(rev, floor, drop_below);
+        let epoch = self.epoch;
+        let store = self.core.store.clone();
+        let result = match self.client().await {
+            Ok(client) => store.compact(client, epoch, rev, &pruned, &drop).await,
+            Err(e) => Err(CommitError::Determinate(e)),
+        };
+        match result {
+            Ok(()) => {
+                self.partitions.retain(|s| !drop.contains(s));
+                info!(
+                    compact_revision = rev,
+                    dropped_partitions = drop.len(),
+                    retained = pruned.to_retain.len(),
+                    keys_removed = pruned.keys_removed,
+                    "compacted"
+                );
+                let _ = reply.send(Ok(Reply::Compact(CompactionResponse {
+                    header: header(cur),
+                })));
+                true
+            }
+            Err(CommitError::Fenced) => {
+                let _ = reply.send(Err(self.fenced()));
+                false
+            }
+            Err(CommitError::Determinate(e) | CommitError::Indeterminate(e)) => {
+                warn!(error = %e, "compaction failed; reloading the index from postgres");
+                let _ = reply.send(Err(Error::Timeout));
+                self.reload().await;
+                true
+            }
+        }
+    }
+
+    /// Replaces the in-memory state with what Postgres holds, retrying until it works.
+    async fn reload(&mut self) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            self.client = None;
+            let store = self.core.store.clone();
+            let cache = self.core.config.cache_bytes;
+            let loaded = match self.client().await {
+                Ok(client) => match Core::load_state(&store, client, cache).await {
+                    Ok(state) => store.partitions(client).await.map(|p| (state, p)),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            match loaded {
+                Ok((state, partitions)) => {
+                    *self.core.state.write() = Arc::new(state);
+                    self.partitions = partitions;
+                    return;
+                }
+                Err(e) => warn!(error = %e, "reloading index"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}

