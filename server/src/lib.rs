@@ -8,6 +8,7 @@
 
 /// Command-line flags and their environment twins.
 pub mod config;
+mod grpc_errors;
 mod managed;
 /// The etcd gRPC services.
 pub mod services;
@@ -148,6 +149,9 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
             .tcp_nodelay(true)
+            .layer(tower::util::MapResponseLayer::new(
+                grpc_errors::etcd_transport_errors,
+            ))
             .add_service(
                 KvServer::new(services::KvService::new(engine.clone()))
                     .max_decoding_message_size(limit)

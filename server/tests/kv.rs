@@ -1,0 +1,482 @@
+//! KV behaviour through a real gRPC client: bad input gets etcd's exact errors and the
+//! server keeps serving, writes survive restarts (managed Postgres included),
+//! concurrent writers get unique revisions with read-your-writes, compaction drops
+//! partitions, and a killed writer connection never loses an acknowledged write.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pgetcd_proto::etcdserverpb::{
+    CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
+    TxnRequest, compare, request_op::Request,
+};
+use pgetcd_testkit::{Clients, TestServer, postgres, test_config};
+use tonic::Code;
+
+fn put(k: &str, v: &str) -> PutRequest {
+    PutRequest {
+        key: Bytes::from(k.to_owned()),
+        value: Bytes::from(v.to_owned()),
+        ..Default::default()
+    }
+}
+
+fn get(k: &str) -> RangeRequest {
+    RangeRequest {
+        key: Bytes::from(k.to_owned()),
+        ..Default::default()
+    }
+}
+
+fn all() -> RangeRequest {
+    RangeRequest {
+        key: Bytes::from_static(&[0]),
+        range_end: Bytes::from_static(&[0]),
+        ..Default::default()
+    }
+}
+
+fn put_op(k: &str) -> RequestOp {
+    RequestOp {
+        request: Some(Request::RequestPut(put(k, "v"))),
+    }
+}
+
+fn assert_status<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, msg: &str) {
+    let s = r.expect_err("expected an error");
+    assert_eq!((s.code(), s.message()), (code, msg), "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_etcd_errors_and_server_keeps_serving() {
+    let srv = TestServer::start_default().await;
+    let mut c = Clients::connect(&srv.url()).await;
+    c.kv.put(put("k", "v")).await.unwrap();
+
+    // Just above --max-request-bytes: etcd's own check.
+    let big = PutRequest {
+        key: "big".into(),
+        value: Bytes::from(vec![b'x'; 1_572_864]),
+        ..Default::default()
+    };
+    assert_status(
+        c.kv.put(big).await,
+        Code::InvalidArgument,
+        "etcdserver: request is too large",
+    );
+    // Beyond the gRPC receive limit (max request bytes + 512 KiB): gRPC refuses it.
+    let huge = PutRequest {
+        key: "huge".into(),
+        value: Bytes::from(vec![b'x'; 2_200_000]),
+        ..Default::default()
+    };
+    let s = c.kv.put(huge).await.unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(
+        s.message()
+            .starts_with("grpc: received message larger than max ("),
+        "{s:?}"
+    );
+
+    assert_status(
+        c.kv.put(put("", "v")).await,
+        Code::InvalidArgument,
+        "etcdserver: key is not provided",
+    );
+    assert_status(
+        c.kv.range(get("")).await,
+        Code::InvalidArgument,
+        "etcdserver: key is not provided",
+    );
+    assert_status(
+        c.kv.delete_range(DeleteRangeRequest::default()).await,
+        Code::InvalidArgument,
+        "etcdserver: key is not provided",
+    );
+    let too_many = TxnRequest {
+        success: (0..129).map(|i| put_op(&format!("k{i}"))).collect(),
+        ..Default::default()
+    };
+    assert_status(
+        c.kv.txn(too_many).await,
+        Code::InvalidArgument,
+        "etcdserver: too many operations in txn request",
+    );
+    let dup = TxnRequest {
+        success: vec![put_op("d"), put_op("d")],
+        ..Default::default()
+    };
+    assert_status(
+        c.kv.txn(dup).await,
+        Code::InvalidArgument,
+        "etcdserver: duplicate key given in txn request",
+    );
+    let mut future = get("k");
+    future.revision = 1000;
+    assert_status(
+        c.kv.range(future).await,
+        Code::OutOfRange,
+        "etcdserver: mvcc: required revision is a future revision",
+    );
+    for (order, target) in [(99, 0), (0, 99)] {
+        let mut bad_sort = get("k");
+        bad_sort.sort_order = order;
+        bad_sort.sort_target = target;
+        assert_status(
+            c.kv.range(bad_sort).await,
+            Code::InvalidArgument,
+            "etcdserver: invalid sort option",
+        );
+    }
+    let mut ignore = put("nokey", "");
+    ignore.ignore_value = true;
+    assert_status(
+        c.kv.put(ignore).await,
+        Code::InvalidArgument,
+        "etcdserver: key not found",
+    );
+    let mut with_value = put("k", "x");
+    with_value.ignore_value = true;
+    assert_status(
+        c.kv.put(with_value).await,
+        Code::InvalidArgument,
+        "etcdserver: value is provided",
+    );
+    let mut leased = put("k", "x");
+    leased.lease = 42;
+    assert_status(
+        c.kv.put(leased).await,
+        Code::NotFound,
+        "etcdserver: requested lease not found",
+    );
+
+    c.kv.put(put("k", "v2")).await.unwrap();
+    c.kv.compact(CompactionRequest {
+        revision: 3,
+        physical: false,
+    })
+    .await
+    .unwrap();
+    let mut old = get("k");
+    old.revision = 2;
+    assert_status(
+        c.kv.range(old).await,
+        Code::OutOfRange,
+        "etcdserver: mvcc: required revision has been compacted",
+    );
+    assert_status(
+        c.kv.compact(CompactionRequest {
+            revision: 3,
+            physical: false,
+        })
+        .await,
+        Code::OutOfRange,
+        "etcdserver: mvcc: required revision has been compacted",
+    );
+    assert_status(
+        c.kv.compact(CompactionRequest {
+            revision: 99,
+            physical: false,
+        })
+        .await,
+        Code::OutOfRange,
+        "etcdserver: mvcc: required revision is a future revision",
+    );
+    // Still serving, state intact.
+    let r = c.kv.range(get("k")).await.unwrap().into_inner();
+    assert_eq!(r.kvs[0].value, Bytes::from_static(b"v2"));
+    assert_eq!(r.kvs[0].version, 2);
+    assert_eq!(r.header.unwrap().revision, 3);
+    srv.stop().await;
+}
+
+async fn snapshot(c: &mut Clients, revision: i64) -> Vec<(Bytes, i64, i64, i64, Bytes)> {
+    let mut r = all();
+    r.revision = revision;
+    c.kv.range(r)
+        .await
+        .unwrap()
+        .into_inner()
+        .kvs
+        .into_iter()
+        .map(|kv| {
+            (
+                kv.key,
+                kv.create_revision,
+                kv.mod_revision,
+                kv.version,
+                kv.value,
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_postgres_restart_keeps_keys_revisions_and_compaction() {
+    let dir = std::env::temp_dir().join(format!("pgetcd-test-{}-managed", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut config = test_config();
+    config.postgres_url = None;
+    config.data_dir = dir.clone();
+    config.history_partition_revisions = 10;
+    let srv = TestServer::start(config).await;
+    let mut c = Clients::connect(&srv.url()).await;
+    for i in 0..40 {
+        c.kv.put(put(&format!("key/{}", i % 13), &format!("value {i}")))
+            .await
+            .unwrap();
+        if i % 7 == 0 {
+            c.kv.delete_range(DeleteRangeRequest {
+                key: Bytes::from(format!("key/{}", (i + 3) % 13)),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+    }
+    c.kv.compact(CompactionRequest {
+        revision: 25,
+        physical: true,
+    })
+    .await
+    .unwrap();
+    let rev =
+        c.kv.range(get("x"))
+            .await
+            .unwrap()
+            .into_inner()
+            .header
+            .unwrap()
+            .revision;
+    let mut before = BTreeMap::new();
+    for r in [25, 30, rev] {
+        before.insert(r, snapshot(&mut c, r).await);
+    }
+    let config = srv.stop().await;
+
+    let srv = TestServer::start(config).await;
+    let mut c = Clients::connect(&srv.url()).await;
+    for (r, want) in &before {
+        assert_eq!(
+            &snapshot(&mut c, *r).await,
+            want,
+            "state at revision {r} after restart"
+        );
+    }
+    let mut old = all();
+    old.revision = 24;
+    assert_eq!(c.kv.range(old).await.unwrap_err().code(), Code::OutOfRange);
+    let next =
+        c.kv.put(put("after", "restart"))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(next.header.unwrap().revision, rev + 1);
+    srv.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_get_unique_revisions_and_read_their_writes() {
+    let srv = TestServer::start_default().await;
+    let c = Clients::connect(&srv.url()).await;
+    let mut tasks = Vec::new();
+    for w in 0..32 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut revs = Vec::new();
+            for i in 0..25 {
+                let key = format!("w{w}/k{i}");
+                let r = c.kv.put(put(&key, "x")).await.unwrap().into_inner();
+                let rev = r.header.unwrap().revision;
+                let seen = c.kv.range(get(&key)).await.unwrap().into_inner();
+                assert!(seen.header.unwrap().revision >= rev, "read-your-writes");
+                assert_eq!(seen.kvs[0].mod_revision, rev);
+                revs.push(rev);
+            }
+            revs
+        }));
+    }
+    let mut all_revs = Vec::new();
+    for t in tasks {
+        all_revs.extend(t.await.unwrap());
+    }
+    all_revs.sort_unstable();
+    let n = all_revs.len();
+    all_revs.dedup();
+    assert_eq!(all_revs.len(), n, "every write got its own revision");
+    assert_eq!(all_revs, (2..2 + n as i64).collect::<Vec<_>>(), "no gaps");
+    let mut c2 = c.clone();
+    let mut count = all();
+    count.count_only = true;
+    assert_eq!(
+        c2.kv.range(count).await.unwrap().into_inner().count,
+        n as i64
+    );
+    srv.stop().await;
+}
+
+async fn partitions(keyspace: &str) -> Vec<String> {
+    let (client, conn) = tokio_postgres::connect(
+        &postgres().connection_string("postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    client
+        .query(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace \
+             WHERE p.relname = 'history' AND n.nspname = $1 ORDER BY 1",
+            &[&keyspace],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn physical_compaction_drops_partitions_and_keeps_visible_versions() {
+    let mut config = test_config();
+    config.history_partition_revisions = 10;
+    config.cache_bytes = 0;
+    let keyspace = config.keyspace.clone();
+    let srv = TestServer::start(config).await;
+    let mut c = Clients::connect(&srv.url()).await;
+    // "stable" is written once at revision 2 and must stay readable after its partition
+    // is dropped; "hot" changes every revision.
+    c.kv.put(put("stable", "s")).await.unwrap();
+    for i in 0..45 {
+        c.kv.put(put("hot", &format!("h{i}"))).await.unwrap();
+    }
+    let before = partitions(&keyspace).await;
+    assert!(before.contains(&"history_p0".to_owned()), "{before:?}");
+    c.kv.compact(CompactionRequest {
+        revision: 35,
+        physical: true,
+    })
+    .await
+    .unwrap();
+    let after = partitions(&keyspace).await;
+    assert!(!after.contains(&"history_p0".to_owned()), "{after:?}");
+    assert!(!after.contains(&"history_p20".to_owned()), "{after:?}");
+    assert!(after.contains(&"history_p30".to_owned()), "{after:?}");
+    let mut at = get("stable");
+    at.revision = 35;
+    let r = c.kv.range(at).await.unwrap().into_inner();
+    assert_eq!(r.kvs[0].value, Bytes::from_static(b"s"));
+    let mut hot = get("hot");
+    hot.revision = 35;
+    let r = c.kv.range(hot).await.unwrap().into_inner();
+    assert_eq!(r.kvs[0].value, Bytes::from_static(b"h32"));
+    // A txn compare on the value read from Postgres (cache is off).
+    let t = TxnRequest {
+        compare: vec![Compare {
+            key: "stable".into(),
+            target: compare::CompareTarget::Value as i32,
+            result: compare::CompareResult::Equal as i32,
+            target_union: Some(compare::TargetUnion::Value("s".into())),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    assert!(c.kv.txn(t).await.unwrap().into_inner().succeeded);
+    let config = srv.stop().await;
+    let srv = TestServer::start(config).await;
+    let mut c = Clients::connect(&srv.url()).await;
+    let mut at = get("stable");
+    at.revision = 36;
+    assert_eq!(
+        c.kv.range(at).await.unwrap().into_inner().kvs[0].value,
+        Bytes::from_static(b"s")
+    );
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_writer_connection_loses_no_acknowledged_write() {
+    let config = test_config();
+    let keyspace = config.keyspace.clone();
+    let srv = TestServer::start(config).await;
+    let c = Clients::connect(&srv.url()).await;
+    let (admin, conn) = tokio_postgres::connect(
+        &postgres().connection_string("postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut failed = 0;
+            for i in 0..60 {
+                let key = format!("w{w}/{i}");
+                match c.kv.put(put(&key, &key)).await {
+                    Ok(r) => acked.push((key, r.into_inner().header.unwrap().revision)),
+                    Err(s) => {
+                        assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+                        failed += 1;
+                    }
+                }
+            }
+            (acked, failed)
+        }));
+    }
+    // Kill every backend of this keyspace's writer a few times while the load runs.
+    let mut kills = 0;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let rows = admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE pid <> pg_backend_pid() AND datname = 'postgres' AND backend_type = 'client backend' \
+                 AND query ILIKE $1",
+                &[&format!("% {keyspace}.%")],
+            )
+            .await
+            .unwrap();
+        kills += rows.len();
+    }
+    let mut acked = Vec::new();
+    let mut failed = 0;
+    for t in tasks {
+        let (a, f) = t.await.unwrap();
+        acked.extend(a);
+        failed += f;
+    }
+    let mut c = c.clone();
+    for (key, rev) in &acked {
+        let r = c.kv.range(get(key)).await.unwrap().into_inner();
+        assert_eq!(r.kvs.len(), 1, "acknowledged {key} lost");
+        assert_eq!(r.kvs[0].mod_revision, *rev);
+    }
+    println!(
+        "{} acknowledged, {failed} failed, {kills} backends killed",
+        acked.len()
+    );
+    assert!(acked.len() + failed == 480);
+    srv.stop().await;
+    // The same must hold when read back from Postgres.
+    let srv = TestServer::start(srv_config(&keyspace)).await;
+    let mut c = Clients::connect(&srv.url()).await;
+    for (key, rev) in &acked {
+        let r = c.kv.range(get(key)).await.unwrap().into_inner();
+        assert_eq!(r.kvs[0].mod_revision, *rev, "{key} after restart");
+    }
+    srv.stop().await;
+}
+
+fn srv_config(keyspace: &str) -> pgetcd_server::Config {
+    let mut c = test_config();
+    c.keyspace = keyspace.to_owned();
+    c
+}
