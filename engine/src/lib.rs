@@ -37,7 +37,7 @@ use tracing::info;
 pub use error::{Error, Result};
 pub use exec::{Change, txn_is_read_only};
 pub use pgetcd_partitioning::DEFAULT_PARTITION_REVISIONS;
-pub use store::{Meta, PgStore};
+pub use store::{Meta, PgStore, WriterConn};
 
 use exec::Exec;
 use index::{Index, Visible};
@@ -232,6 +232,7 @@ impl Engine {
         let meta = store.setup(&mut client).await?;
         let state = Core::load_state(&store, &client, config.cache_bytes).await?;
         let partitions = store.partitions(&client).await?;
+        let conn = store.writer_conn(client).await?;
         let core = Arc::new(Core {
             state: RwLock::new(Arc::new(state)),
             store,
@@ -242,7 +243,7 @@ impl Engine {
             writer_failed: AtomicBool::new(false),
         });
         let (jobs, rx) = mpsc::channel(config.max_batch * 4);
-        let writer = Writer::new(core.clone(), rx, client, meta.leader_epoch, partitions);
+        let writer = Writer::new(core.clone(), rx, conn, meta.leader_epoch, partitions);
         tokio::spawn(writer.run());
         Ok(Engine { core, jobs })
     }

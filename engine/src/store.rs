@@ -12,6 +12,8 @@ use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures::{StreamExt, pin_mut};
 use pgetcd_partitioning::{KIND_DELETE, KIND_PUT, Layout, SCHEMA_VERSION};
+use tokio_postgres::Statement;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 use tracing::{info, warn};
@@ -44,6 +46,16 @@ pub enum CommitError {
     Indeterminate(Error),
     /// Another instance raised the leader epoch: this one must stop writing.
     Fenced,
+}
+
+/// The writer's connection with its prepared statements.
+pub struct WriterConn {
+    /// The connection (also used for DDL and compaction).
+    pub client: Client,
+    fence: Statement,
+    history: Statement,
+    upsert: Statement,
+    delete: Statement,
 }
 
 /// Postgres access for one keyspace.
@@ -329,16 +341,60 @@ impl PgStore {
         Ok(())
     }
 
-    /// Writes one batch in one transaction: fencing update of `meta`, history rows,
-    /// and the live-state upserts and deletes of `kv`. All statements are pipelined.
+    /// Prepares the writer's statements on `client`.
+    pub async fn writer_conn(&self, client: Client) -> Result<WriterConn> {
+        let s = self.layout.schema();
+        let prep = |sql: String| {
+            let client = &client;
+            async move {
+                client
+                    .prepare(&sql)
+                    .await
+                    .map_err(Error::pg("prepare writer statements"))
+            }
+        };
+        // The fence divides by the number of meta rows it updated: a moved epoch raises
+        // division_by_zero inside the transaction, so COMMIT cannot commit the batch.
+        let fence = prep(format!(
+            "WITH u AS (UPDATE {s}.meta SET revision = $1 WHERE id = 1 AND leader_epoch = $2 RETURNING 1) \
+             SELECT 1 / (SELECT count(*)::int FROM u)"
+        ))
+        .await?;
+        let history = prep(format!(
+            "INSERT INTO {s}.history (revision, sub, key, kind, create_revision, version, lease, value) \
+             SELECT * FROM unnest($1::int8[], $2::int4[], $3::bytea[], $4::int2[], $5::int8[], $6::int8[], $7::int8[], $8::bytea[])"
+        ))
+        .await?;
+        let upsert = prep(format!(
+            "INSERT INTO {s}.kv (key, create_revision, mod_revision, mod_sub, version, lease, value) \
+             SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int4[], $5::int8[], $6::int8[], $7::bytea[]) \
+             ON CONFLICT (key) DO UPDATE SET create_revision = excluded.create_revision, \
+             mod_revision = excluded.mod_revision, mod_sub = excluded.mod_sub, version = excluded.version, \
+             lease = excluded.lease, value = excluded.value"
+        ))
+        .await?;
+        let delete = prep(format!("DELETE FROM {s}.kv WHERE key = ANY($1::bytea[])")).await?;
+        Ok(WriterConn {
+            client,
+            fence,
+            history,
+            upsert,
+            delete,
+        })
+    }
+
+    /// Writes one batch in one transaction in one round trip: BEGIN, the fenced
+    /// revision update of `meta`, the history rows, the `kv` upserts and deletes, and
+    /// COMMIT are pipelined. Any error the server reports means the transaction aborted
+    /// (COMMIT then rolls back): determinate. A transport error with no server error is
+    /// indeterminate.
     pub async fn commit(
         &self,
-        client: &mut Client,
+        conn: &WriterConn,
         epoch: i64,
         new_revision: i64,
         changes: &[Change],
     ) -> Result<(), CommitError> {
-        let s = self.layout.schema();
         let n = changes.len();
         let mut h_rev = Vec::with_capacity(n);
         let mut h_sub = Vec::with_capacity(n);
@@ -388,68 +444,68 @@ impl PgStore {
                 u_value.push(v.value.as_deref().unwrap_or(&[]));
             }
         }
-        let determinate = |e| {
-            CommitError::Determinate(Error::Postgres {
-                context: "commit batch",
-                source: e,
-            })
-        };
-        let tx = client.transaction().await.map_err(determinate)?;
-        let meta_sql =
-            format!("UPDATE {s}.meta SET revision = $1 WHERE id = 1 AND leader_epoch = $2");
-        let hist_sql = format!(
-            "INSERT INTO {s}.history (revision, sub, key, kind, create_revision, version, lease, value) \
-             SELECT * FROM unnest($1::int8[], $2::int4[], $3::bytea[], $4::int2[], $5::int8[], $6::int8[], $7::int8[], $8::bytea[])"
-        );
-        let upsert_sql = format!(
-            "INSERT INTO {s}.kv (key, create_revision, mod_revision, mod_sub, version, lease, value) \
-             SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int4[], $5::int8[], $6::int8[], $7::bytea[]) \
-             ON CONFLICT (key) DO UPDATE SET create_revision = excluded.create_revision, \
-             mod_revision = excluded.mod_revision, mod_sub = excluded.mod_sub, version = excluded.version, \
-             lease = excluded.lease, value = excluded.value"
-        );
-        let delete_sql = format!("DELETE FROM {s}.kv WHERE key = ANY($1::bytea[])");
-        let meta_params: [&(dyn ToSql + Sync); 2] = [&new_revision, &epoch];
+        let c = &conn.client;
+        let fence_params: [&(dyn ToSql + Sync); 2] = [&new_revision, &epoch];
         let hist_params: [&(dyn ToSql + Sync); 8] = [
             &h_rev, &h_sub, &h_key, &h_kind, &h_create, &h_ver, &h_lease, &h_value,
         ];
-        let meta = tx.execute(meta_sql.as_str(), &meta_params);
-        let hist = tx.execute(hist_sql.as_str(), &hist_params);
-        let upsert = async {
-            if u_key.is_empty() {
-                Ok(0)
-            } else {
-                tx.execute(
-                    upsert_sql.as_str(),
-                    &[
-                        &u_key, &u_create, &u_mod, &u_sub, &u_ver, &u_lease, &u_value,
-                    ],
-                )
-                .await
-            }
-        };
-        let delete = async {
-            if d_key.is_empty() {
-                Ok(0)
-            } else {
-                tx.execute(delete_sql.as_str(), &[&d_key]).await
-            }
-        };
-        let (meta, _, _, _) =
-            futures::try_join!(meta, hist, upsert, delete).map_err(determinate)?;
-        if meta != 1 {
+        let upsert_params: [&(dyn ToSql + Sync); 7] = [
+            &u_key, &u_create, &u_mod, &u_sub, &u_ver, &u_lease, &u_value,
+        ];
+        let delete_params: [&(dyn ToSql + Sync); 1] = [&d_key];
+        // join! polls in order, so the messages go out in this order on the connection.
+        let (begin, fence, hist, upsert, delete, commit) = futures::join!(
+            c.batch_execute("BEGIN"),
+            c.execute(&conn.fence, &fence_params),
+            c.execute(&conn.history, &hist_params),
+            async {
+                if u_key.is_empty() {
+                    Ok(0)
+                } else {
+                    c.execute(&conn.upsert, &upsert_params).await
+                }
+            },
+            async {
+                if d_key.is_empty() {
+                    Ok(0)
+                } else {
+                    c.execute(&conn.delete, &delete_params).await
+                }
+            },
+            c.batch_execute("COMMIT"),
+        );
+        if let Err(e) = &fence
+            && e.code() == Some(&SqlState::DIVISION_BY_ZERO)
+        {
             return Err(CommitError::Fenced);
         }
-        tx.commit().await.map_err(|e| {
-            if e.as_db_error().is_some() {
-                determinate(e)
-            } else {
-                CommitError::Indeterminate(Error::Postgres {
-                    context: "commit batch",
-                    source: e,
-                })
-            }
-        })
+        let mut errors: Vec<tokio_postgres::Error> = [
+            begin.err(),
+            fence.err(),
+            hist.err(),
+            upsert.err(),
+            delete.err(),
+            commit.err(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if errors.is_empty() {
+            return Ok(());
+        }
+        // Report the server's error when there is one: it decides determinacy.
+        let server_error = errors.iter().position(|e| e.as_db_error().is_some());
+        let source = errors.swap_remove(server_error.unwrap_or(0));
+        let determinate = server_error.is_some();
+        let err = Error::Postgres {
+            context: "commit batch",
+            source,
+        };
+        if determinate {
+            Err(CommitError::Determinate(err))
+        } else {
+            Err(CommitError::Indeterminate(err))
+        }
     }
 
     /// Values of the given versions, read from `history` and `history_retained`.

@@ -24,12 +24,11 @@ use pgetcd_proto::etcdserverpb::{
     PutResponse, TxnRequest, TxnResponse,
 };
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::Client;
 use tracing::{error, info, warn};
 
 use crate::error::{Error, Result};
 use crate::exec::{Change, Exec, header};
-use crate::store::CommitError;
+use crate::store::{CommitError, WriterConn};
 use crate::{Core, State};
 
 /// A write request.
@@ -57,7 +56,7 @@ pub(crate) struct Job {
 pub(crate) struct Writer {
     core: Arc<Core>,
     rx: mpsc::Receiver<Job>,
-    client: Option<Client>,
+    conn: Option<WriterConn>,
     epoch: i64,
     partitions: Vec<i64>,
     stash: Option<Job>,
@@ -73,14 +72,14 @@ impl Writer {
     pub(crate) fn new(
         core: Arc<Core>,
         rx: mpsc::Receiver<Job>,
-        client: Client,
+        conn: WriterConn,
         epoch: i64,
         partitions: Vec<i64>,
     ) -> Self {
         Self {
             core,
             rx,
-            client: Some(client),
+            conn: Some(conn),
             epoch,
             partitions,
             stash: None,
@@ -127,13 +126,14 @@ impl Writer {
         info!("writer finished");
     }
 
-    async fn client(&mut self) -> Result<&mut Client> {
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = None;
-            let c = self.core.store.connect().await?;
-            self.client = Some(c);
+    /// The writer's connection, reconnected (and statements prepared) when lost.
+    async fn conn(&mut self) -> Result<&mut WriterConn> {
+        if self.conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+            self.conn = None;
+            let client = self.core.store.connect().await?;
+            self.conn = Some(self.core.store.writer_conn(client).await?);
         }
-        self.client.as_mut().ok_or(Error::Stopped)
+        self.conn.as_mut().ok_or(Error::Stopped)
     }
 
     fn fenced(&self) -> Error {
@@ -234,23 +234,23 @@ impl Writer {
             .map(|s| s + store.layout().partition_revisions())
             .unwrap_or(0);
         let want = store.layout().partitions_to_create(created_upto, rev);
-        let client = match self.client().await {
+        let conn = match self.conn().await {
             Ok(c) => c,
             Err(e) => return Outcome::NotCommitted(e),
         };
         if !want.is_empty() {
-            if let Err(e) = store.create_partitions(client, &want).await {
+            if let Err(e) = store.create_partitions(&conn.client, &want).await {
                 return Outcome::NotCommitted(e);
             }
             self.partitions.extend(want);
             self.partitions.sort_unstable();
             self.partitions.dedup();
         }
-        let client = match self.client().await {
+        let conn = match self.conn().await {
             Ok(c) => c,
             Err(e) => return Outcome::NotCommitted(e),
         };
-        match store.commit(client, epoch, rev, changes).await {
+        match store.commit(conn, epoch, rev, changes).await {
             Ok(()) => Outcome::Committed,
             Err(CommitError::Determinate(e)) => Outcome::NotCommitted(e),
             Err(CommitError::Fenced) => Outcome::Fenced,
@@ -266,10 +266,10 @@ impl Writer {
     async fn resolve(&mut self, published: i64, rev: i64) -> Outcome {
         let mut backoff = Duration::from_millis(50);
         loop {
-            self.client = None;
+            self.conn = None;
             let store = self.core.store.clone();
-            match self.client().await {
-                Ok(client) => match store.read_revision(client).await {
+            match self.conn().await {
+                Ok(conn) => match store.read_revision(&conn.client).await {
                     Ok((found, epoch)) => {
                         if epoch != self.epoch {
                             return Outcome::Fenced;
@@ -329,8 +329,12 @@ impl Writer {
         let pruned = st.index.compact(rev, floor, drop_below);
         let epoch = self.epoch;
         let store = self.core.store.clone();
-        let result = match self.client().await {
-            Ok(client) => store.compact(client, epoch, rev, &pruned, &drop).await,
+        let result = match self.conn().await {
+            Ok(conn) => {
+                store
+                    .compact(&mut conn.client, epoch, rev, &pruned, &drop)
+                    .await
+            }
             Err(e) => Err(CommitError::Determinate(e)),
         };
         match result {
@@ -365,12 +369,12 @@ impl Writer {
     async fn reload(&mut self) {
         let mut backoff = Duration::from_millis(50);
         loop {
-            self.client = None;
+            self.conn = None;
             let store = self.core.store.clone();
             let cache = self.core.config.cache_bytes;
-            let loaded = match self.client().await {
-                Ok(client) => match Core::load_state(&store, client, cache).await {
-                    Ok(state) => store.partitions(client).await.map(|p| (state, p)),
+            let loaded = match self.conn().await {
+                Ok(conn) => match Core::load_state(&store, &conn.client, cache).await {
+                    Ok(state) => store.partitions(&conn.client).await.map(|p| (state, p)),
                     Err(e) => Err(e),
                 },
                 Err(e) => Err(e),

@@ -480,3 +480,31 @@ fn srv_config(keyspace: &str) -> pgetcd_server::Config {
     c.keyspace = keyspace.to_owned();
     c
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_fences_the_first() {
+    let first = TestServer::start_default().await;
+    let mut a = Clients::connect(&first.url()).await;
+    a.kv.put(put("k", "from first")).await.unwrap();
+    let second = TestServer::start(srv_config(&first.config.keyspace)).await;
+    let mut b = Clients::connect(&second.url()).await;
+    // The first instance's next write fails: its epoch is stale.
+    assert_status(
+        a.kv.put(put("k", "lost")).await,
+        Code::Unavailable,
+        "etcdserver: not leader",
+    );
+    let s = a.kv.put(put("k", "lost")).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable);
+    assert!(first.running.engine.writer_failed());
+    let r = b.kv.range(get("k")).await.unwrap().into_inner();
+    assert_eq!(r.kvs[0].value, Bytes::from_static(b"from first"));
+    let w =
+        b.kv.put(put("k", "from second"))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(w.header.unwrap().revision, 3);
+    first.stop().await;
+    second.stop().await;
+}

@@ -1,0 +1,320 @@
+//! loadgen: drives any etcd v3 endpoint (pgetcd or real etcd) with etcd-benchmark-style
+//! workloads and reports throughput, latency percentiles (HDR histograms) and the
+//! server-side CPU time per operation.
+//!
+//! `--vs URL` runs the same workload against a second endpoint in alternating rounds
+//! (A B A B ...) and prints each round and the median ratio A/B, so both endpoints see
+//! the same machine conditions. Server CPU is read from /proc for processes whose
+//! command name is listed in `--cpu-comm` (A) and `--vs-cpu-comm` (B).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use pgetcd_proto::etcdserverpb::{PutRequest, RangeRequest, kv_client::KvClient};
+use rand::Rng;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+#[derive(Parser, Debug)]
+#[command(name = "loadgen", about = "Benchmark any etcd v3 endpoint")]
+struct Cli {
+    /// Endpoint to drive (A).
+    #[arg(long, global = true, default_value = "http://127.0.0.1:2379")]
+    endpoints: String,
+    /// Second endpoint (B): rounds alternate A B A B and ratios A/B are printed.
+    #[arg(long, global = true)]
+    vs: Option<String>,
+    /// Rounds per endpoint.
+    #[arg(long, global = true, default_value_t = 1)]
+    rounds: usize,
+    /// gRPC connections.
+    #[arg(long, global = true, default_value_t = 1)]
+    conns: usize,
+    /// Concurrent clients (spread over the connections).
+    #[arg(long, global = true, default_value_t = 1)]
+    clients: usize,
+    /// Requests per round.
+    #[arg(long, global = true, default_value_t = 10_000)]
+    total: u64,
+    /// Comma-separated process names whose CPU counts as A's server time.
+    #[arg(long, global = true, default_value = "pgetcd,postgres")]
+    cpu_comm: String,
+    /// Comma-separated process names whose CPU counts as B's server time.
+    #[arg(long, global = true, default_value = "etcd")]
+    vs_cpu_comm: String,
+    /// Print one JSON object per round instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    workload: Workload,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+enum Workload {
+    /// Put random values under keys drawn from a key space.
+    Put {
+        /// Key length in bytes.
+        #[arg(long, default_value_t = 8)]
+        key_size: usize,
+        /// Value length in bytes.
+        #[arg(long, default_value_t = 256)]
+        val_size: usize,
+        /// Distinct keys (1 = all puts to one key).
+        #[arg(long, default_value_t = 1)]
+        key_space_size: u64,
+        /// Keys in sequence instead of at random.
+        #[arg(long)]
+        sequential_keys: bool,
+    },
+    /// Range over one key (written once before the round).
+    Range {
+        /// Key to read.
+        #[arg(long, default_value = "foo")]
+        key: String,
+        /// l (linearizable) or s (serializable).
+        #[arg(long, default_value = "l")]
+        consistency: String,
+        /// Value size written before the round.
+        #[arg(long, default_value_t = 256)]
+        val_size: usize,
+    },
+}
+
+#[derive(Serialize)]
+struct Round {
+    endpoint: String,
+    round: usize,
+    requests: u64,
+    errors: u64,
+    seconds: f64,
+    ops_per_sec: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+    server_cpu_us_per_op: Option<f64>,
+}
+
+/// Sum of utime+stime (clock ticks) of processes whose comm is in `names`.
+fn cpu_ticks(names: &[&str]) -> Option<u64> {
+    if names.is_empty() {
+        return None;
+    }
+    let mut total = 0u64;
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        if !names.contains(&comm) {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        // utime and stime are fields 14 and 15 of stat; after "pid (comm) " they are at 11, 12.
+        let utime: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let stime: u64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        total += utime + stime;
+    }
+    Some(total)
+}
+
+const TICKS_PER_SEC: f64 = 100.0;
+
+async fn connect(url: &str, conns: usize) -> Result<Vec<KvClient<Channel>>> {
+    let mut out = Vec::new();
+    for _ in 0..conns.max(1) {
+        let ch = Channel::from_shared(url.to_owned())?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        out.push(
+            KvClient::new(ch)
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+        );
+    }
+    Ok(out)
+}
+
+async fn prepare(w: &Workload, kv: &mut KvClient<Channel>) -> Result<()> {
+    if let Workload::Range { key, val_size, .. } = w {
+        kv.put(PutRequest {
+            key: Bytes::from(key.clone()),
+            value: Bytes::from(vec![b'v'; *val_size]),
+            ..Default::default()
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+async fn one(w: &Workload, kv: &mut KvClient<Channel>, n: u64, value: &Bytes) -> Result<()> {
+    match w {
+        Workload::Put {
+            key_size,
+            key_space_size,
+            sequential_keys,
+            ..
+        } => {
+            let k = if *sequential_keys {
+                n % key_space_size.max(&1)
+            } else {
+                rand::rng().random_range(0..*key_space_size.max(&1))
+            };
+            let mut key = format!("{k:0width$}", width = *key_size).into_bytes();
+            key.truncate((*key_size).max(1));
+            kv.put(PutRequest {
+                key: Bytes::from(key),
+                value: value.clone(),
+                ..Default::default()
+            })
+            .await?;
+        }
+        Workload::Range {
+            key, consistency, ..
+        } => {
+            kv.range(RangeRequest {
+                key: Bytes::from(key.clone()),
+                serializable: consistency == "s",
+                ..Default::default()
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn round(cli: &Cli, url: &str, cpu_names: &[&str], idx: usize) -> Result<Round> {
+    let clients = connect(url, cli.conns).await?;
+    let mut first = clients[0].clone();
+    prepare(&cli.workload, &mut first).await?;
+    let value = match &cli.workload {
+        Workload::Put { val_size, .. } => Bytes::from(vec![b'x'; *val_size]),
+        Workload::Range { .. } => Bytes::new(),
+    };
+    let next = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu_ticks(cpu_names);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..cli.clients.max(1) {
+        let mut kv = clients[c % clients.len()].clone();
+        let w = cli.workload.clone();
+        let next = next.clone();
+        let errors = errors.clone();
+        let value = value.clone();
+        let total = cli.total;
+        tasks.push(tokio::spawn(async move {
+            let mut h =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    break;
+                }
+                let t = Instant::now();
+                if one(&w, &mut kv, n, &value).await.is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+            }
+            h
+        }));
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for t in tasks {
+        hist.add(t.await?)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu_after = cpu_ticks(cpu_names);
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let server_cpu_us_per_op = match (cpu_before, cpu_after) {
+        (Some(a), Some(b)) if cli.total > 0 => {
+            Some((b.saturating_sub(a)) as f64 / TICKS_PER_SEC * 1e6 / cli.total as f64)
+        }
+        _ => None,
+    };
+    Ok(Round {
+        endpoint: url.to_owned(),
+        round: idx,
+        requests: cli.total,
+        errors: errors.load(Ordering::Relaxed),
+        seconds: secs,
+        ops_per_sec: cli.total as f64 / secs,
+        p50_ms: ms(0.5),
+        p90_ms: ms(0.9),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        max_ms: hist.max() as f64 / 1000.0,
+        server_cpu_us_per_op,
+    })
+}
+
+fn print(cli: &Cli, r: &Round) -> Result<()> {
+    if cli.json {
+        println!("{}", serde_json::to_string(r)?);
+    } else {
+        println!(
+            "{:<28} round {} {:>9.0} ops/s  p50 {:>7.2} ms  p90 {:>7.2}  p99 {:>7.2}  p99.9 {:>7.2}  max {:>7.2}  errors {}  server cpu {}",
+            r.endpoint,
+            r.round,
+            r.ops_per_sec,
+            r.p50_ms,
+            r.p90_ms,
+            r.p99_ms,
+            r.p999_ms,
+            r.max_ms,
+            r.errors,
+            r.server_cpu_us_per_op
+                .map(|c| format!("{c:.0} us/op"))
+                .unwrap_or_else(|| "n/a".into())
+        );
+    }
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if cli.total == 0 {
+        bail!("--total must be positive");
+    }
+    let a_names: Vec<&str> = cli.cpu_comm.split(',').filter(|s| !s.is_empty()).collect();
+    let b_names: Vec<&str> = cli
+        .vs_cpu_comm
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut ratios = Vec::new();
+    for i in 0..cli.rounds.max(1) {
+        let a = round(&cli, &cli.endpoints, &a_names, i).await?;
+        print(&cli, &a)?;
+        if let Some(vs) = &cli.vs {
+            let b = round(&cli, vs, &b_names, i).await?;
+            print(&cli, &b)?;
+            ratios.push(a.ops_per_sec / b.ops_per_sec);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if !ratios.is_empty() {
+        println!("median throughput ratio A/B: {:.2}", median(ratios));
+    }
+    Ok(())
+}
