@@ -1,0 +1,262 @@
+//! The logical-replication consumer of a keyspace's `history` table.
+//!
+//! Protocol:
+//! - Names: publication and slot are both `pgetcd_<schema>`. The publication covers
+//!   `<schema>.history` with `publish = 'insert'` and `publish_via_partition_root`, so
+//!   rows of every partition arrive as `history` and partition drops (DDL) and
+//!   compaction's copies (`history_retained`) produce nothing.
+//! - [`ensure_slot`] creates both when missing and reports a slot whose WAL was removed
+//!   (`wal_status = 'lost'`) as [`WalError::SlotLost`].
+//! - [`WalStream`] opens a replication connection and streams `pgoutput` (protocol 1,
+//!   binary values) from the slot's confirmed position; [`WalStream::next`] yields each
+//!   committed transaction's history rows in commit order.
+//! - The caller confirms a commit's end LSN with [`WalStream::confirm`] only after it
+//!   applied the rows; after any error it opens a new stream, which resumes from the last
+//!   confirmed LSN, so rows may be delivered again (callers skip revisions they have)
+//!   but never lost.
+//!
+//! Must not depend on tonic or the watch bus.
+
+mod pgoutput;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use thiserror::Error;
+use tokio_postgres::config::Host;
+use tracing::info;
+
+pub use pgoutput::Decoder;
+
+/// What can go wrong.
+#[derive(Debug, Error)]
+pub enum WalError {
+    /// The replication connection failed.
+    #[error("replication: {0}")]
+    Replication(#[from] pgwire_replication::PgWireError),
+    /// A normal Postgres query failed.
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The stream carried something we cannot decode.
+    #[error("pgoutput: {0}")]
+    Protocol(String),
+    /// The slot exists but Postgres removed WAL it still needed.
+    #[error(
+        "replication slot {0} lost WAL it needed (wal_status = lost); it must be dropped and recreated, and watchers behind it cannot be served from the stream"
+    )]
+    SlotLost(String),
+    /// The connection string cannot be used for replication.
+    #[error("cannot use connection settings for replication: {0}")]
+    Config(String),
+    /// The stream ended.
+    #[error("replication stream ended")]
+    Ended,
+}
+
+/// One row inserted into `history`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistoryRow {
+    /// Main revision.
+    pub revision: i64,
+    /// Sub-revision.
+    pub sub: u32,
+    /// Key.
+    pub key: Bytes,
+    /// 0 put, 1 delete.
+    pub kind: i16,
+    /// Create revision (0 for deletes).
+    pub create_revision: i64,
+    /// Version (0 for deletes).
+    pub version: i64,
+    /// Lease.
+    pub lease: i64,
+    /// Value (empty for deletes).
+    pub value: Bytes,
+}
+
+/// One committed transaction's history rows, in (revision, sub) order.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    /// LSN to confirm once applied.
+    pub end_lsn: u64,
+    /// The rows.
+    pub rows: Vec<HistoryRow>,
+}
+
+/// Slot and publication name of a keyspace.
+pub fn slot_name(schema: &str) -> String {
+    format!("pgetcd_{schema}")
+}
+
+/// State of the slot found or created by [`ensure_slot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotState {
+    /// Created now: it streams changes committed from now on.
+    Created,
+    /// Existed and usable.
+    Existing,
+}
+
+/// Creates the publication and the slot of `schema` when missing.
+pub async fn ensure_slot(
+    client: &tokio_postgres::Client,
+    schema: &str,
+) -> Result<SlotState, WalError> {
+    let name = slot_name(schema);
+    let has_pub = client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+        .await?
+        .is_some();
+    if !has_pub {
+        client
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {name} FOR TABLE {schema}.history \
+                 WITH (publish = 'insert', publish_via_partition_root = true)"
+            ))
+            .await?;
+        info!(publication = %name, "created publication");
+    }
+    let slot = client
+        .query_opt(
+            "SELECT COALESCE(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await?;
+    match slot {
+        Some(row) => {
+            let status: String = row.get(0);
+            if status == "lost" {
+                return Err(WalError::SlotLost(name));
+            }
+            Ok(SlotState::Existing)
+        }
+        None => {
+            client
+                .execute(
+                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&name],
+                )
+                .await?;
+            info!(slot = %name, "created logical replication slot");
+            Ok(SlotState::Created)
+        }
+    }
+}
+
+/// Drops the slot (to recreate it after it was lost).
+pub async fn drop_slot(client: &tokio_postgres::Client, schema: &str) -> Result<(), WalError> {
+    client
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot_name(schema)],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Bytes of WAL the slot keeps (current WAL position minus its confirmed position).
+pub async fn retained_bytes(
+    client: &tokio_postgres::Client,
+    schema: &str,
+) -> Result<Option<i64>, WalError> {
+    let row = client
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot_name(schema)],
+        )
+        .await?;
+    Ok(row.and_then(|r| r.get(0)))
+}
+
+/// A replication stream of one keyspace's history.
+pub struct WalStream {
+    client: ReplicationClient,
+    decoder: Decoder,
+    schema: String,
+    rows: Vec<HistoryRow>,
+}
+
+impl WalStream {
+    /// Opens a replication connection with the settings of `config` and starts
+    /// streaming from the slot's confirmed position.
+    pub async fn start(
+        config: &tokio_postgres::Config,
+        schema: &str,
+    ) -> Result<WalStream, WalError> {
+        let user = config.get_user().unwrap_or("postgres").to_owned();
+        let password = config
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        let db = config.get_dbname().unwrap_or(&user).to_owned();
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let name = slot_name(schema);
+        let cfg = match config.get_hosts().first() {
+            Some(Host::Unix(dir)) => ReplicationConfig::unix(
+                dir.to_string_lossy().into_owned(),
+                port,
+                user,
+                password,
+                db,
+                name.clone(),
+                name.as_str(),
+            ),
+            Some(Host::Tcp(host)) => ReplicationConfig::new(
+                host.clone(),
+                user,
+                password,
+                db,
+                name.clone(),
+                name.as_str(),
+            )
+            .with_port(port),
+            None => return Err(WalError::Config("no host".into())),
+        };
+        let cfg = cfg
+            .with_tls(TlsConfig::disabled())
+            .with_start_lsn(Lsn::ZERO)
+            .with_binary(true)
+            .with_status_interval(Duration::from_millis(500))
+            .with_application_name(format!("pgetcd-wal-{schema}"));
+        let client = ReplicationClient::connect(cfg).await?;
+        Ok(WalStream {
+            client,
+            decoder: Decoder::default(),
+            schema: schema.to_owned(),
+            rows: Vec::new(),
+        })
+    }
+
+    /// The next committed transaction that inserted history rows.
+    pub async fn next(&mut self) -> Result<Commit, WalError> {
+        loop {
+            match self.client.recv().await? {
+                Some(ReplicationEvent::Begin { .. }) => self.rows.clear(),
+                Some(ReplicationEvent::XLogData { data, .. }) => {
+                    if let Some(row) = self.decoder.decode(&data, &self.schema)? {
+                        self.rows.push(row);
+                    }
+                }
+                Some(ReplicationEvent::Commit { end_lsn, .. }) => {
+                    let rows = std::mem::take(&mut self.rows);
+                    if rows.is_empty() {
+                        self.client.update_applied_lsn(end_lsn);
+                        continue;
+                    }
+                    return Ok(Commit {
+                        end_lsn: end_lsn.as_u64(),
+                        rows,
+                    });
+                }
+                Some(_) => {}
+                None => return Err(WalError::Ended),
+            }
+        }
+    }
+
+    /// Confirms that everything up to `lsn` was applied; the slot may release it.
+    pub fn confirm(&self, lsn: u64) {
+        self.client.update_applied_lsn(Lsn::from_u64(lsn));
+    }
+}

@@ -1,0 +1,428 @@
+//! The watcher registry and the dispatcher task.
+//!
+//! One dispatcher task owns the registry and the key index. It handles registrations
+//! and batches in one loop, so a registration is ordered against batches: the revision
+//! it returns (`D`, the last dispatched revision) is exactly where the bus takes over
+//! from history for that watcher. Deliveries go to each stream's bounded queue with
+//! `try_send`; a full queue turns that watcher *slow* (see the crate docs).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use pgetcd_proto::mvccpb::{Event, event::EventType};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::Batch;
+use crate::index::{KeySpan, WatcherId, WatcherIndex};
+use crate::ring::Ring;
+
+/// Sizes of the bus.
+#[derive(Debug, Clone, Copy)]
+pub struct HubConfig {
+    /// Batches the ring holds for a lagging dispatcher.
+    pub ring_capacity: usize,
+    /// Deliveries a stream's queue holds before its watchers turn slow.
+    pub stream_queue: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            ring_capacity: 4096,
+            stream_queue: 1024,
+        }
+    }
+}
+
+/// What a watcher wants from the bus.
+#[derive(Debug, Clone)]
+pub struct WatcherSpec {
+    /// Its id on its stream.
+    pub watch_id: i64,
+    /// Its keys.
+    pub span: KeySpan,
+    /// Deliver only events of this revision or later.
+    pub start_revision: i64,
+    /// Drop PUT events.
+    pub no_put: bool,
+    /// Drop DELETE events.
+    pub no_delete: bool,
+}
+
+/// Events for one watcher, in revision order, never splitting a revision.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The watcher.
+    pub watch_id: i64,
+    /// Its events.
+    pub events: Vec<Event>,
+}
+
+struct StreamShared {
+    id: u64,
+    tx: mpsc::Sender<Delivery>,
+    slow: Mutex<Vec<(i64, i64)>>,
+    wake: Notify,
+}
+
+enum Cmd {
+    Register {
+        shared: Arc<StreamShared>,
+        spec: WatcherSpec,
+        reply: oneshot::Sender<i64>,
+    },
+    Unregister {
+        id: WatcherId,
+    },
+    DropStream {
+        stream: u64,
+    },
+}
+
+/// The bus: publish batches, open streams. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    ring: Arc<Ring>,
+    cmds: mpsc::UnboundedSender<Cmd>,
+    dispatched: Arc<AtomicI64>,
+    next_stream: Arc<AtomicU64>,
+    config: HubConfig,
+}
+
+impl Hub {
+    /// Starts the dispatcher; `revision` is the last revision already in history (the
+    /// bus will carry the ones after it).
+    pub fn start(config: HubConfig, revision: i64) -> Hub {
+        let ring = Arc::new(Ring::new(config.ring_capacity));
+        let (cmds, rx) = mpsc::unbounded_channel();
+        let dispatched = Arc::new(AtomicI64::new(revision));
+        let d = Dispatcher {
+            ring: ring.clone(),
+            cmds: rx,
+            dispatched: dispatched.clone(),
+            watchers: HashMap::new(),
+            index: WatcherIndex::default(),
+        };
+        tokio::spawn(d.run());
+        Hub {
+            ring,
+            cmds,
+            dispatched,
+            next_stream: Arc::new(AtomicU64::new(1)),
+            config,
+        }
+    }
+
+    /// Publishes a committed batch (single producer; never waits).
+    pub fn publish(&self, batch: Batch) {
+        self.ring.publish(Arc::new(batch));
+    }
+
+    /// The last revision whose events were handed to stream queues.
+    pub fn dispatched(&self) -> i64 {
+        self.dispatched.load(Ordering::Acquire)
+    }
+
+    /// Opens a stream: its queue and slow list.
+    pub fn stream(&self) -> StreamHandle {
+        let (tx, rx) = mpsc::channel(self.config.stream_queue.max(1));
+        StreamHandle {
+            shared: Arc::new(StreamShared {
+                id: self.next_stream.fetch_add(1, Ordering::Relaxed),
+                tx,
+                slow: Mutex::new(Vec::new()),
+                wake: Notify::new(),
+            }),
+            rx,
+            hub: self.clone(),
+        }
+    }
+}
+
+/// One watch stream's end of the bus.
+pub struct StreamHandle {
+    shared: Arc<StreamShared>,
+    /// Deliveries for this stream's watchers.
+    pub rx: mpsc::Receiver<Delivery>,
+    hub: Hub,
+}
+
+impl StreamHandle {
+    /// Registers a watcher; returns `D`: the bus delivers its events of revisions above
+    /// `D`, the caller replays `[start, D]` from history.
+    pub async fn register(&self, spec: WatcherSpec) -> Option<i64> {
+        let (reply, rx) = oneshot::channel();
+        self.hub
+            .cmds
+            .send(Cmd::Register {
+                shared: self.shared.clone(),
+                spec,
+                reply,
+            })
+            .ok()?;
+        rx.await.ok()
+    }
+
+    /// Stops deliveries to a watcher.
+    pub fn unregister(&self, watch_id: i64) {
+        let _ = self.hub.cmds.send(Cmd::Unregister {
+            id: (self.shared.id, watch_id),
+        });
+    }
+
+    /// Watchers the dispatcher dropped as slow: (watch id, first revision not
+    /// delivered).
+    pub fn take_slow(&self) -> Vec<(i64, i64)> {
+        std::mem::take(&mut *self.shared.slow.lock())
+    }
+
+    /// Resolves when a watcher of this stream turns slow.
+    pub async fn slow_notified(&self) {
+        self.shared.wake.notified().await
+    }
+
+    /// The hub.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+}
+
+impl Drop for StreamHandle {
+    fn drop(&mut self) {
+        let _ = self.hub.cmds.send(Cmd::DropStream {
+            stream: self.shared.id,
+        });
+    }
+}
+
+struct Watcher {
+    spec: WatcherSpec,
+    stream: Arc<StreamShared>,
+}
+
+struct Dispatcher {
+    ring: Arc<Ring>,
+    cmds: mpsc::UnboundedReceiver<Cmd>,
+    dispatched: Arc<AtomicI64>,
+    watchers: HashMap<WatcherId, Watcher>,
+    index: WatcherIndex,
+}
+
+impl Dispatcher {
+    async fn run(mut self) {
+        let mut cursor = self.ring.cursor();
+        loop {
+            tokio::select! {
+                biased;
+                cmd = self.cmds.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => return,
+                },
+                batch = self.ring.next(&mut cursor) => match batch {
+                    Ok(batch) => self.dispatch(&batch),
+                    Err(lagged) => self.lagged(lagged.skipped),
+                },
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Register {
+                shared,
+                spec,
+                reply,
+            } => {
+                let id = (shared.id, spec.watch_id);
+                self.index.insert(id, &spec.span);
+                if let Some(old) = self.watchers.insert(
+                    id,
+                    Watcher {
+                        spec,
+                        stream: shared,
+                    },
+                ) {
+                    self.index.remove(id, &old.spec.span);
+                    if let Some(w) = self.watchers.get(&id) {
+                        self.index.insert(id, &w.spec.span);
+                    }
+                }
+                let _ = reply.send(self.dispatched.load(Ordering::Acquire));
+            }
+            Cmd::Unregister { id } => {
+                self.remove(id);
+            }
+            Cmd::DropStream { stream } => {
+                let ids: Vec<WatcherId> = self
+                    .watchers
+                    .keys()
+                    .filter(|(s, _)| *s == stream)
+                    .copied()
+                    .collect();
+                for id in ids {
+                    self.remove(id);
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, id: WatcherId) -> Option<Watcher> {
+        let w = self.watchers.remove(&id)?;
+        self.index.remove(id, &w.spec.span);
+        Some(w)
+    }
+
+    fn mark_slow(&mut self, id: WatcherId, from_revision: i64) {
+        if let Some(w) = self.remove(id) {
+            debug!(
+                stream = id.0,
+                watch_id = id.1,
+                from_revision,
+                "watcher slow"
+            );
+            w.stream.slow.lock().push((id.1, from_revision));
+            w.stream.wake.notify_one();
+        }
+    }
+
+    fn dispatch(&mut self, batch: &Batch) {
+        self.index.prepare();
+        let mut per: HashMap<WatcherId, Vec<Event>> = HashMap::new();
+        for ev in &batch.events {
+            let Some(kv) = &ev.kv else { continue };
+            let rev = kv.mod_revision;
+            let is_put = ev.r#type == EventType::Put as i32;
+            self.index.for_each_match(&kv.key, |id| {
+                if let Some(w) = self.watchers.get(&id)
+                    && rev >= w.spec.start_revision
+                    && !(is_put && w.spec.no_put)
+                    && !(!is_put && w.spec.no_delete)
+                {
+                    per.entry(id).or_default().push(ev.clone());
+                }
+            });
+        }
+        let mut slow = Vec::new();
+        for (id, events) in per {
+            let Some(w) = self.watchers.get(&id) else {
+                continue;
+            };
+            let first = events[0].kv.as_ref().map_or(0, |kv| kv.mod_revision);
+            match w.stream.tx.try_send(Delivery {
+                watch_id: id.1,
+                events,
+            }) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => slow.push((id, first)),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.remove(id);
+                }
+            }
+        }
+        for (id, first) in slow {
+            self.mark_slow(id, first);
+        }
+        self.dispatched
+            .store(batch.last_revision, Ordering::Release);
+    }
+
+    fn lagged(&mut self, skipped: u64) {
+        let from = self.dispatched.load(Ordering::Acquire) + 1;
+        warn!(
+            skipped,
+            from, "watch dispatcher lagged behind the ring; all watchers catch up from history"
+        );
+        let ids: Vec<WatcherId> = self.watchers.keys().copied().collect();
+        for id in ids {
+            self.mark_slow(id, from);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use bytes::Bytes;
+    use pgetcd_proto::mvccpb::KeyValue;
+
+    fn put(key: &str, rev: i64) -> Event {
+        Event {
+            r#type: EventType::Put as i32,
+            kv: Some(KeyValue {
+                key: Bytes::from(key.to_owned()),
+                mod_revision: rev,
+                ..Default::default()
+            }),
+            prev_kv: None,
+        }
+    }
+
+    fn spec(id: i64, key: &str, start: i64) -> WatcherSpec {
+        WatcherSpec {
+            watch_id: id,
+            span: KeySpan::Key(Bytes::from(key.to_owned())),
+            start_revision: start,
+            no_put: false,
+            no_delete: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn delivers_matching_events_after_the_registration_revision() {
+        let hub = Hub::start(HubConfig::default(), 10);
+        let mut s = hub.stream();
+        assert_eq!(s.register(spec(0, "a", 0)).await, Some(10));
+        assert_eq!(s.register(spec(1, "b", 13)).await, Some(10));
+        for rev in 11..=13 {
+            hub.publish(Batch {
+                last_revision: rev,
+                events: vec![put("a", rev), put("b", rev), put("c", rev)],
+            });
+        }
+        let mut got: Vec<(i64, i64)> = Vec::new();
+        while got.len() < 4 {
+            let d = s.rx.recv().await.unwrap();
+            for e in d.events {
+                got.push((d.watch_id, e.kv.unwrap().mod_revision));
+            }
+        }
+        got.sort();
+        assert_eq!(got, vec![(0, 11), (0, 12), (0, 13), (1, 13)]);
+        assert_eq!(hub.dispatched(), 13);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_marks_the_watcher_slow_and_bounds_memory() {
+        let hub = Hub::start(
+            HubConfig {
+                ring_capacity: 8,
+                stream_queue: 2,
+            },
+            0,
+        );
+        let s = hub.stream();
+        s.register(spec(5, "k", 0)).await.unwrap();
+        let mut fast = hub.stream();
+        fast.register(spec(6, "k", 0)).await.unwrap();
+        for rev in 1..=50 {
+            hub.publish(Batch {
+                last_revision: rev,
+                events: vec![put("k", rev)],
+            });
+            // The fast stream keeps up; the other never reads.
+            let d = fast.rx.recv().await.unwrap();
+            assert_eq!(d.events[0].kv.as_ref().unwrap().mod_revision, rev);
+        }
+        // Two deliveries fit; the third turned the watcher slow from revision 3, and
+        // nothing more was queued for it.
+        assert_eq!(s.take_slow(), vec![(5, 3)]);
+        assert_eq!(s.rx.len(), 2);
+        // Registering again resumes deliveries after the current revision.
+        let d = s.register(spec(5, "k", 3)).await.unwrap();
+        assert_eq!(d, 50);
+    }
+}
