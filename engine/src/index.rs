@@ -175,16 +175,13 @@ impl Index {
         })
     }
 
-    /// Calls `f` for each key in `range` visible at `at`, in key order, until it returns
-    /// false.
-    pub fn scan(&self, range: &KeyRange, at: i64, mut f: impl FnMut(&Bytes, &Version) -> bool) {
+    /// Calls `f` for each key entry in `range` (live or not), in key order, until it
+    /// returns false.
+    fn entries(&self, range: &KeyRange, mut f: impl FnMut(&Bytes, &KeyEntry) -> bool) {
         match range {
             KeyRange::Single(key) => {
                 if let Some(entry) = self.map.get(key.as_ref()) {
-                    let versions = entry.value().versions.read();
-                    if let Some(v) = visible_at(&versions, at) {
-                        f(entry.key(), v);
-                    }
+                    f(entry.key(), entry.value());
                 }
             }
             KeyRange::Span { start, end } => {
@@ -199,15 +196,48 @@ impl Index {
                 };
                 let bounds: (Bound<&[u8]>, Bound<&[u8]>) = (Bound::Included(start.as_ref()), upper);
                 for entry in self.map.range::<[u8], _>(bounds) {
-                    let versions = entry.value().versions.read();
-                    if let Some(v) = visible_at(&versions, at)
-                        && !f(entry.key(), v)
-                    {
+                    if !f(entry.key(), entry.value()) {
                         return;
                     }
                 }
             }
         }
+    }
+
+    /// Calls `f` for each key in `range` visible at `at`, in key order, until it returns
+    /// false.
+    pub fn scan(&self, range: &KeyRange, at: i64, mut f: impl FnMut(&Bytes, &Version) -> bool) {
+        self.entries(range, |key, entry| {
+            let versions = entry.versions.read();
+            match visible_at(&versions, at) {
+                Some(v) => f(key, v),
+                None => true,
+            }
+        });
+    }
+
+    /// Calls `f(key, version, previous)` for every version with a revision in
+    /// `[from, to]` of every key in `range` (deleted keys included), where `previous` is
+    /// the key's version just before it. Order: by key, then revision.
+    pub fn versions_between(
+        &self,
+        range: &KeyRange,
+        from: i64,
+        to: i64,
+        mut f: impl FnMut(&Bytes, &Version, Option<&Version>),
+    ) {
+        self.entries(range, |key, entry| {
+            let versions = entry.versions.read();
+            let start = versions.partition_point(|v| v.mod_revision < from);
+            for i in start..versions.len() {
+                let v = &versions[i];
+                if v.mod_revision > to {
+                    break;
+                }
+                f(key, v, i.checked_sub(1).map(|p| &versions[p]));
+            }
+            true
+        });
     }
 
     /// Keys in `range` visible at `at`: up to `limit` of them (0 = all) and the total.

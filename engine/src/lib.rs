@@ -13,6 +13,7 @@
 //!   guessed; until then its clients wait.
 
 mod error;
+mod events;
 mod exec;
 /// The in-memory revision index and value-cache bookkeeping.
 pub mod index;
@@ -35,6 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
 pub use error::{Error, Result};
+pub use events::event_of;
 pub use exec::{Change, txn_is_read_only};
 pub use pgetcd_partitioning::DEFAULT_PARTITION_REVISIONS;
 pub use store::{Meta, PgStore, WriterConn};

@@ -108,6 +108,11 @@ impl PgStore {
         })
     }
 
+    /// The connection settings.
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
     /// The layout.
     pub fn layout(&self) -> &Layout {
         &self.layout

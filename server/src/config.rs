@@ -2,6 +2,7 @@
 //! where the meaning is the same.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 use pgetcd_engine::{
@@ -79,6 +80,25 @@ pub struct Config {
     #[arg(long, env = "PGETCD_READ_POOL_SIZE", default_value_t = 8)]
     pub read_pool_size: usize,
 
+    /// Interval of watch progress notifications (etcd's
+    /// --experimental-watch-progress-notify-interval), e.g. 10m, 5s, 500ms.
+    #[arg(
+        long,
+        env = "PGETCD_WATCH_PROGRESS_NOTIFY_INTERVAL",
+        default_value = "10m",
+        value_parser = parse_duration
+    )]
+    pub watch_progress_notify_interval: Duration,
+
+    /// Batches of committed events the watch bus keeps for a lagging dispatcher.
+    #[arg(long, env = "PGETCD_WATCH_RING_CAPACITY", default_value_t = 4096)]
+    pub watch_ring_capacity: usize,
+
+    /// Deliveries queued per watch stream before its watchers fall back to catching up
+    /// from history.
+    #[arg(long, env = "PGETCD_WATCH_STREAM_QUEUE", default_value_t = 1024)]
+    pub watch_stream_queue: usize,
+
     /// Log filter (tracing's env-filter syntax), e.g. info or pgetcd_engine=debug.
     #[arg(long, env = "PGETCD_LOG", default_value = "info")]
     pub log: String,
@@ -111,5 +131,46 @@ impl Config {
             crate::parse_listen_url(u)?;
         }
         Ok(())
+    }
+}
+
+/// Parses durations like `10m`, `5s`, `500ms`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .ok_or_else(|| format!("{s:?}: missing unit (ms, s, m, h)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?}: not a number"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    if secs <= 0.0 || !secs.is_finite() {
+        return Err(format!("{s:?}: must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("3x").is_err());
+    }
+
+    #[test]
+    fn defaults_validate() {
+        assert!(Config::defaults().validate().is_ok());
     }
 }

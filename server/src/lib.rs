@@ -14,6 +14,7 @@ mod managed;
 pub mod services;
 /// Engine errors as etcd gRPC statuses.
 pub mod status;
+mod watch_feed;
 
 use std::net::SocketAddr;
 
@@ -62,6 +63,11 @@ pub fn parse_listen_url(url: &str) -> Result<SocketAddr, String> {
     let rest = rest.replace("localhost:", "127.0.0.1:");
     rest.parse()
         .map_err(|e| format!("{url}: not an address to listen on ({e})"))
+}
+
+/// Resolves once `shutdown` says true (or its sender is gone).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
 }
 
 /// A running server.
@@ -119,6 +125,16 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         read_pool_size: config.read_pool_size,
     })
     .await?;
+    watch_feed::prepare(&engine)
+        .await
+        .map_err(ServerError::Start)?;
+    let hub = pgetcd_watchbus::Hub::start(
+        pgetcd_watchbus::HubConfig {
+            ring_capacity: config.watch_ring_capacity,
+            stream_queue: config.watch_stream_queue,
+        },
+        engine.stats().revision,
+    );
     let mut listeners = Vec::new();
     let mut client_addrs = Vec::new();
     for url in &config.listen_client_urls {
@@ -138,7 +154,15 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         config.advertise_client_urls.clone()
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let mut tasks = Vec::new();
+    let mut tasks = vec![tokio::spawn(watch_feed::run(
+        engine.clone(),
+        hub.clone(),
+        shutdown_rx.clone(),
+    ))];
+    let watch_settings = services::WatchSettings {
+        progress_interval: config.watch_progress_notify_interval,
+        max_response_bytes: config.max_request_bytes,
+    };
     let limit = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
     for listener in listeners {
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -169,16 +193,23 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
                 MaintenanceServer::new(services::MaintenanceService::new(engine.clone()))
                     .max_decoding_message_size(limit),
             )
-            .add_service(WatchServer::new(services::WatchService).max_decoding_message_size(limit))
+            .add_service(
+                WatchServer::new(services::WatchService::new(
+                    engine.clone(),
+                    hub.clone(),
+                    watch_settings,
+                    shutdown_rx.clone(),
+                ))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(usize::MAX),
+            )
             .add_service(LeaseServer::new(services::LeaseService).max_decoding_message_size(limit))
             .add_service(AuthServer::new(services::AuthService).max_decoding_message_size(limit))
             .add_service(health_service);
         let mut rx = shutdown_rx.clone();
         let incoming = TcpListenerStream::new(listener);
         tasks.push(tokio::spawn(async move {
-            let stop = async move {
-                let _ = rx.wait_for(|s| *s).await;
-            };
+            let stop = async move { stopped(&mut rx).await };
             if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
                 tracing::error!(error = %e, "grpc server failed");
             }

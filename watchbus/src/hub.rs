@@ -80,6 +80,7 @@ enum Cmd {
     DropStream {
         stream: u64,
     },
+    ResyncAll,
 }
 
 /// The bus: publish batches, open streams. Cheap to clone.
@@ -124,6 +125,13 @@ impl Hub {
     /// The last revision whose events were handed to stream queues.
     pub fn dispatched(&self) -> i64 {
         self.dispatched.load(Ordering::Acquire)
+    }
+
+    /// Turns every watcher slow from the revision after the last dispatched one: used
+    /// when revisions can no longer be delivered from the bus (they must come from
+    /// history, or the watchers are cancelled as compacted).
+    pub fn resync_all(&self) {
+        let _ = self.cmds.send(Cmd::ResyncAll);
     }
 
     /// Opens a stream: its queue and slow list.
@@ -179,9 +187,10 @@ impl StreamHandle {
         std::mem::take(&mut *self.shared.slow.lock())
     }
 
-    /// Resolves when a watcher of this stream turns slow.
-    pub async fn slow_notified(&self) {
-        self.shared.wake.notified().await
+    /// A handle that resolves when a watcher of this stream turns slow (separate from
+    /// the stream handle, so a task can wait on it and on `rx` at once).
+    pub fn slow_signal(&self) -> SlowSignal {
+        SlowSignal(self.shared.clone())
     }
 
     /// The hub.
@@ -195,6 +204,16 @@ impl Drop for StreamHandle {
         let _ = self.hub.cmds.send(Cmd::DropStream {
             stream: self.shared.id,
         });
+    }
+}
+
+/// See [`StreamHandle::slow_signal`].
+pub struct SlowSignal(Arc<StreamShared>);
+
+impl SlowSignal {
+    /// Resolves when a watcher of the stream turns slow.
+    pub async fn notified(&self) {
+        self.0.wake.notified().await
     }
 }
 
@@ -255,6 +274,7 @@ impl Dispatcher {
             Cmd::Unregister { id } => {
                 self.remove(id);
             }
+            Cmd::ResyncAll => self.lagged(0),
             Cmd::DropStream { stream } => {
                 let ids: Vec<WatcherId> = self
                     .watchers

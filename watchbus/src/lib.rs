@@ -31,7 +31,7 @@ pub mod ring;
 
 use pgetcd_proto::mvccpb::Event;
 
-pub use hub::{Delivery, Hub, HubConfig, StreamHandle, WatcherSpec};
+pub use hub::{Delivery, Hub, HubConfig, SlowSignal, StreamHandle, WatcherSpec};
 pub use index::{KeySpan, WatcherId};
 pub use ring::{Lagged, Ring};
 

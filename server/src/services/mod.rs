@@ -5,8 +5,10 @@ mod cluster;
 mod kv;
 mod maintenance;
 mod unimplemented;
+mod watch;
 
 pub use cluster::ClusterService;
 pub use kv::KvService;
 pub use maintenance::MaintenanceService;
-pub use unimplemented::{AuthService, LeaseService, WatchService};
+pub use unimplemented::{AuthService, LeaseService};
+pub use watch::{WatchService, WatchSettings};

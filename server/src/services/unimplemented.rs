@@ -1,18 +1,14 @@
 //! Services whose every RPC still answers `Unimplemented` (listed in
-//! docs/compatibility.md): Watch and Lease are being built, Auth is not planned yet.
+//! docs/compatibility.md): Lease is being built, Auth is not planned yet.
 //! The generated default methods return the Unimplemented status.
 
-use pgetcd_proto::etcdserverpb::{auth_server::Auth, lease_server::Lease, watch_server::Watch};
+use pgetcd_proto::etcdserverpb::{auth_server::Auth, lease_server::Lease};
 
-/// Watch service placeholder: every RPC answers Unimplemented.
-pub struct WatchService;
 /// Lease service placeholder: every RPC answers Unimplemented.
 pub struct LeaseService;
 /// Auth service placeholder: every RPC answers Unimplemented.
 pub struct AuthService;
 
-#[tonic::async_trait]
-impl Watch for WatchService {}
 #[tonic::async_trait]
 impl Lease for LeaseService {}
 #[tonic::async_trait]

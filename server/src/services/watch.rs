@@ -1,0 +1,455 @@
+//! Watch service: one task per gRPC stream owns that stream's watchers.
+//!
+//! Per watcher: `Created` is sent first; a start revision below the compact revision is
+//! answered with a compacted cancel; otherwise the watcher registers with the bus,
+//! which returns `D`, and the revisions `[start, D]` are replayed from the engine's
+//! index before the bus's deliveries (revisions above `D`). `next_rev` drops anything
+//! already sent, so history and bus never duplicate. A watcher the bus dropped as slow
+//! re-registers and replays from the first revision it missed.
+//!
+//! Progress: a WatchProgressRequest is answered (watch_id -1) only when every watcher
+//! of the stream is registered with the bus; the answer carries the bus's dispatched
+//! revision `D` after every delivery queued up to `D` was sent, so it is a promise that
+//! all events up to `D` were delivered. Periodic progress notifications do the same per
+//! watcher that asked for them and got no events in the interval.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pgetcd_engine::{Engine, Error};
+use pgetcd_proto::etcdserverpb::{
+    ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse, watch_request::RequestUnion,
+    watch_server::Watch,
+};
+use pgetcd_proto::mvccpb::{Event, event::EventType};
+use pgetcd_watchbus::{Delivery, Hub, KeySpan, StreamHandle, WatcherSpec};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::debug;
+
+use crate::status::to_status;
+
+/// etcd's reasons, sent in `cancel_reason`.
+const EMPTY_RANGE: &str = "mvcc: watcher range is empty";
+const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
+
+/// Settings of the Watch service.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchSettings {
+    /// Interval of progress notifications for watchers that ask for them.
+    pub progress_interval: Duration,
+    /// Event responses larger than this are split when the watcher allows fragments.
+    pub max_response_bytes: usize,
+}
+
+/// etcd's Watch service over the bus.
+pub struct WatchService {
+    engine: Engine,
+    hub: Hub,
+    settings: WatchSettings,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl WatchService {
+    /// The service.
+    pub fn new(
+        engine: Engine,
+        hub: Hub,
+        settings: WatchSettings,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            engine,
+            hub,
+            settings,
+            shutdown,
+        }
+    }
+}
+
+type WatchStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    async fn watch(
+        &self,
+        req: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let inbound = req.into_inner();
+        let (out, rx) = mpsc::channel(64);
+        let task = StreamTask {
+            engine: self.engine.clone(),
+            bus: self.hub.stream(),
+            out,
+            watchers: HashMap::new(),
+            next_id: 0,
+            progress_pending: false,
+            settings: self.settings,
+        };
+        tokio::spawn(task.run(inbound, self.shutdown.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct Watcher {
+    key: Bytes,
+    range_end: Bytes,
+    prev_kv: bool,
+    no_put: bool,
+    no_delete: bool,
+    fragment: bool,
+    progress_notify: bool,
+    /// Next revision to send; older events are duplicates.
+    next_rev: i64,
+    /// Registered with the bus (not waiting to re-register after being slow).
+    synced: bool,
+    /// Events sent since the last progress tick.
+    sent_since_tick: bool,
+}
+
+struct StreamTask {
+    engine: Engine,
+    bus: StreamHandle,
+    out: mpsc::Sender<Result<WatchResponse, Status>>,
+    watchers: HashMap<i64, Watcher>,
+    next_id: i64,
+    progress_pending: bool,
+    settings: WatchSettings,
+}
+
+/// The stream's client went away.
+struct Gone;
+
+impl StreamTask {
+    async fn run(
+        mut self,
+        mut inbound: Streaming<WatchRequest>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut ticker = tokio::time::interval(self.settings.progress_interval);
+        ticker.tick().await;
+        let slow = self.bus.slow_signal();
+        loop {
+            let step = tokio::select! {
+                biased;
+                _ = crate::stopped(&mut shutdown) => return,
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => self.request(req).await,
+                    _ => return,
+                },
+                Some(d) = self.bus.rx.recv() => self.deliver(d).await,
+                _ = slow.notified() => self.resync().await,
+                _ = ticker.tick() => self.progress_tick().await,
+            };
+            if step.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn header(&self, revision: i64) -> Option<ResponseHeader> {
+        let mut h = self.engine.header();
+        h.revision = revision;
+        Some(h)
+    }
+
+    async fn send(&self, resp: WatchResponse) -> Result<(), Gone> {
+        self.out.send(Ok(resp)).await.map_err(|_| Gone)
+    }
+
+    async fn request(&mut self, req: WatchRequest) -> Result<(), Gone> {
+        match req.request_union {
+            Some(RequestUnion::CreateRequest(c)) => self.create(c).await,
+            Some(RequestUnion::CancelRequest(c)) => {
+                if self.watchers.remove(&c.watch_id).is_some() {
+                    self.bus.unregister(c.watch_id);
+                    let rev = self.engine.stats().revision;
+                    self.send(WatchResponse {
+                        header: self.header(rev),
+                        watch_id: c.watch_id,
+                        canceled: true,
+                        ..Default::default()
+                    })
+                    .await?;
+                }
+                Ok(())
+            }
+            Some(RequestUnion::ProgressRequest(_)) => {
+                self.progress_pending = true;
+                self.answer_progress().await
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn create(&mut self, c: WatchCreateRequest) -> Result<(), Gone> {
+        let key = if c.key.is_empty() {
+            Bytes::from_static(&[0])
+        } else {
+            c.key.clone()
+        };
+        let span = KeySpan::from_request(&key, &c.range_end);
+        let wsrev = self.engine.stats().revision;
+        let refuse = |reason: &str| WatchResponse {
+            header: self.header(wsrev),
+            watch_id: -1,
+            created: true,
+            canceled: true,
+            cancel_reason: reason.to_owned(),
+            ..Default::default()
+        };
+        if span.is_empty() {
+            return self.send(refuse(EMPTY_RANGE)).await;
+        }
+        let id = if c.watch_id != 0 {
+            if self.watchers.contains_key(&c.watch_id) {
+                return self.send(refuse(DUPLICATE_ID)).await;
+            }
+            c.watch_id
+        } else {
+            while self.watchers.contains_key(&self.next_id) {
+                self.next_id += 1;
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            id
+        };
+        let start = if c.start_revision == 0 {
+            wsrev + 1
+        } else {
+            c.start_revision
+        };
+        self.send(WatchResponse {
+            header: self.header(wsrev),
+            watch_id: id,
+            created: true,
+            ..Default::default()
+        })
+        .await?;
+        let no_put = c.filters.contains(&0);
+        let no_delete = c.filters.contains(&1);
+        self.watchers.insert(
+            id,
+            Watcher {
+                key,
+                range_end: c.range_end.clone(),
+                prev_kv: c.prev_kv,
+                no_put,
+                no_delete,
+                fragment: c.fragment,
+                progress_notify: c.progress_notify,
+                next_rev: start,
+                synced: false,
+                sent_since_tick: false,
+            },
+        );
+        self.sync(id, start, span).await
+    }
+
+    /// Registers watcher `id` with the bus from `from` and replays history up to the
+    /// bus's revision.
+    async fn sync(&mut self, id: i64, from: i64, span: KeySpan) -> Result<(), Gone> {
+        let compact = self.engine.stats().compact_revision;
+        let Some(w) = self.watchers.get(&id) else {
+            return Ok(());
+        };
+        if from < compact {
+            return self.cancel_compacted(id, compact).await;
+        }
+        let spec = WatcherSpec {
+            watch_id: id,
+            span,
+            start_revision: from,
+            no_put: w.no_put,
+            no_delete: w.no_delete,
+        };
+        let Some(d) = self.bus.register(spec).await else {
+            return Err(Gone);
+        };
+        if from <= d {
+            let (key, range_end, prev_kv) = (w.key.clone(), w.range_end.clone(), w.prev_kv);
+            match self
+                .engine
+                .events_between(&key, &range_end, from, d, prev_kv)
+                .await
+            {
+                Ok(events) => self.send_events(id, d, events).await?,
+                Err(Error::Compacted) => {
+                    self.bus.unregister(id);
+                    let compact = self.engine.stats().compact_revision;
+                    return self.cancel_compacted(id, compact).await;
+                }
+                Err(e) => {
+                    self.bus.unregister(id);
+                    self.watchers.remove(&id);
+                    return self.out.send(Err(to_status(e))).await.map_err(|_| Gone);
+                }
+            }
+        }
+        if let Some(w) = self.watchers.get_mut(&id) {
+            w.next_rev = w.next_rev.max(d + 1);
+            w.synced = true;
+        }
+        if self.progress_pending {
+            self.answer_progress().await?;
+        }
+        Ok(())
+    }
+
+    async fn cancel_compacted(&mut self, id: i64, compact: i64) -> Result<(), Gone> {
+        self.watchers.remove(&id);
+        self.send(WatchResponse {
+            header: self.header(0),
+            watch_id: id,
+            canceled: true,
+            compact_revision: compact,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Sends `events` (revision order) to watcher `id` after its filters, dropping what
+    /// it already got; splits large responses when the watcher allows fragments.
+    async fn send_events(
+        &mut self,
+        id: i64,
+        header_rev: i64,
+        events: Vec<Event>,
+    ) -> Result<(), Gone> {
+        let Some(w) = self.watchers.get_mut(&id) else {
+            return Ok(());
+        };
+        let mut out: Vec<Event> = Vec::with_capacity(events.len());
+        for mut ev in events {
+            let rev = ev.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+            let is_put = ev.r#type == EventType::Put as i32;
+            if rev < w.next_rev || (is_put && w.no_put) || (!is_put && w.no_delete) {
+                continue;
+            }
+            if !w.prev_kv {
+                ev.prev_kv = None;
+            }
+            out.push(ev);
+        }
+        let Some(last) = out
+            .last()
+            .and_then(|e| e.kv.as_ref())
+            .map(|kv| kv.mod_revision)
+        else {
+            return Ok(());
+        };
+        w.next_rev = last + 1;
+        w.sent_since_tick = true;
+        let fragment = w.fragment;
+        let header = self.header(header_rev.max(last));
+        let resp = WatchResponse {
+            header,
+            watch_id: id,
+            events: out,
+            ..Default::default()
+        };
+        if !fragment || resp.encoded_len() <= self.settings.max_response_bytes {
+            return self.send(resp).await;
+        }
+        let mut parts: Vec<Vec<Event>> = vec![Vec::new()];
+        let mut size = 0usize;
+        for ev in resp.events {
+            let len = ev.encoded_len();
+            if size + len > self.settings.max_response_bytes && !parts[parts.len() - 1].is_empty() {
+                parts.push(Vec::new());
+                size = 0;
+            }
+            size += len;
+            if let Some(p) = parts.last_mut() {
+                p.push(ev);
+            }
+        }
+        let n = parts.len();
+        for (i, events) in parts.into_iter().enumerate() {
+            self.send(WatchResponse {
+                header: resp.header,
+                watch_id: id,
+                events,
+                fragment: i + 1 < n,
+                ..Default::default()
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn deliver(&mut self, d: Delivery) -> Result<(), Gone> {
+        let rev = d
+            .events
+            .last()
+            .and_then(|e| e.kv.as_ref())
+            .map_or(0, |kv| kv.mod_revision);
+        self.send_events(d.watch_id, rev, d.events).await
+    }
+
+    async fn resync(&mut self) -> Result<(), Gone> {
+        for (id, from) in self.bus.take_slow() {
+            let Some(w) = self.watchers.get_mut(&id) else {
+                continue;
+            };
+            debug!(watch_id = id, from, "watcher catching up from history");
+            w.synced = false;
+            let from = from.max(w.next_rev);
+            let span = KeySpan::from_request(&w.key, &w.range_end);
+            self.sync(id, from, span).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends everything queued up to the bus's revision `D`, then returns `D`.
+    async fn drain_to_dispatched(&mut self) -> Result<i64, Gone> {
+        let d = self.bus.hub().dispatched();
+        while let Ok(delivery) = self.bus.rx.try_recv() {
+            self.deliver(delivery).await?;
+        }
+        Ok(d)
+    }
+
+    async fn answer_progress(&mut self) -> Result<(), Gone> {
+        if self.watchers.values().any(|w| !w.synced) {
+            return Ok(());
+        }
+        let d = self.drain_to_dispatched().await?;
+        self.progress_pending = false;
+        self.send(WatchResponse {
+            header: self.header(d),
+            watch_id: -1,
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn progress_tick(&mut self) -> Result<(), Gone> {
+        if !self.watchers.values().any(|w| w.progress_notify) {
+            return Ok(());
+        }
+        let d = self.drain_to_dispatched().await?;
+        let due: Vec<i64> = self
+            .watchers
+            .iter()
+            .filter(|(_, w)| w.progress_notify && w.synced && !w.sent_since_tick)
+            .map(|(id, _)| *id)
+            .collect();
+        for w in self.watchers.values_mut() {
+            w.sent_since_tick = false;
+        }
+        for id in due {
+            self.send(WatchResponse {
+                header: self.header(d),
+                watch_id: id,
+                ..Default::default()
+            })
+            .await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,146 @@
+//! The watch feed: Postgres logical replication → events → the watch bus.
+//!
+//! Protocol: the feed keeps `last`, the newest revision published to the bus (at start,
+//! the revision the engine loaded). For each committed transaction from the WAL stream
+//! it drops rows at or below `last` (a resumed stream repeats what was not confirmed),
+//! fills any gap `(last, first)` from the engine's index (a recreated slot misses what
+//! was committed before it), attaches `prev_kv` from the index, publishes the batch, and
+//! only then confirms the commit's LSN. On any stream error it reconnects from the
+//! slot's confirmed LSN; a slot that lost WAL is dropped and recreated (the index fills
+//! the gap, or, if compaction removed it, every watcher is resynced and so cancelled as
+//! compacted).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use pgetcd_engine::{Engine, event_of, index::Version};
+use pgetcd_wal::{Commit, WalError, WalStream, drop_slot, ensure_slot};
+use pgetcd_watchbus::{Batch, Hub};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// Creates the slot and publication when missing (call before serving writes).
+pub async fn prepare(engine: &Engine) -> Result<(), String> {
+    let client = engine
+        .admin_connection()
+        .await
+        .map_err(|e| format!("connecting for replication set-up: {e}"))?;
+    match ensure_slot(&client, engine.keyspace()).await {
+        Ok(_) => Ok(()),
+        Err(WalError::SlotLost(slot)) => {
+            warn!(%slot, "replication slot lost WAL; recreating it");
+            drop_slot(&client, engine.keyspace())
+                .await
+                .map_err(|e| e.to_string())?;
+            ensure_slot(&client, engine.keyspace())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Runs the feed until `shutdown` turns true.
+pub async fn run(engine: Engine, hub: Hub, mut shutdown: watch::Receiver<bool>) {
+    let mut last = hub.dispatched();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let session = stream_session(&engine, &hub, &mut last);
+        tokio::select! {
+            r = session => {
+                if let Err(e) = r {
+                    warn!(error = %e, "watch feed stream failed; reconnecting");
+                    if matches!(e, WalError::SlotLost(_)) || e.to_string().contains("does not exist") {
+                        if let Err(e) = prepare(&engine).await {
+                            warn!(error = %e, "recreating replication slot");
+                        }
+                    }
+                }
+            }
+            _ = crate::stopped(&mut shutdown) => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = crate::stopped(&mut shutdown) => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// One replication connection's life: stream, apply, confirm, until an error.
+async fn stream_session(engine: &Engine, hub: &Hub, last: &mut i64) -> Result<(), WalError> {
+    let mut stream = WalStream::start(&engine.postgres_config(), engine.keyspace()).await?;
+    info!(
+        keyspace = engine.keyspace(),
+        last = *last,
+        "watch feed streaming"
+    );
+    loop {
+        let commit = stream.next().await?;
+        let end_lsn = commit.end_lsn;
+        apply(engine, hub, last, commit).await;
+        stream.confirm(end_lsn);
+    }
+}
+
+async fn apply(engine: &Engine, hub: &Hub, last: &mut i64, commit: Commit) {
+    let rows: Vec<_> = commit
+        .rows
+        .into_iter()
+        .filter(|r| r.revision > *last)
+        .collect();
+    let Some(first) = rows.first().map(|r| r.revision) else {
+        return;
+    };
+    if first > *last + 1 {
+        let all = Bytes::from_static(&[0]);
+        match engine
+            .events_between(&all, &all, *last + 1, first - 1, true)
+            .await
+        {
+            Ok(events) if !events.is_empty() => {
+                info!(
+                    from = *last + 1,
+                    to = first - 1,
+                    "watch feed filled a gap from the index"
+                );
+                hub.publish(Batch {
+                    last_revision: first - 1,
+                    events,
+                });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, from = *last + 1, "watch feed cannot fill a gap; resyncing watchers");
+                hub.resync_all();
+            }
+        }
+    }
+    let mut events: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            event_of(
+                &r.key,
+                &Version {
+                    mod_revision: r.revision,
+                    sub: r.sub,
+                    create_revision: r.create_revision,
+                    version: r.version,
+                    lease: r.lease,
+                    value: (r.kind == 0).then(|| r.value.clone()),
+                },
+                None,
+            )
+        })
+        .collect();
+    if let Err(e) = engine.attach_prev_kvs(&mut events).await {
+        warn!(error = %e, "attaching prev_kv to watch events");
+    }
+    let last_revision = rows.last().map_or(first, |r| r.revision);
+    hub.publish(Batch {
+        last_revision,
+        events,
+    });
+    *last = last_revision;
+}
