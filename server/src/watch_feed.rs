@@ -51,10 +51,10 @@ pub async fn run(engine: Engine, hub: Hub, mut shutdown: watch::Receiver<bool>) 
             r = session => {
                 if let Err(e) = r {
                     warn!(error = %e, "watch feed stream failed; reconnecting");
-                    if matches!(e, WalError::SlotLost(_)) || e.to_string().contains("does not exist") {
-                        if let Err(e) = prepare(&engine).await {
-                            warn!(error = %e, "recreating replication slot");
-                        }
+                    // The slot may have been dropped or lost its WAL: make sure it
+                    // exists again (the gap, if any, is filled from the index).
+                    if let Err(e) = prepare(&engine).await {
+                        warn!(error = %e, "checking the replication slot");
                     }
                 }
             }

@@ -11,13 +11,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
-use pgetcd_proto::mvccpb::{Event, event::EventType};
+use pgetcd_proto::mvccpb::Event;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, warn};
 
-use crate::Batch;
 use crate::index::{KeySpan, WatcherId, WatcherIndex};
 use crate::ring::Ring;
+use crate::{Batch, passes_filters};
 
 /// Sizes of the bus.
 #[derive(Debug, Clone, Copy)]
@@ -314,12 +314,10 @@ impl Dispatcher {
         for ev in &batch.events {
             let Some(kv) = &ev.kv else { continue };
             let rev = kv.mod_revision;
-            let is_put = ev.r#type == EventType::Put as i32;
             self.index.for_each_match(&kv.key, |id| {
                 if let Some(w) = self.watchers.get(&id)
                     && rev >= w.spec.start_revision
-                    && !(is_put && w.spec.no_put)
-                    && !(!is_put && w.spec.no_delete)
+                    && passes_filters(ev, w.spec.no_put, w.spec.no_delete)
                 {
                     per.entry(id).or_default().push(ev.clone());
                 }
@@ -367,7 +365,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use bytes::Bytes;
-    use pgetcd_proto::mvccpb::KeyValue;
+    use pgetcd_proto::mvccpb::{KeyValue, event::EventType};
 
     fn put(key: &str, rev: i64) -> Event {
         Event {

@@ -35,6 +35,15 @@ pub use hub::{Delivery, Hub, HubConfig, SlowSignal, StreamHandle, WatcherSpec};
 pub use index::{KeySpan, WatcherId};
 pub use ring::{Lagged, Ring};
 
+/// Whether `ev` passes etcd's watch filters NOPUT / NODELETE.
+pub fn passes_filters(ev: &Event, no_put: bool, no_delete: bool) -> bool {
+    if ev.r#type == pgetcd_proto::mvccpb::event::EventType::Put as i32 {
+        !no_put
+    } else {
+        !no_delete
+    }
+}
+
 /// The events of one committed transaction, in (revision, sub-revision) order.
 #[derive(Debug, Clone, Default)]
 pub struct Batch {

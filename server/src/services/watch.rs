@@ -22,8 +22,8 @@ use pgetcd_proto::etcdserverpb::{
     ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse, watch_request::RequestUnion,
     watch_server::Watch,
 };
-use pgetcd_proto::mvccpb::{Event, event::EventType};
-use pgetcd_watchbus::{Delivery, Hub, KeySpan, StreamHandle, WatcherSpec};
+use pgetcd_proto::mvccpb::Event;
+use pgetcd_watchbus::{Delivery, Hub, KeySpan, StreamHandle, WatcherSpec, passes_filters};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -165,7 +165,11 @@ impl StreamTask {
         match req.request_union {
             Some(RequestUnion::CreateRequest(c)) => self.create(c).await,
             Some(RequestUnion::CancelRequest(c)) => {
-                if self.watchers.remove(&c.watch_id).is_some() {
+                if self.watchers.contains_key(&c.watch_id) {
+                    // Events committed before the cancel arrived are still delivered,
+                    // as etcd (which notifies watchers inside the write) does.
+                    self.catch_up_with_commits().await?;
+                    self.watchers.remove(&c.watch_id);
                     self.bus.unregister(c.watch_id);
                     let rev = self.engine.stats().revision;
                     self.send(WatchResponse {
@@ -326,8 +330,7 @@ impl StreamTask {
         let mut out: Vec<Event> = Vec::with_capacity(events.len());
         for mut ev in events {
             let rev = ev.kv.as_ref().map_or(0, |kv| kv.mod_revision);
-            let is_put = ev.r#type == EventType::Put as i32;
-            if rev < w.next_rev || (is_put && w.no_put) || (!is_put && w.no_delete) {
+            if rev < w.next_rev || !passes_filters(&ev, w.no_put, w.no_delete) {
                 continue;
             }
             if !w.prev_kv {
@@ -403,6 +406,17 @@ impl StreamTask {
             self.sync(id, from, span).await?;
         }
         Ok(())
+    }
+
+    /// Waits (up to a second) until the bus dispatched every revision committed so far,
+    /// then sends what was queued for this stream.
+    async fn catch_up_with_commits(&mut self) -> Result<(), Gone> {
+        let committed = self.engine.stats().revision;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while self.bus.hub().dispatched() < committed && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        self.drain_to_dispatched().await.map(|_| ())
     }
 
     /// Sends everything queued up to the bus's revision `D`, then returns `D`.

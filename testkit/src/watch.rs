@@ -1,0 +1,134 @@
+//! A watch stream driven by a test: send requests, collect every response.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use pgetcd_proto::etcdserverpb::{
+    WatchCancelRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse,
+    watch_client::WatchClient, watch_request::RequestUnion,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::channel;
+
+/// One open Watch stream.
+pub struct TestWatch {
+    tx: mpsc::Sender<WatchRequest>,
+    responses: Arc<Mutex<Vec<WatchResponse>>>,
+    /// Set when the stream ended with an error.
+    pub error: Arc<Mutex<Option<tonic::Status>>>,
+}
+
+impl TestWatch {
+    /// Opens a Watch stream on the endpoint at `url`.
+    pub async fn open(url: &str) -> TestWatch {
+        let mut client = WatchClient::new(channel(url).await).max_decoding_message_size(usize::MAX);
+        let (tx, rx) = mpsc::channel(64);
+        let responses = Arc::new(Mutex::new(Vec::new()));
+        let error = Arc::new(Mutex::new(None));
+        let (r, e) = (responses.clone(), error.clone());
+        // etcd sends the response headers only with its first message, so the call
+        // completes only after a request was sent: drive it in the background.
+        tokio::spawn(async move {
+            let mut inbound = match client.watch(ReceiverStream::new(rx)).await {
+                Ok(s) => s.into_inner(),
+                Err(s) => {
+                    *e.lock() = Some(s);
+                    return;
+                }
+            };
+            loop {
+                match inbound.message().await {
+                    Ok(Some(m)) => r.lock().push(m),
+                    Ok(None) => break,
+                    Err(s) => {
+                        *e.lock() = Some(s);
+                        break;
+                    }
+                }
+            }
+        });
+        TestWatch {
+            tx,
+            responses,
+            error,
+        }
+    }
+
+    async fn send(&self, r: RequestUnion) {
+        self.tx
+            .send(WatchRequest {
+                request_union: Some(r),
+            })
+            .await
+            .expect("watch stream open");
+    }
+
+    /// Sends a create request and waits for its Created response (returned).
+    pub async fn create(&self, req: WatchCreateRequest) -> WatchResponse {
+        let before = self.responses.lock().len();
+        self.send(RequestUnion::CreateRequest(req)).await;
+        self.wait_for(before, |r| r.created).await
+    }
+
+    /// Sends a cancel and waits for its answer.
+    pub async fn cancel(&self, watch_id: i64) -> WatchResponse {
+        let before = self.responses.lock().len();
+        self.send(RequestUnion::CancelRequest(WatchCancelRequest { watch_id }))
+            .await;
+        self.wait_for(before, |r| r.canceled && r.watch_id == watch_id)
+            .await
+    }
+
+    /// Sends a progress request and waits for the watch_id -1 answer.
+    pub async fn progress(&self) -> WatchResponse {
+        let before = self.responses.lock().len();
+        self.send(RequestUnion::ProgressRequest(WatchProgressRequest {}))
+            .await;
+        self.wait_for(before, |r| r.watch_id == -1 && r.events.is_empty())
+            .await
+    }
+
+    async fn wait_for(&self, from: usize, f: impl Fn(&WatchResponse) -> bool) -> WatchResponse {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(r) = self.responses.lock()[from..].iter().find(|r| f(r)) {
+                return r.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no matching watch response in 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Every response so far.
+    pub fn responses(&self) -> Vec<WatchResponse> {
+        self.responses.lock().clone()
+    }
+
+    /// Number of events received so far.
+    pub fn event_count(&self) -> usize {
+        self.responses.lock().iter().map(|r| r.events.len()).sum()
+    }
+
+    /// Waits until no event arrived for `quiet` (at most `limit`).
+    pub async fn settle(&self, quiet: Duration, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut last = self.event_count();
+        let mut since = Instant::now();
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = self.event_count();
+            if now != last {
+                last = now;
+                since = Instant::now();
+            } else if since.elapsed() >= quiet {
+                return;
+            }
+        }
+    }
+}
