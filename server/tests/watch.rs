@@ -258,9 +258,10 @@ async fn watch_streams_identical_to_etcd() {
             .await;
     }
     let mut total = 0;
-    for s in 0..2 {
-        let want = normalise(&streams[0][s].responses());
-        let got = normalise(&streams[1][s].responses());
+    let [theirs, mine] = &streams;
+    for (s, (theirs, mine)) in theirs.iter().zip(mine.iter()).enumerate() {
+        let want = normalise(&theirs.responses());
+        let got = normalise(&mine.responses());
         for (id, want_c) in &want.0 {
             assert_eq!(
                 got.0.get(id),
@@ -313,7 +314,7 @@ async fn watch_streams_identical_to_etcd() {
             want.1.len(),
             "stream {s}: watchers with events (seed {seed})"
         );
-        assert!(streams[1][s].error.lock().is_none());
+        assert!(mine.error.lock().is_none());
     }
     println!(
         "watch differential: {total} events identical, final revision {cur}, compacted at {compact}"
