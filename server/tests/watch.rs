@@ -258,7 +258,9 @@ async fn watch_streams_identical_to_etcd() {
             .await;
     }
     let mut total = 0;
-    let [theirs, mine] = &streams;
+    let [theirs, mine] = &streams[..] else {
+        unreachable!("two endpoints")
+    };
     for (s, (theirs, mine)) in theirs.iter().zip(mine.iter()).enumerate() {
         let want = normalise(&theirs.responses());
         let got = normalise(&mine.responses());
