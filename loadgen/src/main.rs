@@ -15,7 +15,10 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
-use pgetcd_proto::etcdserverpb::{PutRequest, RangeRequest, kv_client::KvClient};
+use pgetcd_proto::etcdserverpb::{
+    PutRequest, RangeRequest, WatchCreateRequest, WatchRequest, kv_client::KvClient,
+    watch_client::WatchClient, watch_request::RequestUnion,
+};
 use rand::Rng;
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -70,6 +73,25 @@ enum Workload {
         /// Keys in sequence instead of at random.
         #[arg(long)]
         sequential_keys: bool,
+    },
+    /// Put-acknowledgement-to-event latency: `--watchers` watchers (over `--streams`
+    /// watch streams) on one prefix, puts paced at `--rate` per second under it.
+    WatchLatency {
+        /// Watchers.
+        #[arg(long, default_value_t = 10)]
+        watchers: usize,
+        /// Watch streams (gRPC streams) the watchers are spread over.
+        #[arg(long, default_value_t = 10)]
+        streams: usize,
+        /// Puts per second.
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        /// Value length in bytes.
+        #[arg(long, default_value_t = 256)]
+        val_size: usize,
+        /// Distinct keys under the prefix.
+        #[arg(long, default_value_t = 100)]
+        key_space_size: u64,
     },
     /// Range over one key (written once before the round).
     Range {
@@ -179,6 +201,7 @@ async fn one(w: &Workload, kv: &mut KvClient<Channel>, n: u64, value: &Bytes) ->
             })
             .await?;
         }
+        Workload::WatchLatency { .. } => {}
         Workload::Range {
             key, consistency, ..
         } => {
@@ -193,13 +216,187 @@ async fn one(w: &Workload, kv: &mut KvClient<Channel>, n: u64, value: &Bytes) ->
     Ok(())
 }
 
+/// One watch-latency round: latency from each put's acknowledgement to each watcher's
+/// receipt of its event (0 when the event arrived before the acknowledgement).
+async fn watch_round(cli: &Cli, url: &str, cpu_names: &[&str], idx: usize) -> Result<Round> {
+    let Workload::WatchLatency {
+        watchers,
+        streams,
+        rate,
+        val_size,
+        key_space_size,
+    } = cli.workload.clone()
+    else {
+        bail!("not a watch workload");
+    };
+    let prefix = format!("/loadgen/watch/{idx}/{}/", rand::rng().random::<u32>());
+    let acks: Arc<std::sync::Mutex<std::collections::HashMap<i64, Instant>>> = Arc::default();
+    let mut recv_tasks = Vec::new();
+    let per_stream = watchers.div_ceil(streams.max(1));
+    let mut ready = Vec::new();
+    for s in 0..streams.max(1) {
+        let n = per_stream.min(watchers.saturating_sub(s * per_stream));
+        if n == 0 {
+            break;
+        }
+        let ch = Channel::from_shared(url.to_owned())?.connect().await?;
+        let mut client = WatchClient::new(ch).max_decoding_message_size(usize::MAX);
+        let (tx, rx) = tokio::sync::mpsc::channel(n + 1);
+        for _ in 0..n {
+            let mut end = prefix.clone().into_bytes();
+            if let Some(l) = end.last_mut() {
+                *l += 1;
+            }
+            tx.send(WatchRequest {
+                request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                    key: Bytes::from(prefix.clone()),
+                    range_end: Bytes::from(end),
+                    ..Default::default()
+                })),
+            })
+            .await?;
+        }
+        let acks = acks.clone();
+        let total = cli.total as usize * n;
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        ready.push(ready_rx);
+        recv_tasks.push(tokio::spawn(async move {
+            let _keep_open = tx;
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            let mut inbound = client
+                .watch(tokio_stream_from(rx))
+                .await
+                .map_err(|e| anyhow::anyhow!("watch: {e}"))?
+                .into_inner();
+            let mut created = 0;
+            let mut ready_tx = Some(ready_tx);
+            let mut seen = 0usize;
+            let mut early: Vec<(i64, Instant)> = Vec::new();
+            while seen < total {
+                let Some(resp) = inbound.message().await? else {
+                    break;
+                };
+                let now = Instant::now();
+                if resp.created {
+                    created += 1;
+                    if created == n {
+                        if let Some(t) = ready_tx.take() {
+                            let _ = t.send(());
+                        }
+                    }
+                    continue;
+                }
+                let acks_now = acks.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                for ev in &resp.events {
+                    let rev = ev.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+                    match acks_now.get(&rev) {
+                        Some(ack) => {
+                            let _ = h.record(
+                                now.saturating_duration_since(*ack).as_micros().max(1) as u64,
+                            );
+                        }
+                        None => early.push((rev, now)),
+                    }
+                    seen += 1;
+                }
+            }
+            // Events that beat their acknowledgement count as ~0.
+            for _ in early {
+                let _ = h.record(1);
+            }
+            Ok::<Histogram<u64>, anyhow::Error>(h)
+        }));
+    }
+    for r in ready {
+        let _ = r.await;
+    }
+    let ch = Channel::from_shared(url.to_owned())?.connect().await?;
+    let kv = KvClient::new(ch);
+    let value = Bytes::from(vec![b'x'; val_size]);
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let cpu_before = cpu_ticks(cpu_names);
+    let start = Instant::now();
+    let mut ticker = tokio::time::interval(interval);
+    let mut put_tasks = Vec::new();
+    let errors = Arc::new(AtomicU64::new(0));
+    for i in 0..cli.total {
+        ticker.tick().await;
+        let mut kv = kv.clone();
+        let key = Bytes::from(format!("{prefix}{}", i % key_space_size.max(1)));
+        let value = value.clone();
+        let acks = acks.clone();
+        let errors = errors.clone();
+        put_tasks.push(tokio::spawn(async move {
+            match kv
+                .put(PutRequest {
+                    key,
+                    value,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(r) => {
+                    let rev = r.into_inner().header.map_or(0, |h| h.revision);
+                    if let Ok(mut a) = acks.lock() {
+                        a.insert(rev, Instant::now());
+                    }
+                }
+                Err(_) => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in put_tasks {
+        t.await?;
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for t in recv_tasks {
+        match tokio::time::timeout(Duration::from_secs(30), t).await {
+            Ok(r) => hist.add(r??)?,
+            Err(_) => bail!("watchers did not receive every event within 30 s"),
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu_after = cpu_ticks(cpu_names);
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    Ok(Round {
+        endpoint: url.to_owned(),
+        round: idx,
+        requests: cli.total,
+        errors: errors.load(Ordering::Relaxed),
+        seconds: secs,
+        ops_per_sec: cli.total as f64 / secs,
+        p50_ms: ms(0.5),
+        p90_ms: ms(0.9),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        max_ms: hist.max() as f64 / 1000.0,
+        server_cpu_us_per_op: match (cpu_before, cpu_after) {
+            (Some(a), Some(b)) => {
+                Some(b.saturating_sub(a) as f64 / TICKS_PER_SEC * 1e6 / cli.total as f64)
+            }
+            _ => None,
+        },
+    })
+}
+
+fn tokio_stream_from(
+    rx: tokio::sync::mpsc::Receiver<WatchRequest>,
+) -> impl tokio_stream::Stream<Item = WatchRequest> {
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
 async fn round(cli: &Cli, url: &str, cpu_names: &[&str], idx: usize) -> Result<Round> {
+    if matches!(cli.workload, Workload::WatchLatency { .. }) {
+        return watch_round(cli, url, cpu_names, idx).await;
+    }
     let clients = connect(url, cli.conns).await?;
     let mut first = clients[0].clone();
     prepare(&cli.workload, &mut first).await?;
     let value = match &cli.workload {
         Workload::Put { val_size, .. } => Bytes::from(vec![b'x'; *val_size]),
-        Workload::Range { .. } => Bytes::new(),
+        Workload::Range { .. } | Workload::WatchLatency { .. } => Bytes::new(),
     };
     let next = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));

@@ -1,0 +1,2 @@
+//! Criterion benchmarks live in `benches/`; run them with
+//! `cargo bench -p pgetcd-benches`.
