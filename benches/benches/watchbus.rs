@@ -40,7 +40,7 @@ fn setup(rt: &Runtime, watchers: usize, prefix: bool) -> Setup {
         );
         let received = Arc::new(AtomicUsize::new(0));
         let done = Arc::new(Notify::new());
-        let mut streams: Vec<_> = (0..STREAMS.min(watchers)).map(|_| hub.stream()).collect();
+        let streams: Vec<_> = (0..STREAMS.min(watchers)).map(|_| hub.stream()).collect();
         for i in 0..watchers {
             let span = if prefix {
                 KeySpan::Range {

@@ -279,10 +279,10 @@ async fn watch_round(cli: &Cli, url: &str, cpu_names: &[&str], idx: usize) -> Re
                 let now = Instant::now();
                 if resp.created {
                     created += 1;
-                    if created == n {
-                        if let Some(t) = ready_tx.take() {
-                            let _ = t.send(());
-                        }
+                    if created == n
+                        && let Some(t) = ready_tx.take()
+                    {
+                        let _ = t.send(());
                     }
                     continue;
                 }
