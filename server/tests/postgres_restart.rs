@@ -123,3 +123,31 @@ async fn restarting_postgres_loses_no_acknowledged_write_or_event() {
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_postgres_without_logical_wal() {
+    let port = free_port().unwrap();
+    let dir = std::env::temp_dir().join(format!("pgetcd-test-{}-replica", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let pg = LocalPostgres::start(Options {
+        data_dir: dir.join("data"),
+        socket_dir: dir.join("run"),
+        port,
+        listen_tcp: true,
+        settings: vec![("wal_level".into(), "replica".into())],
+        log_file: dir.join("postgres.log"),
+    })
+    .unwrap();
+    let mut config = test_config();
+    config.postgres_url = Some(pg.tcp_url("postgres"));
+    let err = match pgetcd_server::start(config).await {
+        Ok(_) => panic!("started on wal_level=replica"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("wal_level is 'replica'") && err.contains("wal_level = logical"),
+        "{err}"
+    );
+    tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
