@@ -36,6 +36,12 @@ pub enum Error {
     /// The lease named by a request does not exist.
     #[error("requested lease not found")]
     LeaseNotFound,
+    /// LeaseGrant with an id in use.
+    #[error("lease already exists")]
+    LeaseExists,
+    /// LeaseGrant with a TTL above the maximum.
+    #[error("too large lease TTL")]
+    LeaseTtlTooLarge,
     /// The encoded request is larger than `--max-request-bytes`.
     #[error("request is too large")]
     RequestTooLarge,

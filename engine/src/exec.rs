@@ -391,6 +391,27 @@ impl<'a> Exec<'a> {
         })
     }
 
+    /// Deletes `keys` (those still live) in this request's revision: a lease revoke.
+    /// Returns the header revision.
+    pub(crate) fn delete_keys(&mut self, keys: &[Bytes]) -> i64 {
+        for key in keys {
+            if self.sh.index.get(key, self.cur()).is_some() {
+                self.append(
+                    key,
+                    Version {
+                        mod_revision: 0,
+                        sub: 0,
+                        create_revision: 0,
+                        version: 0,
+                        lease: 0,
+                        value: None,
+                    },
+                );
+            }
+        }
+        self.cur()
+    }
+
     async fn compare(&self, c: &Compare) -> Result<bool> {
         let kr = KeyRange::new(&c.key, &c.range_end);
         let at = self.cur();

@@ -17,6 +17,8 @@ mod events;
 mod exec;
 /// The in-memory revision index and value-cache bookkeeping.
 pub mod index;
+/// Leases and the keys attached to them.
+pub mod lease;
 mod store;
 /// Request checks done before a request reaches the writer.
 pub mod validate;
@@ -28,8 +30,11 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use parking_lot::RwLock;
 use pgetcd_partitioning::Layout;
 use pgetcd_proto::etcdserverpb::{
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse,
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveResponse, LeaseLeasesResponse,
+    LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest,
+    LeaseTimeToLiveResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader,
+    TxnRequest, TxnResponse,
 };
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
@@ -43,6 +48,7 @@ pub use store::{Meta, PgStore, WriterConn};
 
 use exec::Exec;
 use index::{Index, Visible};
+use lease::{LeaseTable, MAX_LEASE_TTL, MIN_LEASE_TTL};
 use writer::{Job, Op, Reply, Writer};
 
 /// etcd's default `--max-request-bytes`.
@@ -101,6 +107,7 @@ pub(crate) struct State {
     published: AtomicI64,
     compact: AtomicI64,
     store: Arc<PgStore>,
+    pub(crate) leases: Arc<LeaseTable>,
 }
 
 impl State {
@@ -121,10 +128,10 @@ impl State {
         }
     }
 
-    /// Whether a lease exists. Leases are not granted yet (LeaseGrant answers
-    /// Unimplemented), so no lease id names one.
-    pub(crate) fn lease_exists(&self, _id: i64) -> bool {
-        false
+    /// Whether a lease exists (granted, including by an earlier request of the batch
+    /// being evaluated).
+    pub(crate) fn lease_exists(&self, id: i64) -> bool {
+        self.leases.exists(id)
     }
 
     /// Makes sure every entry of `kvs` has its value, reading misses from Postgres.
@@ -168,6 +175,7 @@ pub(crate) struct Core {
     raft_term: u64,
     config: EngineConfig,
     writer_failed: AtomicBool,
+    leases: Arc<LeaseTable>,
 }
 
 impl Core {
@@ -175,15 +183,25 @@ impl Core {
         self.state.read().clone()
     }
 
-    /// Loads a fresh state from Postgres.
+    /// Loads a fresh state from Postgres: the index, and the leases (each with its full
+    /// TTL from now) with their keys.
     pub(crate) async fn load_state(
         store: &Arc<PgStore>,
         client: &tokio_postgres::Client,
         cache_bytes: usize,
+        leases: Arc<LeaseTable>,
     ) -> Result<State> {
         let meta = store.read_meta(client).await?;
         let index = Index::new(cache_bytes);
         let rows = store.load(client, &index, meta.compact_revision).await?;
+        let granted = store.load_leases(client).await?;
+        for id in leases.ids() {
+            leases.remove(id);
+        }
+        for (id, ttl) in &granted {
+            leases.insert(*id, *ttl);
+        }
+        leases.rebuild_keys(&index, meta.revision);
         info!(
             rows,
             keys = index.key_count(),
@@ -196,6 +214,7 @@ impl Core {
             published: AtomicI64::new(meta.revision),
             compact: AtomicI64::new(meta.compact_revision),
             store: store.clone(),
+            leases,
         })
     }
 }
@@ -232,7 +251,8 @@ impl Engine {
         )?);
         let mut client = store.connect().await?;
         let meta = store.setup(&mut client).await?;
-        let state = Core::load_state(&store, &client, config.cache_bytes).await?;
+        let leases = Arc::new(LeaseTable::default());
+        let state = Core::load_state(&store, &client, config.cache_bytes, leases.clone()).await?;
         let partitions = store.partitions(&client).await?;
         let conn = store.writer_conn(client).await?;
         let core = Arc::new(Core {
@@ -243,11 +263,17 @@ impl Engine {
             raft_term: meta.leader_epoch as u64,
             config: config.clone(),
             writer_failed: AtomicBool::new(false),
+            leases,
         });
         let (jobs, rx) = mpsc::channel(config.max_batch * 4);
         let writer = Writer::new(core.clone(), rx, conn, meta.leader_epoch, partitions);
         tokio::spawn(writer.run());
-        Ok(Engine { core, jobs })
+        let engine = Engine { core, jobs };
+        tokio::spawn(expire_leases(
+            engine.core.leases.clone(),
+            engine.jobs.downgrade(),
+        ));
+        Ok(engine)
     }
 
     /// Fills the header's ids and term (and revision when unset), like etcd's
@@ -391,6 +417,109 @@ impl Engine {
                 Ok(resp)
             }
             _ => Err(Error::Stopped),
+        }
+    }
+}
+
+/// Every 500 ms, revokes leases past their expiry through the writer (one revision per
+/// lease, all its keys deleted in it). Ends when the engine is dropped.
+async fn expire_leases(leases: Arc<LeaseTable>, jobs: mpsc::WeakSender<Job>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let Some(jobs) = jobs.upgrade() else { return };
+        for id in leases.take_expired(tokio::time::Instant::now()) {
+            let (reply, rx) = oneshot::channel();
+            let job = Job {
+                op: Op::LeaseRevoke(LeaseRevokeRequest { id }),
+                reply,
+            };
+            if jobs.send(job).await.is_err() {
+                return;
+            }
+            let leases = leases.clone();
+            tokio::spawn(async move {
+                match rx.await {
+                    Ok(Ok(_)) | Ok(Err(Error::LeaseNotFound)) => {}
+                    _ => leases.retry_expiry(id),
+                }
+            });
+        }
+    }
+}
+
+impl Engine {
+    /// LeaseGrant: TTL raised to the minimum, an id picked when 0, durable once answered.
+    pub async fn lease_grant(&self, r: LeaseGrantRequest) -> Result<LeaseGrantResponse> {
+        if r.ttl > MAX_LEASE_TTL {
+            return Err(Error::LeaseTtlTooLarge);
+        }
+        let ttl = r.ttl.max(MIN_LEASE_TTL);
+        let mut id = r.id;
+        while id == 0 || (r.id == 0 && self.core.leases.exists(id)) {
+            id = (rand::random::<u64>() >> 1) as i64;
+        }
+        match self.submit(Op::LeaseGrant { id, ttl }).await? {
+            Reply::LeaseGrant(mut resp) => {
+                self.fill_header(&mut resp.header);
+                Ok(resp)
+            }
+            _ => Err(Error::Stopped),
+        }
+    }
+
+    /// LeaseRevoke: deletes the lease's keys in one revision.
+    pub async fn lease_revoke(&self, r: LeaseRevokeRequest) -> Result<LeaseRevokeResponse> {
+        match self.submit(Op::LeaseRevoke(r)).await? {
+            Reply::LeaseRevoke(mut resp) => {
+                self.fill_header(&mut resp.header);
+                Ok(resp)
+            }
+            _ => Err(Error::Stopped),
+        }
+    }
+
+    /// One keepalive: the lease's TTL, or 0 when it does not exist.
+    pub fn lease_keep_alive(&self, id: i64) -> LeaseKeepAliveResponse {
+        LeaseKeepAliveResponse {
+            header: Some(self.header()),
+            id,
+            ttl: self.core.leases.keep_alive(id),
+        }
+    }
+
+    /// LeaseTimeToLive: TTL -1 for an unknown lease, as etcd.
+    pub fn lease_time_to_live(&self, r: &LeaseTimeToLiveRequest) -> LeaseTimeToLiveResponse {
+        let header = Some(self.header());
+        match self.core.leases.info(r.id) {
+            Some(info) => LeaseTimeToLiveResponse {
+                header,
+                id: r.id,
+                ttl: info.remaining,
+                granted_ttl: info.granted,
+                keys: if r.keys { info.keys } else { Vec::new() },
+            },
+            None => LeaseTimeToLiveResponse {
+                header,
+                id: r.id,
+                ttl: -1,
+                granted_ttl: 0,
+                keys: Vec::new(),
+            },
+        }
+    }
+
+    /// LeaseLeases: every granted lease.
+    pub fn lease_leases(&self) -> LeaseLeasesResponse {
+        LeaseLeasesResponse {
+            header: Some(self.header()),
+            leases: self
+                .core
+                .leases
+                .ids()
+                .into_iter()
+                .map(|id| LeaseStatus { id })
+                .collect(),
         }
     }
 }

@@ -56,6 +56,24 @@ pub struct WriterConn {
     history: Statement,
     upsert: Statement,
     delete: Statement,
+    lease_insert: Statement,
+    lease_delete: Statement,
+}
+
+/// Lease rows a batch writes.
+#[derive(Debug, Default)]
+pub struct LeaseOps {
+    /// Granted (id, ttl).
+    pub grants: Vec<(i64, i64)>,
+    /// Revoked ids.
+    pub revokes: Vec<i64>,
+}
+
+impl LeaseOps {
+    /// Whether the batch writes no lease row.
+    pub fn is_empty(&self) -> bool {
+        self.grants.is_empty() && self.revokes.is_empty()
+    }
 }
 
 /// Postgres access for one keyspace.
@@ -171,7 +189,22 @@ impl PgStore {
                     supported: SCHEMA_VERSION,
                 });
             }
-            // Versions below SCHEMA_VERSION would be migrated here; 1 is the first.
+            for from in found..SCHEMA_VERSION {
+                for ddl in self.layout.migration_ddl(from) {
+                    tx.batch_execute(&ddl)
+                        .await
+                        .map_err(Error::pg("migrate schema"))?;
+                }
+                info!(schema = s, from, to = from + 1, "migrated keyspace schema");
+            }
+            if found < SCHEMA_VERSION {
+                tx.execute(
+                    &format!("UPDATE {s}.meta SET schema_version = $1 WHERE id = 1"),
+                    &[&SCHEMA_VERSION],
+                )
+                .await
+                .map_err(Error::pg("record schema version"))?;
+            }
         } else {
             for ddl in self.layout.create_schema_ddl() {
                 tx.batch_execute(&ddl)
@@ -310,6 +343,21 @@ impl PgStore {
         Ok(rows_loaded)
     }
 
+    /// Granted leases: (id, ttl).
+    pub async fn load_leases(&self, client: &Client) -> Result<Vec<(i64, i64)>> {
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT id, ttl FROM {} ORDER BY id",
+                    self.layout.table("leases")
+                ),
+                &[],
+            )
+            .await
+            .map_err(Error::pg("load leases"))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     /// Starts of the existing history partitions, ascending.
     pub async fn partitions(&self, client: &Client) -> Result<Vec<i64>> {
         let rows = client
@@ -379,12 +427,20 @@ impl PgStore {
         ))
         .await?;
         let delete = prep(format!("DELETE FROM {s}.kv WHERE key = ANY($1::bytea[])")).await?;
+        let lease_insert = prep(format!(
+            "INSERT INTO {s}.leases (id, ttl) SELECT * FROM unnest($1::int8[], $2::int8[])"
+        ))
+        .await?;
+        let lease_delete =
+            prep(format!("DELETE FROM {s}.leases WHERE id = ANY($1::int8[])")).await?;
         Ok(WriterConn {
             client,
             fence,
             history,
             upsert,
             delete,
+            lease_insert,
+            lease_delete,
         })
     }
 
@@ -399,6 +455,7 @@ impl PgStore {
         epoch: i64,
         new_revision: i64,
         changes: &[Change],
+        leases: &LeaseOps,
     ) -> Result<(), CommitError> {
         let n = changes.len();
         let mut h_rev = Vec::with_capacity(n);
@@ -458,11 +515,21 @@ impl PgStore {
             &u_key, &u_create, &u_mod, &u_sub, &u_ver, &u_lease, &u_value,
         ];
         let delete_params: [&(dyn ToSql + Sync); 1] = [&d_key];
+        let grant_ids: Vec<i64> = leases.grants.iter().map(|g| g.0).collect();
+        let grant_ttls: Vec<i64> = leases.grants.iter().map(|g| g.1).collect();
+        let grant_params: [&(dyn ToSql + Sync); 2] = [&grant_ids, &grant_ttls];
+        let revoke_params: [&(dyn ToSql + Sync); 1] = [&leases.revokes];
         // join! polls in order, so the messages go out in this order on the connection.
-        let (begin, fence, hist, upsert, delete, commit) = futures::join!(
+        let (begin, fence, hist, upsert, delete, grant, revoke, commit) = futures::join!(
             c.batch_execute("BEGIN"),
             c.execute(&conn.fence, &fence_params),
-            c.execute(&conn.history, &hist_params),
+            async {
+                if h_rev.is_empty() {
+                    Ok(0)
+                } else {
+                    c.execute(&conn.history, &hist_params).await
+                }
+            },
             async {
                 if u_key.is_empty() {
                     Ok(0)
@@ -475,6 +542,20 @@ impl PgStore {
                     Ok(0)
                 } else {
                     c.execute(&conn.delete, &delete_params).await
+                }
+            },
+            async {
+                if grant_ids.is_empty() {
+                    Ok(0)
+                } else {
+                    c.execute(&conn.lease_insert, &grant_params).await
+                }
+            },
+            async {
+                if leases.revokes.is_empty() {
+                    Ok(0)
+                } else {
+                    c.execute(&conn.lease_delete, &revoke_params).await
                 }
             },
             c.batch_execute("COMMIT"),
@@ -490,6 +571,8 @@ impl PgStore {
             hist.err(),
             upsert.err(),
             delete.err(),
+            grant.err(),
+            revoke.err(),
             commit.err(),
         ]
         .into_iter()

@@ -20,16 +20,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pgetcd_proto::etcdserverpb::{
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
-    PutResponse, TxnRequest, TxnResponse,
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
+    LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse,
+    TxnRequest, TxnResponse,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use crate::Core;
 use crate::error::{Error, Result};
 use crate::exec::{Change, Exec, header};
-use crate::store::{CommitError, WriterConn};
-use crate::{Core, State};
+use crate::store::{CommitError, LeaseOps, WriterConn};
 
 /// A write request.
 pub(crate) enum Op {
@@ -37,6 +38,8 @@ pub(crate) enum Op {
     Delete(DeleteRangeRequest),
     Txn(TxnRequest),
     Compact(CompactionRequest),
+    LeaseGrant { id: i64, ttl: i64 },
+    LeaseRevoke(LeaseRevokeRequest),
 }
 
 /// Its response.
@@ -45,6 +48,8 @@ pub(crate) enum Reply {
     Delete(DeleteRangeResponse),
     Txn(TxnResponse),
     Compact(CompactionResponse),
+    LeaseGrant(LeaseGrantResponse),
+    LeaseRevoke(LeaseRevokeResponse),
 }
 
 /// A queued request and where its answer goes.
@@ -149,6 +154,9 @@ impl Writer {
         let compact = st.compact();
         let mut rev = published;
         let mut changes: Vec<Change> = Vec::new();
+        let mut lease_ops = LeaseOps::default();
+        // Revoked leases' TTLs, to restore them if the batch does not commit.
+        let mut revoked_ttls: Vec<(i64, i64)> = Vec::new();
         let mut results: Vec<(oneshot::Sender<Result<Reply>>, Result<Reply>)> =
             Vec::with_capacity(jobs.len());
         for job in jobs {
@@ -158,6 +166,31 @@ impl Writer {
                 Op::Delete(d) => ex.delete_range(d).await.map(Reply::Delete),
                 Op::Txn(t) => ex.txn(t).await.map(Reply::Txn),
                 Op::Compact(_) => Err(Error::Stopped),
+                Op::LeaseGrant { id, ttl } => {
+                    if st.leases.exists(*id) {
+                        Err(Error::LeaseExists)
+                    } else {
+                        st.leases.insert(*id, *ttl);
+                        lease_ops.grants.push((*id, *ttl));
+                        Ok(Reply::LeaseGrant(LeaseGrantResponse {
+                            header: header(rev),
+                            id: *id,
+                            ttl: *ttl,
+                            error: String::new(),
+                        }))
+                    }
+                }
+                Op::LeaseRevoke(r) => match st.leases.remove(r.id) {
+                    None => Err(Error::LeaseNotFound),
+                    Some(ttl) => {
+                        revoked_ttls.push((r.id, ttl));
+                        lease_ops.revokes.push(r.id);
+                        let keys = st.leases.keys_of(r.id);
+                        Ok(Reply::LeaseRevoke(LeaseRevokeResponse {
+                            header: header(ex.delete_keys(&keys)),
+                        }))
+                    }
+                },
             };
             match res {
                 Ok(reply) => {
@@ -174,15 +207,16 @@ impl Writer {
                 }
             }
         }
-        if changes.is_empty() {
+        if changes.is_empty() && lease_ops.is_empty() {
             for (reply, res) in results {
                 let _ = reply.send(res);
             }
             return true;
         }
-        let outcome = self.commit(&st, published, rev, &changes).await;
+        let outcome = self.commit(published, rev, &changes, &lease_ops).await;
         let failure = match outcome {
             Outcome::Committed => {
+                st.leases.apply(&st.index, &changes, &lease_ops.revokes);
                 st.published.store(rev, Ordering::Release);
                 st.index.note_cached(changes.iter().filter_map(|c| {
                     c.version.value.as_ref().map(|v| {
@@ -207,6 +241,12 @@ impl Writer {
         };
         let keys: Vec<Bytes> = changes.into_iter().map(|c| c.key).collect();
         st.index.rollback(&keys, published);
+        for (id, _) in &lease_ops.grants {
+            st.leases.remove(*id);
+        }
+        for (id, ttl) in revoked_ttls {
+            st.leases.insert(id, ttl);
+        }
         let fenced = matches!(failure, Error::Fenced { .. });
         for (reply, _) in results {
             let _ = reply.send(Err(match &failure {
@@ -221,10 +261,10 @@ impl Writer {
 
     async fn commit(
         &mut self,
-        st: &State,
         published: i64,
         rev: i64,
         changes: &[Change],
+        leases: &LeaseOps,
     ) -> Outcome {
         let epoch = self.epoch;
         let store = self.core.store.clone();
@@ -250,13 +290,12 @@ impl Writer {
             Ok(c) => c,
             Err(e) => return Outcome::NotCommitted(e),
         };
-        match store.commit(conn, epoch, rev, changes).await {
+        match store.commit(conn, epoch, rev, changes, leases).await {
             Ok(()) => Outcome::Committed,
             Err(CommitError::Determinate(e)) => Outcome::NotCommitted(e),
             Err(CommitError::Fenced) => Outcome::Fenced,
             Err(CommitError::Indeterminate(e)) => {
                 warn!(error = %e, revision = rev, "commit outcome unknown, resolving from meta");
-                let _ = st;
                 self.resolve(published, rev).await
             }
         }
@@ -372,8 +411,9 @@ impl Writer {
             self.conn = None;
             let store = self.core.store.clone();
             let cache = self.core.config.cache_bytes;
+            let leases = self.core.leases.clone();
             let loaded = match self.conn().await {
-                Ok(conn) => match Core::load_state(&store, &conn.client, cache).await {
+                Ok(conn) => match Core::load_state(&store, &conn.client, cache, leases).await {
                     Ok(state) => store.partitions(&conn.client).await.map(|p| (state, p)),
                     Err(e) => Err(e),
                 },

@@ -15,7 +15,7 @@ use thiserror::Error;
 
 /// Version of the schema this build writes. Start-up migrates older schemas and refuses
 /// newer ones.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Default number of revisions per `history` partition.
 pub const DEFAULT_PARTITION_REVISIONS: i64 = 100_000;
@@ -149,7 +149,23 @@ impl Layout {
                  value bytea NOT NULL, \
                  PRIMARY KEY (revision, sub))"
             ),
+            self.leases_ddl(),
         ]
+    }
+
+    /// Statements taking a schema from `version` to `version + 1`.
+    pub fn migration_ddl(&self, version: i32) -> Vec<String> {
+        match version {
+            1 => vec![self.leases_ddl()],
+            _ => Vec::new(),
+        }
+    }
+
+    fn leases_ddl(&self) -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {}.leases (id bigint PRIMARY KEY, ttl bigint NOT NULL)",
+            self.schema
+        )
     }
 
     /// Statement creating the partition that starts at `start`.
@@ -246,6 +262,18 @@ mod tests {
         assert!(l.droppable_partitions(&existing, 98).is_empty());
         assert_eq!(l.droppable_partitions(&existing, 99), vec![0]);
         assert_eq!(l.droppable_partitions(&existing, 250), vec![0, 100]);
+    }
+
+    #[test]
+    fn migrations_lead_to_the_current_schema() {
+        let l = layout();
+        assert!(l.migration_ddl(1)[0].contains("pgetcd.leases"));
+        assert!(l.migration_ddl(SCHEMA_VERSION).is_empty());
+        assert!(
+            l.create_schema_ddl()
+                .iter()
+                .any(|s| s.contains("pgetcd.leases"))
+        );
     }
 
     #[test]

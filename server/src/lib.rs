@@ -203,7 +203,13 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(usize::MAX),
             )
-            .add_service(LeaseServer::new(services::LeaseService).max_decoding_message_size(limit))
+            .add_service(
+                LeaseServer::new(services::LeaseService::new(
+                    engine.clone(),
+                    shutdown_rx.clone(),
+                ))
+                .max_decoding_message_size(limit),
+            )
             .add_service(AuthServer::new(services::AuthService).max_decoding_message_size(limit))
             .add_service(health_service);
         let mut rx = shutdown_rx.clone();

@@ -3,12 +3,14 @@
 
 mod cluster;
 mod kv;
+mod lease;
 mod maintenance;
 mod unimplemented;
 mod watch;
 
 pub use cluster::ClusterService;
 pub use kv::KvService;
+pub use lease::LeaseService;
 pub use maintenance::MaintenanceService;
-pub use unimplemented::{AuthService, LeaseService};
+pub use unimplemented::AuthService;
 pub use watch::{WatchService, WatchSettings};
