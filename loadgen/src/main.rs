@@ -16,8 +16,9 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 use pgetcd_proto::etcdserverpb::{
-    PutRequest, RangeRequest, WatchCreateRequest, WatchRequest, kv_client::KvClient,
-    watch_client::WatchClient, watch_request::RequestUnion,
+    LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest, WatchCreateRequest,
+    WatchRequest, kv_client::KvClient, lease_client::LeaseClient, watch_client::WatchClient,
+    watch_request::RequestUnion,
 };
 use rand::Rng;
 use serde::Serialize;
@@ -92,6 +93,20 @@ enum Workload {
         /// Distinct keys under the prefix.
         #[arg(long, default_value_t = 100)]
         key_space_size: u64,
+    },
+    /// Lease expiry of many keys: grant a lease, attach `--keys` keys, let it expire
+    /// while one client keeps putting another key; reports how long the attached keys
+    /// took to disappear and the put latency meanwhile (`--total` is ignored).
+    LeaseExpiry {
+        /// Keys attached to the lease.
+        #[arg(long, default_value_t = 100_000)]
+        keys: u64,
+        /// Lease TTL in seconds.
+        #[arg(long, default_value_t = 5)]
+        ttl: i64,
+        /// Value length in bytes.
+        #[arg(long, default_value_t = 256)]
+        val_size: usize,
     },
     /// Range over one key (written once before the round).
     Range {
@@ -201,7 +216,7 @@ async fn one(w: &Workload, kv: &mut KvClient<Channel>, n: u64, value: &Bytes) ->
             })
             .await?;
         }
-        Workload::WatchLatency { .. } => {}
+        Workload::WatchLatency { .. } | Workload::LeaseExpiry { .. } => {}
         Workload::Range {
             key, consistency, ..
         } => {
@@ -387,16 +402,147 @@ fn tokio_stream_from(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// One lease-expiry round (see [`Workload::LeaseExpiry`]).
+async fn lease_expiry_round(cli: &Cli, url: &str, idx: usize) -> Result<Round> {
+    let Workload::LeaseExpiry {
+        keys,
+        ttl,
+        val_size,
+    } = cli.workload.clone()
+    else {
+        bail!("not a lease workload");
+    };
+    let clients = connect(url, cli.conns).await?;
+    let ch = Channel::from_shared(url.to_owned())?.connect().await?;
+    let mut leases = LeaseClient::new(ch);
+    let lease = leases
+        .lease_grant(LeaseGrantRequest { id: 0, ttl })
+        .await?
+        .into_inner()
+        .id;
+    let prefix = format!("/loadgen/lease/{idx}/{}/", rand::rng().random::<u32>());
+    // Keep the lease alive while the keys are being attached.
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut keeper = leases.clone();
+    let keepalive = tokio::spawn(async move {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        // etcd answers the call only with its first message: queue one first.
+        tx.send(LeaseKeepAliveRequest { id: lease }).await?;
+        let mut stream = keeper
+            .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        loop {
+            stream.message().await?;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = &mut stop_rx => return Ok::<(), anyhow::Error>(()),
+            }
+            tx.send(LeaseKeepAliveRequest { id: lease }).await?;
+        }
+    });
+    let next = Arc::new(AtomicU64::new(0));
+    let value = Bytes::from(vec![b'x'; val_size]);
+    let mut tasks = Vec::new();
+    for c in 0..cli.clients.max(1) {
+        let mut kv = clients[c % clients.len()].clone();
+        let (next, value, prefix) = (next.clone(), value.clone(), prefix.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= keys {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                kv.put(PutRequest {
+                    key: Bytes::from(format!("{prefix}{n:08}")),
+                    value: value.clone(),
+                    lease,
+                    ..Default::default()
+                })
+                .await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    // Last keepalive now; the lease expires one TTL later.
+    let _ = stop_tx.send(());
+    keepalive.await??;
+    let attached = Instant::now();
+    let expires = attached + Duration::from_secs(ttl as u64);
+    let mut kv = clients[0].clone();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut end = prefix.clone().into_bytes();
+    if let Some(l) = end.last_mut() {
+        *l += 1;
+    }
+    let gone_at = loop {
+        let t = Instant::now();
+        kv.put(PutRequest {
+            key: Bytes::from(format!("{prefix}probe")),
+            value: value.clone(),
+            ..Default::default()
+        })
+        .await?;
+        let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+        let left = kv
+            .range(RangeRequest {
+                key: Bytes::from(prefix.clone()),
+                range_end: Bytes::from(end.clone()),
+                count_only: true,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .count;
+        if left <= 1 && Instant::now() >= expires {
+            break Instant::now();
+        }
+        if attached.elapsed() > Duration::from_secs(ttl as u64 + 120) {
+            bail!("lease keys still present 120 s after expiry");
+        }
+    };
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let secs = gone_at.saturating_duration_since(expires).as_secs_f64();
+    println!(
+        "{url}: {keys} keys gone {secs:.2} s after the lease's expiry; puts meanwhile: {} (p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms)",
+        hist.len(),
+        ms(0.5),
+        ms(0.99),
+        hist.max() as f64 / 1000.0
+    );
+    Ok(Round {
+        endpoint: url.to_owned(),
+        round: idx,
+        requests: hist.len(),
+        errors: 0,
+        seconds: secs,
+        ops_per_sec: keys as f64 / secs.max(1e-9),
+        p50_ms: ms(0.5),
+        p90_ms: ms(0.9),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        max_ms: hist.max() as f64 / 1000.0,
+        server_cpu_us_per_op: None,
+    })
+}
+
 async fn round(cli: &Cli, url: &str, cpu_names: &[&str], idx: usize) -> Result<Round> {
     if matches!(cli.workload, Workload::WatchLatency { .. }) {
         return watch_round(cli, url, cpu_names, idx).await;
+    }
+    if matches!(cli.workload, Workload::LeaseExpiry { .. }) {
+        return lease_expiry_round(cli, url, idx).await;
     }
     let clients = connect(url, cli.conns).await?;
     let mut first = clients[0].clone();
     prepare(&cli.workload, &mut first).await?;
     let value = match &cli.workload {
         Workload::Put { val_size, .. } => Bytes::from(vec![b'x'; *val_size]),
-        Workload::Range { .. } | Workload::WatchLatency { .. } => Bytes::new(),
+        Workload::Range { .. } | Workload::WatchLatency { .. } | Workload::LeaseExpiry { .. } => {
+            Bytes::new()
+        }
     };
     let next = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
