@@ -11,6 +11,8 @@ use pgetcd_engine::{
 
 /// Default client URL, like etcd's.
 pub const DEFAULT_LISTEN_CLIENT_URLS: &str = "http://127.0.0.1:2379";
+/// Default HTTP URL for health and metrics, like etcd's (kubeadm probes it).
+pub const DEFAULT_LISTEN_METRICS_URLS: &str = "http://127.0.0.1:2381";
 /// Default data directory of managed mode.
 pub const DEFAULT_DATA_DIR: &str = "./pgetcd-data";
 /// Default keyspace (Postgres schema).
@@ -32,6 +34,15 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub listen_client_urls: Vec<String>,
+
+    /// Comma-separated URLs to serve HTTP /health, /livez, /readyz and /metrics on.
+    #[arg(
+        long,
+        env = "PGETCD_LISTEN_METRICS_URLS",
+        default_value = DEFAULT_LISTEN_METRICS_URLS,
+        value_delimiter = ','
+    )]
+    pub listen_metrics_urls: Vec<String>,
 
     /// Comma-separated client URLs to advertise in MemberList (default: the listen URLs
     /// with the ports actually bound).

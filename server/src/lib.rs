@@ -9,6 +9,7 @@
 /// Command-line flags and their environment twins.
 pub mod config;
 mod grpc_errors;
+mod http;
 mod managed;
 /// The etcd gRPC services.
 pub mod services;
@@ -74,6 +75,8 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 pub struct Running {
     /// The bound client addresses, in --listen-client-urls order.
     pub client_addrs: Vec<SocketAddr>,
+    /// The bound HTTP (health, metrics) addresses.
+    pub metrics_addrs: Vec<SocketAddr>,
     /// The engine (tests inspect it).
     pub engine: Engine,
     shutdown: watch::Sender<bool>,
@@ -221,9 +224,29 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
             }
         }));
     }
-    info!(addrs = ?client_addrs, name = %config.name, "serving etcd clients");
+    let mut metrics_addrs = Vec::new();
+    for url in &config.listen_metrics_urls {
+        let addr = parse_listen_url(url).map_err(ServerError::Config)?;
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| ServerError::Start(format!("binding {url}: {e}")))?;
+        metrics_addrs.push(
+            l.local_addr()
+                .map_err(|e| ServerError::Start(e.to_string()))?,
+        );
+        let app = http::router(engine.clone());
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let stop = async move { stopped(&mut rx).await };
+            if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop).await {
+                tracing::error!(error = %e, "http server failed");
+            }
+        }));
+    }
+    info!(addrs = ?client_addrs, metrics = ?metrics_addrs, name = %config.name, "serving etcd clients");
     Ok(Running {
         client_addrs,
+        metrics_addrs,
         engine,
         shutdown,
         tasks,

@@ -87,6 +87,7 @@ pub fn fresh_keyspace() -> String {
 pub fn test_config() -> Config {
     let mut c = Config::defaults();
     c.listen_client_urls = vec!["http://127.0.0.1:0".into()];
+    c.listen_metrics_urls = vec!["http://127.0.0.1:0".into()];
     c.postgres_url = Some(postgres_url());
     c.keyspace = fresh_keyspace();
     c.read_pool_size = 2;
