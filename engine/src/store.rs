@@ -22,6 +22,20 @@ use crate::error::{Error, Result};
 use crate::exec::Change;
 use crate::index::{Index, Pruned, Version};
 
+/// Runs a prepared statement unless `skip` (nothing to write: 0 rows).
+async fn execute_unless(
+    c: &Client,
+    skip: bool,
+    stmt: &Statement,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    if skip {
+        Ok(0)
+    } else {
+        c.execute(stmt, params).await
+    }
+}
+
 /// The `meta` row.
 #[derive(Debug, Clone, Copy)]
 pub struct Meta {
@@ -523,41 +537,16 @@ impl PgStore {
         let (begin, fence, hist, upsert, delete, grant, revoke, commit) = futures::join!(
             c.batch_execute("BEGIN"),
             c.execute(&conn.fence, &fence_params),
-            async {
-                if h_rev.is_empty() {
-                    Ok(0)
-                } else {
-                    c.execute(&conn.history, &hist_params).await
-                }
-            },
-            async {
-                if u_key.is_empty() {
-                    Ok(0)
-                } else {
-                    c.execute(&conn.upsert, &upsert_params).await
-                }
-            },
-            async {
-                if d_key.is_empty() {
-                    Ok(0)
-                } else {
-                    c.execute(&conn.delete, &delete_params).await
-                }
-            },
-            async {
-                if grant_ids.is_empty() {
-                    Ok(0)
-                } else {
-                    c.execute(&conn.lease_insert, &grant_params).await
-                }
-            },
-            async {
-                if leases.revokes.is_empty() {
-                    Ok(0)
-                } else {
-                    c.execute(&conn.lease_delete, &revoke_params).await
-                }
-            },
+            execute_unless(c, h_rev.is_empty(), &conn.history, &hist_params),
+            execute_unless(c, u_key.is_empty(), &conn.upsert, &upsert_params),
+            execute_unless(c, d_key.is_empty(), &conn.delete, &delete_params),
+            execute_unless(c, grant_ids.is_empty(), &conn.lease_insert, &grant_params),
+            execute_unless(
+                c,
+                leases.revokes.is_empty(),
+                &conn.lease_delete,
+                &revoke_params
+            ),
             c.batch_execute("COMMIT"),
         );
         if let Err(e) = &fence

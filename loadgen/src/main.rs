@@ -138,6 +138,47 @@ struct Round {
     server_cpu_us_per_op: Option<f64>,
 }
 
+impl Round {
+    /// A round's figures from its latency histogram (microseconds).
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        endpoint: &str,
+        round: usize,
+        requests: u64,
+        errors: u64,
+        seconds: f64,
+        ops_per_sec: f64,
+        hist: &Histogram<u64>,
+        server_cpu_us_per_op: Option<f64>,
+    ) -> Round {
+        let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+        Round {
+            endpoint: endpoint.to_owned(),
+            round,
+            requests,
+            errors,
+            seconds,
+            ops_per_sec,
+            p50_ms: ms(0.5),
+            p90_ms: ms(0.9),
+            p99_ms: ms(0.99),
+            p999_ms: ms(0.999),
+            max_ms: hist.max() as f64 / 1000.0,
+            server_cpu_us_per_op,
+        }
+    }
+}
+
+/// Server CPU microseconds per request between two tick readings.
+fn cpu_per_op(before: Option<u64>, after: Option<u64>, requests: u64) -> Option<f64> {
+    match (before, after) {
+        (Some(a), Some(b)) if requests > 0 => {
+            Some(b.saturating_sub(a) as f64 / TICKS_PER_SEC * 1e6 / requests as f64)
+        }
+        _ => None,
+    }
+}
+
 /// Sum of utime+stime (clock ticks) of processes whose comm is in `names`.
 fn cpu_ticks(names: &[&str]) -> Option<u64> {
     if names.is_empty() {
@@ -374,26 +415,16 @@ async fn watch_round(cli: &Cli, url: &str, cpu_names: &[&str], idx: usize) -> Re
     }
     let secs = start.elapsed().as_secs_f64();
     let cpu_after = cpu_ticks(cpu_names);
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    Ok(Round {
-        endpoint: url.to_owned(),
-        round: idx,
-        requests: cli.total,
-        errors: errors.load(Ordering::Relaxed),
-        seconds: secs,
-        ops_per_sec: cli.total as f64 / secs,
-        p50_ms: ms(0.5),
-        p90_ms: ms(0.9),
-        p99_ms: ms(0.99),
-        p999_ms: ms(0.999),
-        max_ms: hist.max() as f64 / 1000.0,
-        server_cpu_us_per_op: match (cpu_before, cpu_after) {
-            (Some(a), Some(b)) => {
-                Some(b.saturating_sub(a) as f64 / TICKS_PER_SEC * 1e6 / cli.total as f64)
-            }
-            _ => None,
-        },
-    })
+    Ok(Round::new(
+        url,
+        idx,
+        cli.total,
+        errors.load(Ordering::Relaxed),
+        secs,
+        cli.total as f64 / secs,
+        &hist,
+        cpu_per_op(cpu_before, cpu_after, cli.total),
+    ))
 }
 
 fn tokio_stream_from(
@@ -512,20 +543,16 @@ async fn lease_expiry_round(cli: &Cli, url: &str, idx: usize) -> Result<Round> {
         ms(0.99),
         hist.max() as f64 / 1000.0
     );
-    Ok(Round {
-        endpoint: url.to_owned(),
-        round: idx,
-        requests: hist.len(),
-        errors: 0,
-        seconds: secs,
-        ops_per_sec: keys as f64 / secs.max(1e-9),
-        p50_ms: ms(0.5),
-        p90_ms: ms(0.9),
-        p99_ms: ms(0.99),
-        p999_ms: ms(0.999),
-        max_ms: hist.max() as f64 / 1000.0,
-        server_cpu_us_per_op: None,
-    })
+    Ok(Round::new(
+        url,
+        idx,
+        hist.len(),
+        0,
+        secs,
+        keys as f64 / secs.max(1e-9),
+        &hist,
+        None,
+    ))
 }
 
 async fn round(cli: &Cli, url: &str, cpu_names: &[&str], idx: usize) -> Result<Round> {
@@ -579,27 +606,16 @@ async fn round(cli: &Cli, url: &str, cpu_names: &[&str], idx: usize) -> Result<R
     }
     let secs = start.elapsed().as_secs_f64();
     let cpu_after = cpu_ticks(cpu_names);
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    let server_cpu_us_per_op = match (cpu_before, cpu_after) {
-        (Some(a), Some(b)) if cli.total > 0 => {
-            Some((b.saturating_sub(a)) as f64 / TICKS_PER_SEC * 1e6 / cli.total as f64)
-        }
-        _ => None,
-    };
-    Ok(Round {
-        endpoint: url.to_owned(),
-        round: idx,
-        requests: cli.total,
-        errors: errors.load(Ordering::Relaxed),
-        seconds: secs,
-        ops_per_sec: cli.total as f64 / secs,
-        p50_ms: ms(0.5),
-        p90_ms: ms(0.9),
-        p99_ms: ms(0.99),
-        p999_ms: ms(0.999),
-        max_ms: hist.max() as f64 / 1000.0,
-        server_cpu_us_per_op,
-    })
+    Ok(Round::new(
+        url,
+        idx,
+        cli.total,
+        errors.load(Ordering::Relaxed),
+        secs,
+        cli.total as f64 / secs,
+        &hist,
+        cpu_per_op(cpu_before, cpu_after, cli.total),
+    ))
 }
 
 fn print(cli: &Cli, r: &Round) -> Result<()> {

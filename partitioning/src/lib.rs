@@ -28,6 +28,11 @@ pub const KIND_PUT: i16 = 0;
 /// A deletion (tombstone) row.
 pub const KIND_DELETE: i16 = 1;
 
+/// Columns of `history` and `history_retained` (the same rows move between them).
+const HISTORY_COLUMNS: &str = "revision bigint NOT NULL, sub int NOT NULL, key bytea NOT NULL, \
+     kind smallint NOT NULL, create_revision bigint NOT NULL, version bigint NOT NULL, \
+     lease bigint NOT NULL, value bytea NOT NULL, PRIMARY KEY (revision, sub)";
+
 /// A layout argument that cannot be used.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum LayoutError {
@@ -126,29 +131,10 @@ impl Layout {
                  value bytea NOT NULL)"
             ),
             format!(
-                "CREATE TABLE IF NOT EXISTS {s}.history (\
-                 revision bigint NOT NULL, \
-                 sub int NOT NULL, \
-                 key bytea NOT NULL, \
-                 kind smallint NOT NULL, \
-                 create_revision bigint NOT NULL, \
-                 version bigint NOT NULL, \
-                 lease bigint NOT NULL, \
-                 value bytea NOT NULL, \
-                 PRIMARY KEY (revision, sub)) PARTITION BY RANGE (revision)"
+                "CREATE TABLE IF NOT EXISTS {s}.history ({HISTORY_COLUMNS}) \
+                 PARTITION BY RANGE (revision)"
             ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {s}.history_retained (\
-                 revision bigint NOT NULL, \
-                 sub int NOT NULL, \
-                 key bytea NOT NULL, \
-                 kind smallint NOT NULL, \
-                 create_revision bigint NOT NULL, \
-                 version bigint NOT NULL, \
-                 lease bigint NOT NULL, \
-                 value bytea NOT NULL, \
-                 PRIMARY KEY (revision, sub))"
-            ),
+            format!("CREATE TABLE IF NOT EXISTS {s}.history_retained ({HISTORY_COLUMNS})"),
             self.leases_ddl(),
         ]
     }

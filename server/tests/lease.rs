@@ -217,13 +217,7 @@ async fn expiry_deletes_every_key_in_one_revision_with_events() {
         assert!(std::time::Instant::now() < deadline, "lease did not expire");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    loop {
-        let p = w.progress().await;
-        if p.header.unwrap().revision > before {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    w.wait_progress(before + 1).await;
     let deletes: Vec<_> = w
         .responses()
         .into_iter()

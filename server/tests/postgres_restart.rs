@@ -95,18 +95,7 @@ async fn restarting_postgres_loses_no_acknowledged_write_or_event() {
         "no write beyond the acknowledged ones"
     );
     // The watcher sees exactly the acknowledged writes.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let p = w.progress().await;
-        if p.header.as_ref().unwrap().revision >= last {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "watch feed did not recover"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    w.wait_progress(last).await;
     let revs: Vec<i64> = w
         .responses()
         .iter()

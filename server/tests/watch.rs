@@ -423,11 +423,7 @@ async fn many_writers_and_watchers_see_every_event_once_in_order() {
         .revision;
     // A progress answer promises every event up to its revision was sent.
     for w in &watches {
-        let mut p = w.progress().await;
-        while p.header.as_ref().unwrap().revision < final_rev {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            p = w.progress().await;
-        }
+        w.wait_progress(final_rev).await;
     }
     for (s, w) in watches.iter().enumerate() {
         let per = all_events(w);
@@ -532,14 +528,7 @@ async fn killed_walsender_and_restart_lose_nothing() {
         }
     }
     assert!(kills > 0, "the walsender was found and killed");
-    let p = loop {
-        let p = w.progress().await;
-        if p.header.as_ref().unwrap().revision >= *acked.last().unwrap() {
-            break p;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let _ = p;
+    w.wait_progress(*acked.last().unwrap()).await;
     let revs: Vec<i64> = all_events(&w)[&0].iter().map(|e| rev_of(e).0).collect();
     assert_eq!(
         revs, acked,
@@ -564,13 +553,7 @@ async fn killed_walsender_and_restart_lose_nothing() {
         let r = c.kv.put(put(&format!("f/{i}"), "after")).await.unwrap();
         more.push(r.into_inner().header.unwrap().revision);
     }
-    loop {
-        let p = w.progress().await;
-        if p.header.as_ref().unwrap().revision >= *more.last().unwrap() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    w.wait_progress(*more.last().unwrap()).await;
     let revs: Vec<i64> = all_events(&w)[&0].iter().map(|e| rev_of(e).0).collect();
     let want: Vec<i64> = (last - 4..=last).chain(more.iter().copied()).collect();
     assert_eq!(
@@ -704,13 +687,7 @@ async fn a_dropped_slot_is_recreated_and_the_gap_served_from_history() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let last = *acked.last().unwrap();
-    loop {
-        let p = w.progress().await;
-        if p.header.as_ref().unwrap().revision >= last {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    w.wait_progress(last).await;
     let revs: Vec<i64> = all_events(&w)[&0].iter().map(|e| rev_of(e).0).collect();
     assert_eq!(
         revs, acked,

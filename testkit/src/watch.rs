@@ -91,6 +91,23 @@ impl TestWatch {
             .await
     }
 
+    /// Asks for progress until the answer's revision reaches `revision` (30 s at most):
+    /// then every event up to it was delivered.
+    pub async fn wait_progress(&self, revision: i64) -> WatchResponse {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let p = self.progress().await;
+            if p.header.as_ref().map_or(0, |h| h.revision) >= revision {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "progress never reached {revision}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn wait_for(&self, from: usize, f: impl Fn(&WatchResponse) -> bool) -> WatchResponse {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
