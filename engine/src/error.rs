@@ -36,6 +36,9 @@ pub enum Error {
     /// The lease named by a request does not exist.
     #[error("requested lease not found")]
     LeaseNotFound,
+    /// The keyspace is over `--quota-backend-bytes` (NOSPACE alarm raised).
+    #[error("mvcc: database space exceeded")]
+    NoSpace,
     /// LeaseGrant with an id in use.
     #[error("lease already exists")]
     LeaseExists,

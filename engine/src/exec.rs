@@ -83,6 +83,18 @@ pub fn txn_is_read_only(t: &TxnRequest) -> bool {
     is_read_only(t)
 }
 
+/// Whether a txn (or a nested one) may put: etcd refuses those under NOSPACE.
+pub fn txn_has_put(t: &TxnRequest) -> bool {
+    t.success
+        .iter()
+        .chain(t.failure.iter())
+        .any(|op| match &op.request {
+            Some(Request::RequestPut(_)) => true,
+            Some(Request::RequestTxn(inner)) => txn_has_put(inner),
+            _ => false,
+        })
+}
+
 fn cmp_i64(a: i64, b: i64) -> Ordering {
     a.cmp(&b)
 }

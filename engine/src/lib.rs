@@ -42,7 +42,7 @@ use tracing::info;
 
 pub use error::{Error, Result};
 pub use events::event_of;
-pub use exec::{Change, txn_is_read_only};
+pub use exec::{Change, txn_has_put, txn_is_read_only};
 pub use pgetcd_partitioning::DEFAULT_PARTITION_REVISIONS;
 pub use store::{Meta, PgStore, WriterConn};
 
@@ -82,6 +82,9 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Connections for value reads.
     pub read_pool_size: usize,
+    /// Size of the keyspace in Postgres above which the NOSPACE alarm is raised and
+    /// writes that add data fail; 0 = no quota.
+    pub quota_backend_bytes: i64,
 }
 
 impl EngineConfig {
@@ -96,6 +99,7 @@ impl EngineConfig {
             max_txn_ops: DEFAULT_MAX_TXN_OPS,
             max_batch: DEFAULT_MAX_BATCH,
             read_pool_size: 8,
+            quota_backend_bytes: 0,
         }
     }
 }
@@ -176,6 +180,8 @@ pub(crate) struct Core {
     config: EngineConfig,
     writer_failed: AtomicBool,
     leases: Arc<LeaseTable>,
+    /// The NOSPACE alarm.
+    nospace: AtomicBool,
 }
 
 impl Core {
@@ -264,6 +270,7 @@ impl Engine {
             config: config.clone(),
             writer_failed: AtomicBool::new(false),
             leases,
+            nospace: AtomicBool::new(false),
         });
         let (jobs, rx) = mpsc::channel(config.max_batch * 4);
         let writer = Writer::new(core.clone(), rx, conn, meta.leader_epoch, partitions);
@@ -273,6 +280,9 @@ impl Engine {
             engine.core.leases.clone(),
             engine.jobs.downgrade(),
         ));
+        if config.quota_backend_bytes > 0 {
+            tokio::spawn(watch_quota(Arc::downgrade(&engine.core)));
+        }
         Ok(engine)
     }
 
@@ -326,6 +336,25 @@ impl Engine {
         self.core.writer_failed.load(Ordering::Relaxed)
     }
 
+    /// Whether the NOSPACE alarm is raised.
+    pub fn nospace(&self) -> bool {
+        self.core.nospace.load(Ordering::SeqCst)
+    }
+
+    /// Raises or clears the NOSPACE alarm (Alarm ACTIVATE / DEACTIVATE). A cleared
+    /// alarm is raised again at the next check while the keyspace is over quota.
+    pub fn set_nospace(&self, on: bool) {
+        self.core.nospace.store(on, Ordering::SeqCst);
+    }
+
+    fn check_space(&self) -> Result<()> {
+        if self.nospace() {
+            Err(Error::NoSpace)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Size on disk of the keyspace in Postgres.
     pub async fn db_size(&self) -> Result<i64> {
         self.core.store.db_size().await
@@ -366,6 +395,7 @@ impl Engine {
     /// Put through the writer.
     pub async fn put(&self, r: PutRequest) -> Result<PutResponse> {
         validate::check_put(&r)?;
+        self.check_space()?;
         self.check_size(r.encoded_len())?;
         match self.submit(Op::Put(r)).await? {
             Reply::Put(mut resp) => {
@@ -397,6 +427,9 @@ impl Engine {
             let mut ex = Exec::new(&st, st.published(), st.compact());
             ex.txn(&r).await?
         } else {
+            if txn_has_put(&r) {
+                self.check_space()?;
+            }
             self.check_size(r.encoded_len())?;
             match self.submit(Op::Txn(r)).await? {
                 Reply::Txn(resp) => resp,
@@ -417,6 +450,29 @@ impl Engine {
                 Ok(resp)
             }
             _ => Err(Error::Stopped),
+        }
+    }
+}
+
+/// How often the keyspace's size is compared with the quota.
+pub const QUOTA_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Raises the NOSPACE alarm when the keyspace grows over its quota (it stays raised
+/// until disarmed, as in etcd). Ends when the engine is dropped.
+async fn watch_quota(core: std::sync::Weak<Core>) {
+    let mut tick = tokio::time::interval(QUOTA_CHECK_INTERVAL);
+    loop {
+        tick.tick().await;
+        let Some(core) = core.upgrade() else { return };
+        if let Ok(size) = core.store.db_size().await
+            && size > core.config.quota_backend_bytes
+            && !core.nospace.swap(true, Ordering::SeqCst)
+        {
+            tracing::warn!(
+                size,
+                quota = core.config.quota_backend_bytes,
+                "NOSPACE alarm raised"
+            );
         }
     }
 }
@@ -454,6 +510,7 @@ impl Engine {
         if r.ttl > MAX_LEASE_TTL {
             return Err(Error::LeaseTtlTooLarge);
         }
+        self.check_space()?;
         let ttl = r.ttl.max(MIN_LEASE_TTL);
         let mut id = r.id;
         while id == 0 || (r.id == 0 && self.core.leases.exists(id)) {

@@ -83,6 +83,12 @@ pub struct Config {
     )]
     pub history_partition_revisions: i64,
 
+    /// Keyspace size in Postgres (bytes) above which the NOSPACE alarm is raised and
+    /// puts, txns with puts and lease grants fail, like etcd's quota; 0 = no quota
+    /// (etcd's 0 means 2 GiB: pgetcd is meant to grow beyond it).
+    #[arg(long, env = "PGETCD_QUOTA_BACKEND_BYTES", default_value_t = 0)]
+    pub quota_backend_bytes: i64,
+
     /// Most write requests committed together in one Postgres transaction.
     #[arg(long, env = "PGETCD_MAX_BATCH", default_value_t = DEFAULT_MAX_BATCH)]
     pub max_batch: usize,

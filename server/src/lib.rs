@@ -126,6 +126,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         max_txn_ops: config.max_txn_ops,
         max_batch: config.max_batch,
         read_pool_size: config.read_pool_size,
+        quota_backend_bytes: config.quota_backend_bytes,
     })
     .await?;
     watch_feed::prepare(&engine)

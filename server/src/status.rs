@@ -30,6 +30,10 @@ pub fn code_and_message(e: &Error) -> (Code, String) {
             "etcdserver: mvcc: required revision is a future revision",
         ),
         Error::LeaseNotFound => etcd(Code::NotFound, "etcdserver: requested lease not found"),
+        Error::NoSpace => etcd(
+            Code::ResourceExhausted,
+            "etcdserver: mvcc: database space exceeded",
+        ),
         Error::LeaseExists => etcd(Code::FailedPrecondition, "etcdserver: lease already exists"),
         Error::LeaseTtlTooLarge => etcd(Code::OutOfRange, "etcdserver: too large lease TTL"),
         Error::RequestTooLarge => etcd(Code::InvalidArgument, "etcdserver: request is too large"),

@@ -570,3 +570,89 @@ async fn http_health_and_metrics() {
     first.stop().await;
     second.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_raises_nospace_and_only_writes_that_add_data_fail() {
+    use pgetcd_proto::etcdserverpb::{AlarmRequest, AlarmType, alarm_request::AlarmAction};
+    let mut config = test_config();
+    config.quota_backend_bytes = 1;
+    let srv = TestServer::start(config).await;
+    let mut c = Clients::connect(&srv.url()).await;
+    // The keyspace is bigger than one byte as soon as it exists: the alarm comes up at
+    // the first check.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = c
+            .maintenance
+            .alarm(AlarmRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        if !a.alarms.is_empty() {
+            assert_eq!(a.alarms[0].alarm, AlarmType::Nospace as i32);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no NOSPACE alarm");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let nospace = "etcdserver: mvcc: database space exceeded";
+    assert_status(
+        c.kv.put(put("k", "v")).await,
+        Code::ResourceExhausted,
+        nospace,
+    );
+    let txn = TxnRequest {
+        success: vec![put_op("t")],
+        ..Default::default()
+    };
+    assert_status(c.kv.txn(txn).await, Code::ResourceExhausted, nospace);
+    // Reads, deletes and compaction still work.
+    c.kv.range(get("k")).await.unwrap();
+    c.kv.delete_range(DeleteRangeRequest {
+        key: "k".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.kv.compact(CompactionRequest {
+        revision: 1,
+        physical: false,
+    })
+    .await
+    .unwrap();
+    let status = c
+        .maintenance
+        .status(pgetcd_proto::etcdserverpb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        status.errors.iter().any(|e| e.contains("NOSPACE")),
+        "{status:?}"
+    );
+    // Disarming lets writes through until the next check (every second) raises it
+    // again; a check landing between the two calls is retried.
+    let mut written = false;
+    for _ in 0..5 {
+        let d = c
+            .maintenance
+            .alarm(AlarmRequest {
+                action: AlarmAction::Deactivate as i32,
+                member_id: 0,
+                alarm: AlarmType::Nospace as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(d.alarms.len() <= 1);
+        match c.kv.put(put("k", "after disarm")).await {
+            Ok(_) => {
+                written = true;
+                break;
+            }
+            Err(s) => assert_eq!(s.message(), nospace),
+        }
+    }
+    assert!(written, "a write after disarming went through");
+    srv.stop().await;
+}

@@ -3,8 +3,8 @@
 
 use pgetcd_engine::Engine;
 use pgetcd_proto::etcdserverpb::{
-    AlarmRequest, AlarmResponse, StatusRequest, StatusResponse, alarm_request::AlarmAction,
-    maintenance_server::Maintenance,
+    AlarmMember, AlarmRequest, AlarmResponse, AlarmType, StatusRequest, StatusResponse,
+    alarm_request::AlarmAction, maintenance_server::Maintenance,
 };
 use tonic::{Request, Response, Status};
 
@@ -29,16 +29,37 @@ impl MaintenanceService {
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        match AlarmAction::try_from(req.get_ref().action) {
-            // No alarm is ever raised yet (no quota), so the list is truthfully empty.
-            Ok(AlarmAction::Get) => Ok(Response::new(AlarmResponse {
-                header: Some(self.engine.header()),
-                alarms: Vec::new(),
-            })),
-            _ => Err(Status::unimplemented(
-                "pgetcd: alarm activate/deactivate is not implemented",
-            )),
-        }
+        let r = req.get_ref();
+        let member = self.engine.member_id();
+        let nospace = || AlarmMember {
+            member_id: member,
+            alarm: AlarmType::Nospace as i32,
+        };
+        let alarms = match AlarmAction::try_from(r.action) {
+            Ok(AlarmAction::Get) => {
+                if self.engine.nospace() {
+                    vec![nospace()]
+                } else {
+                    Vec::new()
+                }
+            }
+            // etcd answers with the alarms the request changed.
+            Ok(AlarmAction::Activate) if r.alarm == AlarmType::Nospace as i32 => {
+                self.engine.set_nospace(true);
+                vec![nospace()]
+            }
+            Ok(AlarmAction::Deactivate) if r.alarm == AlarmType::Nospace as i32 => {
+                let was = self.engine.nospace();
+                self.engine.set_nospace(false);
+                if was { vec![nospace()] } else { Vec::new() }
+            }
+            Ok(AlarmAction::Activate | AlarmAction::Deactivate) => Vec::new(),
+            Err(_) => return Err(Status::invalid_argument("pgetcd: unknown alarm action")),
+        };
+        Ok(Response::new(AlarmResponse {
+            header: Some(self.engine.header()),
+            alarms,
+        }))
     }
 
     async fn status(
@@ -55,7 +76,15 @@ impl Maintenance for MaintenanceService {
             raft_index: revision,
             raft_term: self.engine.raft_term(),
             raft_applied_index: revision,
-            errors: Vec::new(),
+            errors: if self.engine.nospace() {
+                vec![
+                    "memberID:".to_owned()
+                        + &self.engine.member_id().to_string()
+                        + " alarm:NOSPACE ",
+                ]
+            } else {
+                Vec::new()
+            },
             db_size_in_use: db_size,
             is_learner: false,
             header: Some(header),
