@@ -38,7 +38,7 @@ fn etcdctl(url: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, Stri
     )
 }
 
-/// Runs `etcdctl watch ...` for 1.5 s and returns what it printed.
+/// Runs `etcdctl watch ...` for 2.5 s and returns what it printed.
 fn watch_output(url: &str, args: &[&str]) -> String {
     let mut child = Command::new(etcdctl_binary())
         .env("ETCDCTL_API", "3")
@@ -49,7 +49,7 @@ fn watch_output(url: &str, args: &[&str]) -> String {
         .stderr(Stdio::null())
         .spawn()
         .expect("run etcdctl");
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::thread::sleep(std::time::Duration::from_millis(2500));
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
