@@ -374,17 +374,7 @@ impl<'a> Exec<'a> {
             self.fill(&mut live, at).await?;
         }
         for v in &live {
-            self.append(
-                &v.key,
-                Version {
-                    mod_revision: 0,
-                    sub: 0,
-                    create_revision: 0,
-                    version: 0,
-                    lease: 0,
-                    value: None,
-                },
-            );
+            self.append(&v.key, Version::tombstone());
         }
         let deleted = live.len() as i64;
         let rev = if deleted != 0 || !self.changes.is_empty() {
@@ -403,22 +393,17 @@ impl<'a> Exec<'a> {
         })
     }
 
-    /// Deletes `keys` (those still live) in this request's revision: a lease revoke.
-    /// Returns the header revision.
-    pub(crate) fn delete_keys(&mut self, keys: &[Bytes]) -> i64 {
+    /// Deletes those of `keys` whose live version holds `lease`, in this request's
+    /// revision: a lease revoke. Returns the header revision.
+    pub(crate) fn delete_leased_keys(&mut self, keys: &[Bytes], lease: i64) -> i64 {
         for key in keys {
-            if self.sh.index.get(key, self.cur()).is_some() {
-                self.append(
-                    key,
-                    Version {
-                        mod_revision: 0,
-                        sub: 0,
-                        create_revision: 0,
-                        version: 0,
-                        lease: 0,
-                        value: None,
-                    },
-                );
+            let held = self
+                .sh
+                .index
+                .get(key, self.cur())
+                .is_some_and(|v| v.version.lease == lease);
+            if held {
+                self.append(key, Version::tombstone());
             }
         }
         self.cur()

@@ -41,6 +41,18 @@ pub struct Version {
 }
 
 impl Version {
+    /// A tombstone; its revision is set when it is appended.
+    pub fn tombstone() -> Version {
+        Version {
+            mod_revision: 0,
+            sub: 0,
+            create_revision: 0,
+            version: 0,
+            lease: 0,
+            value: None,
+        }
+    }
+
     /// Whether this version deletes the key.
     pub fn is_tombstone(&self) -> bool {
         self.version == 0

@@ -185,9 +185,19 @@ impl Writer {
                     Some(ttl) => {
                         revoked_ttls.push((r.id, ttl));
                         lease_ops.revokes.push(r.id);
-                        let keys = st.leases.keys_of(r.id);
+                        // Attached keys, plus keys attached earlier in this batch (the
+                        // attachments are updated only after commit).
+                        let mut keys = st.leases.keys_of(r.id);
+                        keys.extend(
+                            changes
+                                .iter()
+                                .filter(|c| c.version.lease == r.id)
+                                .map(|c| c.key.clone()),
+                        );
+                        keys.sort();
+                        keys.dedup();
                         Ok(Reply::LeaseRevoke(LeaseRevokeResponse {
-                            header: header(ex.delete_keys(&keys)),
+                            header: header(ex.delete_leased_keys(&keys, r.id)),
                         }))
                     }
                 },

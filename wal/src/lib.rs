@@ -11,7 +11,8 @@
 //!   binary values) from the slot's confirmed position; [`WalStream::next`] yields each
 //!   committed transaction's history rows in commit order.
 //! - The caller confirms a commit's end LSN with [`WalStream::confirm`] only after it
-//!   applied the rows; after any error it opens a new stream, which resumes from the last
+//!   applied the rows; between transactions the stream itself confirms the server's
+//!   keepalive position (everything before it was applied or held no history rows); after any error it opens a new stream, which resumes from the last
 //!   confirmed LSN, so rows may be delivered again (callers skip revisions they have)
 //!   but never lost.
 //!
@@ -175,6 +176,8 @@ pub struct WalStream {
     decoder: Decoder,
     schema: String,
     rows: Vec<HistoryRow>,
+    /// Between a Begin and its Commit.
+    in_txn: bool,
 }
 
 impl WalStream {
@@ -225,6 +228,7 @@ impl WalStream {
             decoder: Decoder::default(),
             schema: schema.to_owned(),
             rows: Vec::new(),
+            in_txn: false,
         })
     }
 
@@ -232,13 +236,24 @@ impl WalStream {
     pub async fn next(&mut self) -> Result<Commit, WalError> {
         loop {
             match self.client.recv().await? {
-                Some(ReplicationEvent::Begin { .. }) => self.rows.clear(),
+                Some(ReplicationEvent::Begin { .. }) => {
+                    self.rows.clear();
+                    self.in_txn = true;
+                }
+                // Outside a transaction every commit handed out was applied and
+                // confirmed by the caller (it calls `next` only then), so the server's
+                // position can be confirmed: without it a walsender at shutdown waits
+                // forever for us to catch up with WAL that holds no history rows.
+                Some(ReplicationEvent::KeepAlive { wal_end, .. }) if !self.in_txn => {
+                    self.client.update_applied_lsn(wal_end);
+                }
                 Some(ReplicationEvent::XLogData { data, .. }) => {
                     if let Some(row) = self.decoder.decode(&data, &self.schema)? {
                         self.rows.push(row);
                     }
                 }
                 Some(ReplicationEvent::Commit { end_lsn, .. }) => {
+                    self.in_txn = false;
                     let rows = std::mem::take(&mut self.rows);
                     if rows.is_empty() {
                         self.client.update_applied_lsn(end_lsn);
