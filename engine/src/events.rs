@@ -4,9 +4,9 @@
 use bytes::Bytes;
 use pgetcd_proto::mvccpb::{Event, KeyValue, event::EventType};
 
+use crate::Engine;
 use crate::error::{Error, Result};
 use crate::index::{KeyRange, Version, Visible};
-use crate::{Engine, State};
 
 fn kv_of(key: &Bytes, v: &Version) -> KeyValue {
     KeyValue {
@@ -37,24 +37,6 @@ pub fn event_of(key: &Bytes, v: &Version, prev: Option<KeyValue>) -> Event {
             kv: Some(kv_of(key, v)),
             prev_kv: prev,
         }
-    }
-}
-
-impl State {
-    async fn fill_all(&self, items: &mut [Visible], at: i64) -> Result<()> {
-        let mut live: Vec<usize> = Vec::new();
-        let mut vis: Vec<Visible> = Vec::new();
-        for (i, v) in items.iter().enumerate() {
-            if !v.version.is_tombstone() && v.version.value.is_none() {
-                live.push(i);
-                vis.push(v.clone());
-            }
-        }
-        self.fill_values(&mut vis, at).await?;
-        for (i, v) in live.into_iter().zip(vis) {
-            items[i] = v;
-        }
-        Ok(())
     }
 }
 
@@ -93,9 +75,9 @@ impl Engine {
         st.check_not_compacted(from)?;
         let mut order: Vec<usize> = (0..items.len()).collect();
         order.sort_by_key(|&i| (items[i].version.mod_revision, items[i].version.sub));
-        st.fill_all(&mut items, from).await?;
+        st.fill_values(&mut items, from).await?;
         let mut prev_items: Vec<Visible> = prevs.iter().flatten().cloned().collect();
-        st.fill_all(&mut prev_items, from).await?;
+        st.fill_values(&mut prev_items, from).await?;
         let mut filled = prev_items.into_iter();
         let prevs: Vec<Option<KeyValue>> = prevs
             .into_iter()
@@ -128,7 +110,7 @@ impl Engine {
             .filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision - 1))
             .min()
             .unwrap_or(0);
-        st.fill_all(&mut prevs, min_rev).await?;
+        st.fill_values(&mut prevs, min_rev).await?;
         for (i, p) in at.into_iter().zip(prevs) {
             events[i].prev_kv = Some(kv_of(&p.key, &p.version));
         }

@@ -138,10 +138,11 @@ impl State {
         self.leases.exists(id)
     }
 
-    /// Makes sure every entry of `kvs` has its value, reading misses from Postgres.
+    /// Makes sure every entry of `kvs` has its value, reading misses from Postgres
+    /// (tombstones have none to read).
     pub(crate) async fn fill_values(&self, kvs: &mut [Visible], at: i64) -> Result<()> {
         let missing: Vec<usize> = (0..kvs.len())
-            .filter(|&i| kvs[i].version.value.is_none())
+            .filter(|&i| kvs[i].version.value.is_none() && !kvs[i].version.is_tombstone())
             .collect();
         if missing.is_empty() {
             return Ok(());

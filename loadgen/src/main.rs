@@ -169,6 +169,11 @@ impl Round {
     }
 }
 
+/// A latency histogram in microseconds, 1 µs to 60 s, 3 significant digits.
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("constant bounds are valid")
+}
+
 /// Server CPU microseconds per request between two tick readings.
 fn cpu_per_op(before: Option<u64>, after: Option<u64>, requests: u64) -> Option<f64> {
     match (before, after) {
@@ -318,7 +323,7 @@ async fn watch_round(cli: &Cli, url: &str, cpu_names: &[&str], idx: usize) -> Re
         ready.push(ready_rx);
         recv_tasks.push(tokio::spawn(async move {
             let _keep_open = tx;
-            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            let mut h = latency_histogram();
             let mut inbound = client
                 .watch(tokio_stream_from(rx))
                 .await
@@ -406,7 +411,7 @@ async fn watch_round(cli: &Cli, url: &str, cpu_names: &[&str], idx: usize) -> Re
     for t in put_tasks {
         t.await?;
     }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut hist = latency_histogram();
     for t in recv_tasks {
         match tokio::time::timeout(Duration::from_secs(30), t).await {
             Ok(r) => hist.add(r??)?,
@@ -503,7 +508,7 @@ async fn lease_expiry_round(cli: &Cli, url: &str, idx: usize) -> Result<Round> {
     let attached = Instant::now();
     let expires = attached + Duration::from_secs(ttl as u64);
     let mut kv = clients[0].clone();
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut hist = latency_histogram();
     let mut end = prefix.clone().into_bytes();
     if let Some(l) = end.last_mut() {
         *l += 1;
@@ -584,8 +589,7 @@ async fn round(cli: &Cli, url: &str, cpu_names: &[&str], idx: usize) -> Result<R
         let value = value.clone();
         let total = cli.total;
         tasks.push(tokio::spawn(async move {
-            let mut h =
-                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let mut h = latency_histogram();
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= total {
@@ -600,7 +604,7 @@ async fn round(cli: &Cli, url: &str, cpu_names: &[&str], idx: usize) -> Result<R
             h
         }));
     }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut hist = latency_histogram();
     for t in tasks {
         hist.add(t.await?)?;
     }

@@ -13,7 +13,7 @@ use pgetcd_proto::etcdserverpb::{
     CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
     TxnRequest, compare, request_op::Request,
 };
-use pgetcd_testkit::{Clients, TestServer, postgres, test_config};
+use pgetcd_testkit::{Clients, TestServer, admin_client, test_config};
 use tonic::Code;
 
 fn put(k: &str, v: &str) -> PutRequest {
@@ -320,13 +320,7 @@ async fn concurrent_writers_get_unique_revisions_and_read_their_writes() {
 }
 
 async fn partitions(keyspace: &str) -> Vec<String> {
-    let (client, conn) = tokio_postgres::connect(
-        &postgres().connection_string("postgres"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let client = admin_client().await;
     client
         .query(
             "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
@@ -405,13 +399,7 @@ async fn killing_the_writer_connection_loses_no_acknowledged_write() {
     let keyspace = config.keyspace.clone();
     let srv = TestServer::start(config).await;
     let c = Clients::connect(&srv.url()).await;
-    let (admin, conn) = tokio_postgres::connect(
-        &postgres().connection_string("postgres"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let admin = admin_client().await;
     let mut tasks = Vec::new();
     for w in 0..8 {
         let mut c = c.clone();

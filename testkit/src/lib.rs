@@ -78,6 +78,18 @@ pub fn postgres_url() -> String {
     postgres().tcp_url("postgres")
 }
 
+/// A superuser connection to the test PostgreSQL (to inspect it or inject faults).
+pub async fn admin_client() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(
+        &postgres().connection_string("postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect to the test postgres");
+    tokio::spawn(conn);
+    client
+}
+
 /// A keyspace name no other test of this binary uses.
 pub fn fresh_keyspace() -> String {
     format!("t{}", KEYSPACE.fetch_add(1, Ordering::Relaxed))
