@@ -117,9 +117,10 @@ impl Engine {
         Ok(())
     }
 
-    /// The Postgres connection settings (for the WAL stream).
-    pub fn postgres_config(&self) -> tokio_postgres::Config {
-        self.core.store.config().clone()
+    /// The Postgres connection settings with their TLS connector (for the WAL stream,
+    /// so that it honours the same `sslmode` and certificates).
+    pub fn postgres_config(&self) -> crate::PgConnect {
+        self.core.store.target().clone()
     }
 
     /// The keyspace (Postgres schema).

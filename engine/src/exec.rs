@@ -101,7 +101,7 @@ fn cmp_i64(a: i64, b: i64) -> Ordering {
 
 /// etcd's compareKV: the compare's target field of `kv` against the compare's operand
 /// (a missing operand of the wrong union variant counts as zero / empty).
-fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
+pub fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
     use compare::{CompareResult, CompareTarget, TargetUnion};
     let result = match CompareTarget::try_from(c.target) {
         Ok(CompareTarget::Value) => {
@@ -299,11 +299,8 @@ impl<'a> Exec<'a> {
     fn append(&mut self, key: &Bytes, mut version: Version) {
         version.mod_revision = self.begin + 1;
         version.sub = self.changes.len() as u32;
-        self.sh.index.append(key, version.clone());
-        self.changes.push(Change {
-            key: key.clone(),
-            version,
-        });
+        let key = self.sh.index.append(key, version.clone());
+        self.changes.push(Change { key, version });
     }
 
     fn put_version(&mut self, key: &Bytes, value: Bytes, lease: i64) {
@@ -320,7 +317,9 @@ impl<'a> Exec<'a> {
                 create_revision,
                 version,
                 lease,
-                value: Some(value),
+                // Its own copy: a value decoded from gRPC shares the request's receive
+                // buffer, which the cache must not keep alive.
+                value: Some(Bytes::copy_from_slice(&value)),
             },
         );
     }

@@ -252,6 +252,14 @@ impl Index {
         });
     }
 
+    /// Calls `f` with every key and all its retained versions (tombstones included),
+    /// in key order.
+    pub fn for_each_key(&self, mut f: impl FnMut(&Bytes, &[Version])) {
+        for entry in self.map.iter() {
+            f(entry.key(), &entry.value().versions.read());
+        }
+    }
+
     /// Keys in `range` visible at `at`: up to `limit` of them (0 = all) and the total.
     pub fn range(&self, range: &KeyRange, at: i64, limit: usize) -> (Vec<Visible>, usize) {
         let mut out = Vec::new();
@@ -280,10 +288,19 @@ impl Index {
     }
 
     /// Appends a version (writer only). Its revision must exceed the key's last one.
-    pub fn append(&self, key: &Bytes, version: Version) {
-        let entry = self.map.get_or_insert_with(key.clone(), || KeyEntry {
-            versions: RwLock::new(Vec::with_capacity(1)),
-        });
+    ///
+    /// A new key is stored as its own copy: keys decoded from gRPC share the request's
+    /// receive buffer (kilobytes), which the index must not keep alive. Returns the key
+    /// as the index holds it, for callers that keep it longer than the request.
+    pub fn append(&self, key: &Bytes, version: Version) -> Bytes {
+        let entry = match self.map.get(key.as_ref()) {
+            Some(e) => e,
+            None => self
+                .map
+                .get_or_insert_with(Bytes::copy_from_slice(key), || KeyEntry {
+                    versions: RwLock::new(Vec::with_capacity(1)),
+                }),
+        };
         let mut versions = entry.value().versions.write();
         debug_assert!(
             versions
@@ -292,6 +309,7 @@ impl Index {
             "versions must be appended in revision order"
         );
         versions.push(version);
+        entry.key().clone()
     }
 
     /// Loads a version during start-up, in any order.

@@ -15,10 +15,15 @@
 mod error;
 mod events;
 mod exec;
+mod hash;
 /// The in-memory revision index and value-cache bookkeeping.
 pub mod index;
 /// Leases and the keys attached to them.
 pub mod lease;
+/// Counters and histograms for `/metrics`.
+pub mod metrics;
+/// libpq's TLS parameters of the connection string, and the TLS connector they make.
+mod pgtls;
 mod store;
 /// Request checks done before a request reaches the writer.
 pub mod validate;
@@ -42,13 +47,15 @@ use tracing::info;
 
 pub use error::{Error, Result};
 pub use events::event_of;
-pub use exec::{Change, txn_has_put, txn_is_read_only};
+pub use exec::{Change, compare_kv, txn_has_put, txn_is_read_only};
 pub use pgetcd_partitioning::DEFAULT_PARTITION_REVISIONS;
+pub use pgtls::{PgConnect, PgTls, PgTlsConnect, PgTlsStream, PgUrlError, SslMode};
 pub use store::{Meta, PgStore, WriterConn};
 
 use exec::Exec;
 use index::{Index, Visible};
 use lease::{LeaseTable, MAX_LEASE_TTL, MIN_LEASE_TTL};
+use metrics::EngineMetrics;
 use writer::{Job, Op, Reply, Writer};
 
 /// etcd's default `--max-request-bytes`.
@@ -112,6 +119,7 @@ pub(crate) struct State {
     compact: AtomicI64,
     store: Arc<PgStore>,
     pub(crate) leases: Arc<LeaseTable>,
+    metrics: Arc<EngineMetrics>,
 }
 
 impl State {
@@ -144,6 +152,9 @@ impl State {
         let missing: Vec<usize> = (0..kvs.len())
             .filter(|&i| kvs[i].version.value.is_none() && !kvs[i].version.is_tombstone())
             .collect();
+        let hits = kvs.iter().filter(|kv| kv.version.value.is_some()).count();
+        EngineMetrics::inc(&self.metrics.cache_hits, hits as u64);
+        EngineMetrics::inc(&self.metrics.cache_misses, missing.len() as u64);
         if missing.is_empty() {
             return Ok(());
         }
@@ -183,6 +194,7 @@ pub(crate) struct Core {
     leases: Arc<LeaseTable>,
     /// The NOSPACE alarm.
     nospace: AtomicBool,
+    pub(crate) metrics: Arc<EngineMetrics>,
 }
 
 impl Core {
@@ -197,6 +209,7 @@ impl Core {
         client: &tokio_postgres::Client,
         cache_bytes: usize,
         leases: Arc<LeaseTable>,
+        metrics: Arc<EngineMetrics>,
     ) -> Result<State> {
         let meta = store.read_meta(client).await?;
         let index = Index::new(cache_bytes);
@@ -222,6 +235,7 @@ impl Core {
             compact: AtomicI64::new(meta.compact_revision),
             store: store.clone(),
             leases,
+            metrics,
         })
     }
 }
@@ -259,7 +273,15 @@ impl Engine {
         let mut client = store.connect().await?;
         let meta = store.setup(&mut client).await?;
         let leases = Arc::new(LeaseTable::default());
-        let state = Core::load_state(&store, &client, config.cache_bytes, leases.clone()).await?;
+        let metrics = Arc::new(EngineMetrics::default());
+        let state = Core::load_state(
+            &store,
+            &client,
+            config.cache_bytes,
+            leases.clone(),
+            metrics.clone(),
+        )
+        .await?;
         let partitions = store.partitions(&client).await?;
         let conn = store.writer_conn(client).await?;
         let core = Arc::new(Core {
@@ -272,6 +294,7 @@ impl Engine {
             writer_failed: AtomicBool::new(false),
             leases,
             nospace: AtomicBool::new(false),
+            metrics,
         });
         let (jobs, rx) = mpsc::channel(config.max_batch * 4);
         let writer = Writer::new(core.clone(), rx, conn, meta.leader_epoch, partitions);
@@ -332,6 +355,27 @@ impl Engine {
         }
     }
 
+    /// `--quota-backend-bytes` (0: none).
+    pub fn quota_backend_bytes(&self) -> i64 {
+        self.core.config.quota_backend_bytes
+    }
+
+    /// The engine's counters and histograms.
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.core.metrics
+    }
+
+    /// Keys with a live version at the current revision (etcd's keys gauge); counts the
+    /// index, so it costs O(keys).
+    pub fn live_keys(&self) -> usize {
+        let st = self.core.state();
+        let all = index::KeyRange::Span {
+            start: bytes::Bytes::from_static(b"\0"),
+            end: None,
+        };
+        st.index.count(&all, st.published())
+    }
+
     /// Whether the writer stopped for good (fenced by another instance).
     pub fn writer_failed(&self) -> bool {
         self.core.writer_failed.load(Ordering::Relaxed)
@@ -366,6 +410,60 @@ impl Engine {
         self.core.store.ping().await
     }
 
+    /// etcd's HashKV at `revision` (0: current): (hash, current revision, compact
+    /// revision), bit-for-bit what etcd computes for the same history (see `hash.rs`).
+    pub async fn hash_kv(&self, revision: i64) -> Result<(u32, i64, i64)> {
+        let st = self.core.state();
+        let current = st.published();
+        let compact = st.compact();
+        if revision > 0 && revision <= compact {
+            return Err(Error::Compacted);
+        }
+        if revision > current {
+            return Err(Error::FutureRevision);
+        }
+        let at = if revision == 0 { current } else { revision };
+        let mut keys: Vec<(bytes::Bytes, Vec<index::Version>)> = Vec::new();
+        st.index
+            .for_each_key(|k, versions| keys.push((k.clone(), versions.to_vec())));
+        let mut items = hash::select(keys.iter().map(|(k, v)| (k, v.as_slice())), at, compact);
+        drop(keys);
+        const CHUNK: usize = 4096;
+        let missing: Vec<usize> = (0..items.len())
+            .filter(|&i| items[i].version.value.is_none() && !items[i].version.is_tombstone())
+            .collect();
+        for chunk in missing.chunks(CHUNK) {
+            let ids: Vec<(i64, u32)> = chunk
+                .iter()
+                .map(|&i| (items[i].version.mod_revision, items[i].version.sub))
+                .collect();
+            let got = self.core.store.fetch_values(&ids).await?;
+            for (&i, id) in chunk.iter().zip(&ids) {
+                match got.get(id) {
+                    Some(v) => items[i].version.value = Some(v.clone()),
+                    // Compaction removed it while the hash ran.
+                    None => return Err(Error::Compacted),
+                }
+            }
+        }
+        Ok((hash::hash(&items)?, current, compact))
+    }
+
+    /// VACUUM of the keyspace's tables (Maintenance.Defragment).
+    pub async fn vacuum(&self) -> Result<()> {
+        self.core.store.vacuum().await
+    }
+
+    /// Read pool figures: (connections open, idle, maximum, tasks waiting).
+    pub fn pool_status(&self) -> (usize, usize, usize, usize) {
+        self.core.store.pool_status()
+    }
+
+    /// WAL bytes the replication slot `slot` has not confirmed (None without the slot).
+    pub async fn slot_lag_bytes(&self, slot: &str) -> Result<Option<i64>> {
+        self.core.store.slot_lag_bytes(slot).await
+    }
+
     fn check_size(&self, len: usize) -> Result<()> {
         if len + REQUEST_ENVELOPE_BYTES > self.core.config.max_request_bytes {
             Err(Error::RequestTooLarge)
@@ -386,6 +484,7 @@ impl Engine {
     /// Range: served from the index at the published revision.
     pub async fn range(&self, r: &RangeRequest) -> Result<RangeResponse> {
         validate::check_range(r)?;
+        EngineMetrics::inc(&self.core.metrics.ranges, 1);
         let st = self.core.state();
         let ex = Exec::new(&st, st.published(), st.compact());
         let mut resp = ex.range(r).await?;
@@ -400,6 +499,7 @@ impl Engine {
         self.check_size(r.encoded_len())?;
         match self.submit(Op::Put(r)).await? {
             Reply::Put(mut resp) => {
+                EngineMetrics::inc(&self.core.metrics.puts, 1);
                 self.fill_header(&mut resp.header);
                 Ok(resp)
             }
@@ -413,6 +513,7 @@ impl Engine {
         self.check_size(r.encoded_len())?;
         match self.submit(Op::Delete(r)).await? {
             Reply::Delete(mut resp) => {
+                EngineMetrics::inc(&self.core.metrics.deletes, 1);
                 self.fill_header(&mut resp.header);
                 Ok(resp)
             }
@@ -437,8 +538,35 @@ impl Engine {
                 _ => return Err(Error::Stopped),
             }
         };
+        self.count_txn_ops(&resp);
         self.fill_header(&mut resp.header);
         Ok(resp)
+    }
+
+    /// Counts the operations a txn executed, as etcd counts them: each range, put and
+    /// delete (nested txns included), and the txn itself when it ran more than one.
+    fn count_txn_ops(&self, resp: &TxnResponse) {
+        fn walk(resp: &TxnResponse, n: &mut [u64; 3]) {
+            use pgetcd_proto::etcdserverpb::response_op::Response as R;
+            for op in &resp.responses {
+                match &op.response {
+                    Some(R::ResponseRange(_)) => n[0] += 1,
+                    Some(R::ResponsePut(_)) => n[1] += 1,
+                    Some(R::ResponseDeleteRange(_)) => n[2] += 1,
+                    Some(R::ResponseTxn(t)) => walk(t, n),
+                    None => {}
+                }
+            }
+        }
+        let mut n = [0u64; 3];
+        walk(resp, &mut n);
+        let m = &self.core.metrics;
+        EngineMetrics::inc(&m.ranges, n[0]);
+        EngineMetrics::inc(&m.puts, n[1]);
+        EngineMetrics::inc(&m.deletes, n[2]);
+        if n.iter().sum::<u64>() > 1 {
+            EngineMetrics::inc(&m.txns, 1);
+        }
     }
 
     /// Compact through the writer; returns once history at or below the revision is

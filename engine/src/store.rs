@@ -12,15 +12,16 @@ use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures::{StreamExt, pin_mut};
 use pgetcd_partitioning::{KIND_DELETE, KIND_PUT, Layout, SCHEMA_VERSION};
+use tokio_postgres::Client;
 use tokio_postgres::Statement;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::exec::Change;
 use crate::index::{Index, Pruned, Version};
+use crate::pgtls::PgConnect;
 
 /// Runs a prepared statement unless `skip` (nothing to write: 0 rows).
 async fn execute_unless(
@@ -93,13 +94,13 @@ impl LeaseOps {
 /// Postgres access for one keyspace.
 pub struct PgStore {
     layout: Layout,
-    config: tokio_postgres::Config,
+    target: PgConnect,
     pool: Pool,
 }
 
 /// Opens a connection and drives it on a background task.
-async fn connect(config: &tokio_postgres::Config) -> Result<Client> {
-    let (client, conn) = config.connect(NoTls).await.map_err(Error::pg("connect"))?;
+async fn connect(target: &PgConnect) -> Result<Client> {
+    let (client, conn) = target.connect().await.map_err(Error::pg("connect"))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             warn!(error = %e, "postgres connection ended");
@@ -117,14 +118,16 @@ fn to_u64(v: i64) -> u64 {
 }
 
 impl PgStore {
-    /// Parses the connection string (URL or key=value form) and builds the read pool.
+    /// Parses the connection string (URL or key=value form, with libpq's TLS
+    /// parameters), reads the certificate files it names and builds the read pool.
     pub fn new(url: &str, layout: Layout, pool_size: usize) -> Result<Self> {
-        let config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
-            Error::Misconfigured(format!("bad --postgres-url: {e}"))
+        let target = PgConnect::parse(url).map_err(|e| {
+            Error::Misconfigured(format!("bad --postgres-url: {}", e.with_causes()))
         })?;
+        info!(sslmode = %target.sslmode(), "postgres connection settings");
         let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
+            target.config().clone(),
+            target.tls().clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -135,14 +138,14 @@ impl PgStore {
             .map_err(|e| Error::Pool(e.to_string()))?;
         Ok(Self {
             layout,
-            config,
+            target,
             pool,
         })
     }
 
-    /// The connection settings.
-    pub fn config(&self) -> &tokio_postgres::Config {
-        &self.config
+    /// The connection settings, with their TLS connector.
+    pub fn target(&self) -> &PgConnect {
+        &self.target
     }
 
     /// The layout.
@@ -152,7 +155,7 @@ impl PgStore {
 
     /// A new dedicated connection (the writer's).
     pub async fn connect(&self) -> Result<Client> {
-        connect(&self.config).await
+        connect(&self.target).await
     }
 
     /// Checks server settings, creates the schema when missing, refuses a newer schema,
@@ -731,5 +734,48 @@ impl PgStore {
             .await
             .map_err(Error::pg("ping"))?;
         Ok(())
+    }
+    /// VACUUM (ANALYZE) of the keyspace's tables: dead rows left by updates, deletes
+    /// and compaction become reusable space (etcd's Defragment has no closer meaning on
+    /// Postgres; VACUUM FULL would lock out writes).
+    pub async fn vacuum(&self) -> Result<()> {
+        let s = self.layout.schema();
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| Error::Pool(e.to_string()))?;
+        client
+            .batch_execute(&format!(
+                "VACUUM (ANALYZE) {s}.meta, {s}.kv, {s}.history, {s}.history_retained, {s}.leases"
+            ))
+            .await
+            .map_err(Error::pg("vacuum"))?;
+        Ok(())
+    }
+
+    /// Read pool figures: (connections open, idle, maximum, tasks waiting).
+    pub fn pool_status(&self) -> (usize, usize, usize, usize) {
+        let s = self.pool.status();
+        (s.size, s.available, s.max_size, s.waiting)
+    }
+
+    /// WAL bytes a replication slot has not confirmed yet (None when the slot does not
+    /// exist).
+    pub async fn slot_lag_bytes(&self, slot: &str) -> Result<Option<i64>> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| Error::Pool(e.to_string()))?;
+        let row = client
+            .query_opt(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(Error::pg("slot lag"))?;
+        Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)))
     }
 }

@@ -30,6 +30,7 @@ use tracing::{error, info, warn};
 use crate::Core;
 use crate::error::{Error, Result};
 use crate::exec::{Change, Exec, header};
+use crate::metrics::EngineMetrics;
 use crate::store::{CommitError, LeaseOps, WriterConn};
 
 /// A write request.
@@ -223,7 +224,14 @@ impl Writer {
             }
             return true;
         }
+        let started = std::time::Instant::now();
         let outcome = self.commit(published, rev, &changes, &lease_ops).await;
+        let m = &self.core.metrics;
+        m.commit_seconds.observe(started.elapsed().as_secs_f64());
+        m.batch_size.observe(results.len() as f64);
+        if !matches!(outcome, Outcome::Committed) {
+            EngineMetrics::inc(&m.commit_failures, 1);
+        }
         let failure = match outcome {
             Outcome::Committed => {
                 st.leases.apply(&st.index, &changes, &lease_ops.revokes);
@@ -375,6 +383,7 @@ impl Writer {
             .map(|s| s + layout.partition_revisions())
             .unwrap_or(floor)
             .max(floor);
+        let started = std::time::Instant::now();
         let pruned = st.index.compact(rev, floor, drop_below);
         let epoch = self.epoch;
         let store = self.core.store.clone();
@@ -388,6 +397,10 @@ impl Writer {
         };
         match result {
             Ok(()) => {
+                let m = &self.core.metrics;
+                m.compaction_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                EngineMetrics::inc(&m.compactions, 1);
                 self.partitions.retain(|s| !drop.contains(s));
                 info!(
                     compact_revision = rev,
@@ -422,11 +435,14 @@ impl Writer {
             let store = self.core.store.clone();
             let cache = self.core.config.cache_bytes;
             let leases = self.core.leases.clone();
+            let metrics = self.core.metrics.clone();
             let loaded = match self.conn().await {
-                Ok(conn) => match Core::load_state(&store, &conn.client, cache, leases).await {
-                    Ok(state) => store.partitions(&conn.client).await.map(|p| (state, p)),
-                    Err(e) => Err(e),
-                },
+                Ok(conn) => {
+                    match Core::load_state(&store, &conn.client, cache, leases, metrics).await {
+                        Ok(state) => store.partitions(&conn.client).await.map(|p| (state, p)),
+                        Err(e) => Err(e),
+                    }
+                }
                 Err(e) => Err(e),
             };
             match loaded {

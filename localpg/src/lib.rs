@@ -104,8 +104,9 @@ pub struct LocalPostgres {
     stopped: bool,
 }
 
-/// uid and gid to run Postgres as when we are root.
-fn postgres_user() -> Result<Option<(u32, u32)>, Error> {
+/// uid and gid Postgres runs as when we are root (None when we are not: then it runs
+/// as us). Files Postgres must own, such as a TLS key, go to this user.
+pub fn postgres_user() -> Result<Option<(u32, u32)>, Error> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     #[allow(unsafe_code)]
     let euid = unsafe { libc::geteuid() };

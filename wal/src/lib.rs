@@ -8,8 +8,10 @@
 //! - [`ensure_slot`] creates both when missing and reports a slot whose WAL was removed
 //!   (`wal_status = 'lost'`) as [`WalError::SlotLost`].
 //! - [`WalStream`] opens a replication connection and streams `pgoutput` (protocol 1,
-//!   binary values) from the slot's confirmed position; [`WalStream::next`] yields each
-//!   committed transaction's history rows in commit order.
+//!   binary values) from the slot's confirmed position, with the TLS of the caller's
+//!   connection settings (the engine's `PgConnect`; see `tunnel`);
+//!   [`WalStream::next`] yields each committed transaction's history rows in commit
+//!   order.
 //! - The caller confirms a commit's end LSN with [`WalStream::confirm`] only after it
 //!   applied the rows; between transactions the stream itself confirms the server's
 //!   keepalive position (everything before it was applied or held no history rows); after any error it opens a new stream, which resumes from the last
@@ -19,13 +21,17 @@
 //! Must not depend on tonic or the watch bus.
 
 mod pgoutput;
+/// TLS for the replication connection: a private unix socket piped over TLS.
+mod tunnel;
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 use thiserror::Error;
-use tokio_postgres::config::Host;
+use tokio::net::TcpStream;
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::tls::MakeTlsConnect;
 use tracing::info;
 
 pub use pgoutput::Decoder;
@@ -50,6 +56,23 @@ pub enum WalError {
     /// The connection string cannot be used for replication.
     #[error("cannot use connection settings for replication: {0}")]
     Config(String),
+    /// The replication connection's TCP connect failed.
+    #[error("replication: connecting to {addr}: {source}")]
+    Connect {
+        /// host:port.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The replication connection's TLS failed (refused, bad certificate, ...).
+    #[error("replication: TLS with {host}: {reason}")]
+    Tls {
+        /// The server's host.
+        host: String,
+        /// What failed.
+        reason: String,
+    },
     /// The stream ended.
     #[error("replication stream ended")]
     Ended,
@@ -181,12 +204,17 @@ pub struct WalStream {
 }
 
 impl WalStream {
-    /// Opens a replication connection with the settings of `config` and starts
-    /// streaming from the slot's confirmed position.
-    pub async fn start(
-        config: &tokio_postgres::Config,
-        schema: &str,
-    ) -> Result<WalStream, WalError> {
+    /// Opens a replication connection to the target of `settings` (connection
+    /// settings that are also their TLS connector, such as the engine's `PgConnect`)
+    /// and starts streaming from the slot's confirmed position. Over TCP the
+    /// connection uses TLS as the settings' `ssl_mode` says (disable, prefer or
+    /// require), with the connector's certificate checks.
+    pub async fn start<T>(settings: &T, schema: &str) -> Result<WalStream, WalError>
+    where
+        T: AsRef<tokio_postgres::Config> + MakeTlsConnect<TcpStream> + Clone,
+        T::Stream: Send + 'static,
+    {
+        let config = settings.as_ref();
         let user = config.get_user().unwrap_or("postgres").to_owned();
         let password = config
             .get_password()
@@ -205,17 +233,36 @@ impl WalStream {
                 name.clone(),
                 name.as_str(),
             ),
-            Some(Host::Tcp(host)) => ReplicationConfig::new(
-                host.clone(),
-                user,
-                password,
-                db,
-                name.clone(),
-                name.as_str(),
-            )
-            .with_port(port),
+            Some(Host::Tcp(host)) => {
+                let tunnel = if config.get_ssl_mode() == SslMode::Disable {
+                    None
+                } else {
+                    tunnel::open(settings, host, port).await?
+                };
+                match tunnel {
+                    Some(dir) => ReplicationConfig::unix(
+                        dir,
+                        port,
+                        user,
+                        password,
+                        db,
+                        name.clone(),
+                        name.as_str(),
+                    ),
+                    None => ReplicationConfig::new(
+                        host.clone(),
+                        user,
+                        password,
+                        db,
+                        name.clone(),
+                        name.as_str(),
+                    )
+                    .with_port(port),
+                }
+            }
             None => return Err(WalError::Config("no host".into())),
         };
+        // TLS, when used, is the tunnel's: the client itself always speaks plaintext.
         let cfg = cfg
             .with_tls(TlsConfig::disabled())
             .with_start_lsn(Lsn::ZERO)

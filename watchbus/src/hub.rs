@@ -83,6 +83,47 @@ enum Cmd {
     ResyncAll,
 }
 
+/// Figures of the bus for `/metrics`.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    /// Open streams.
+    pub streams: AtomicI64,
+    /// Watchers registered with the dispatcher (synced).
+    pub synced_watchers: AtomicI64,
+    /// Watchers the watch service holds (synced or catching up); maintained by the
+    /// service through [`WatcherGauge`].
+    pub watchers: AtomicI64,
+    /// Times a watcher turned slow (queue full or dispatcher lagging).
+    pub slow_total: AtomicU64,
+    /// Events handed to stream queues.
+    pub events_total: AtomicU64,
+}
+
+/// Adds a stream's watcher count to [`HubStats::watchers`]; subtracts it when dropped.
+pub struct WatcherGauge {
+    stats: Arc<HubStats>,
+    reported: i64,
+}
+
+impl WatcherGauge {
+    /// Reports that the stream now holds `n` watchers.
+    pub fn set(&mut self, n: usize) {
+        let n = n as i64;
+        if n != self.reported {
+            self.stats
+                .watchers
+                .fetch_add(n - self.reported, Ordering::Relaxed);
+            self.reported = n;
+        }
+    }
+}
+
+impl Drop for WatcherGauge {
+    fn drop(&mut self) {
+        self.set(0);
+    }
+}
+
 /// The bus: publish batches, open streams. Cheap to clone.
 #[derive(Clone)]
 pub struct Hub {
@@ -91,6 +132,7 @@ pub struct Hub {
     dispatched: Arc<AtomicI64>,
     next_stream: Arc<AtomicU64>,
     config: HubConfig,
+    stats: Arc<HubStats>,
 }
 
 impl Hub {
@@ -100,7 +142,9 @@ impl Hub {
         let ring = Arc::new(Ring::new(config.ring_capacity));
         let (cmds, rx) = mpsc::unbounded_channel();
         let dispatched = Arc::new(AtomicI64::new(revision));
+        let stats = Arc::new(HubStats::default());
         let d = Dispatcher {
+            stats: stats.clone(),
             ring: ring.clone(),
             cmds: rx,
             dispatched: dispatched.clone(),
@@ -114,6 +158,20 @@ impl Hub {
             dispatched,
             next_stream: Arc::new(AtomicU64::new(1)),
             config,
+            stats,
+        }
+    }
+
+    /// The bus's figures.
+    pub fn stats(&self) -> &HubStats {
+        &self.stats
+    }
+
+    /// A gauge through which a stream reports its watcher count.
+    pub fn watcher_gauge(&self) -> WatcherGauge {
+        WatcherGauge {
+            stats: self.stats.clone(),
+            reported: 0,
         }
     }
 
@@ -137,6 +195,7 @@ impl Hub {
     /// Opens a stream: its queue and slow list.
     pub fn stream(&self) -> StreamHandle {
         let (tx, rx) = mpsc::channel(self.config.stream_queue.max(1));
+        self.stats.streams.fetch_add(1, Ordering::Relaxed);
         StreamHandle {
             shared: Arc::new(StreamShared {
                 id: self.next_stream.fetch_add(1, Ordering::Relaxed),
@@ -201,6 +260,7 @@ impl StreamHandle {
 
 impl Drop for StreamHandle {
     fn drop(&mut self) {
+        self.hub.stats.streams.fetch_sub(1, Ordering::Relaxed);
         let _ = self.hub.cmds.send(Cmd::DropStream {
             stream: self.shared.id,
         });
@@ -228,6 +288,7 @@ struct Dispatcher {
     dispatched: Arc<AtomicI64>,
     watchers: HashMap<WatcherId, Watcher>,
     index: WatcherIndex,
+    stats: Arc<HubStats>,
 }
 
 impl Dispatcher {
@@ -237,7 +298,12 @@ impl Dispatcher {
             tokio::select! {
                 biased;
                 cmd = self.cmds.recv() => match cmd {
-                    Some(cmd) => self.command(cmd),
+                    Some(cmd) => {
+                        self.command(cmd);
+                        self.stats
+                            .synced_watchers
+                            .store(self.watchers.len() as i64, Ordering::Relaxed);
+                    }
                     None => return,
                 },
                 batch = self.ring.next(&mut cursor) => match batch {
@@ -303,6 +369,10 @@ impl Dispatcher {
                 from_revision,
                 "watcher slow"
             );
+            self.stats.slow_total.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .synced_watchers
+                .store(self.watchers.len() as i64, Ordering::Relaxed);
             w.stream.slow.lock().push((id.1, from_revision));
             w.stream.wake.notify_one();
         }
@@ -329,11 +399,14 @@ impl Dispatcher {
                 continue;
             };
             let first = events[0].kv.as_ref().map_or(0, |kv| kv.mod_revision);
+            let n = events.len() as u64;
             match w.stream.tx.try_send(Delivery {
                 watch_id: id.1,
                 events,
             }) {
-                Ok(()) => {}
+                Ok(()) => {
+                    self.stats.events_total.fetch_add(n, Ordering::Relaxed);
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => slow.push((id, first)),
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     self.remove(id);

@@ -31,7 +31,9 @@ pub mod ring;
 
 use pgetcd_proto::mvccpb::Event;
 
-pub use hub::{Delivery, Hub, HubConfig, SlowSignal, StreamHandle, WatcherSpec};
+pub use hub::{
+    Delivery, Hub, HubConfig, HubStats, SlowSignal, StreamHandle, WatcherGauge, WatcherSpec,
+};
 pub use index::{KeySpan, WatcherId};
 pub use ring::{Lagged, Ring};
 
