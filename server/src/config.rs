@@ -26,7 +26,9 @@ pub struct Config {
     #[arg(long, env = "PGETCD_NAME", default_value = "default")]
     pub name: String,
 
-    /// Comma-separated URLs to serve etcd clients on (http://host:port).
+    /// Comma-separated URLs to serve etcd clients on (http://host:port, or
+    /// https://host:port with --cert-file/--key-file or --auto-tls). Each also serves
+    /// /health, /livez, /readyz, /metrics and /version over HTTP/1.
     #[arg(
         long,
         env = "PGETCD_LISTEN_CLIENT_URLS",
@@ -116,6 +118,53 @@ pub struct Config {
     #[arg(long, env = "PGETCD_WATCH_STREAM_QUEUE", default_value_t = 1024)]
     pub watch_stream_queue: usize,
 
+    /// Certificate (PEM) served on https client URLs.
+    #[arg(long, env = "PGETCD_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of --cert-file.
+    #[arg(long, env = "PGETCD_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// CA certificates (PEM) that sign client certificates (used with
+    /// --client-cert-auth).
+    #[arg(long, env = "PGETCD_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+
+    /// Require every client on https URLs to present a certificate signed by
+    /// --trusted-ca-file (mutual TLS).
+    #[arg(long, env = "PGETCD_CLIENT_CERT_AUTH")]
+    pub client_cert_auth: bool,
+
+    /// Serve https client URLs with a self-signed certificate generated under
+    /// <data-dir>/fixtures/client (development only; clients cannot verify it).
+    #[arg(long, env = "PGETCD_AUTO_TLS")]
+    pub auto_tls: bool,
+
+    /// Validity of --auto-tls certificates, in years.
+    #[arg(long, env = "PGETCD_SELF_SIGNED_CERT_VALIDITY", default_value_t = 1)]
+    pub self_signed_cert_validity: u32,
+
+    /// Interval of the server's HTTP/2 keepalive pings on idle client connections
+    /// (etcd's --grpc-keepalive-interval).
+    #[arg(
+        long,
+        env = "PGETCD_GRPC_KEEPALIVE_INTERVAL",
+        default_value = "2h",
+        value_parser = parse_duration
+    )]
+    pub grpc_keepalive_interval: Duration,
+
+    /// A client connection whose keepalive ping is not answered within this is closed
+    /// (etcd's --grpc-keepalive-timeout).
+    #[arg(
+        long,
+        env = "PGETCD_GRPC_KEEPALIVE_TIMEOUT",
+        default_value = "20s",
+        value_parser = parse_duration
+    )]
+    pub grpc_keepalive_timeout: Duration,
+
     /// Log filter (tracing's env-filter syntax), e.g. info or pgetcd_engine=debug.
     #[arg(long, env = "PGETCD_LOG", default_value = "info")]
     pub log: String,
@@ -147,7 +196,30 @@ impl Config {
         for u in &self.listen_client_urls {
             crate::parse_listen_url(u)?;
         }
+        for u in &self.listen_metrics_urls {
+            if crate::parse_listen_url(u)?.tls {
+                return Err(format!(
+                    "{u}: --listen-metrics-urls serves plain HTTP only (use http://)"
+                ));
+            }
+        }
+        if self.self_signed_cert_validity == 0 {
+            return Err("--self-signed-cert-validity must be at least 1 (year)".into());
+        }
         Ok(())
+    }
+
+    /// The client TLS settings.
+    pub fn tls(&self) -> crate::transport::TlsSettings {
+        crate::transport::TlsSettings {
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            trusted_ca_file: self.trusted_ca_file.clone(),
+            client_cert_auth: self.client_cert_auth,
+            auto_tls: self.auto_tls,
+            auto_tls_dir: self.data_dir.join("fixtures").join("client"),
+            self_signed_cert_validity_years: self.self_signed_cert_validity,
+        }
     }
 }
 

@@ -11,10 +11,14 @@ pub mod config;
 mod grpc_errors;
 mod http;
 mod managed;
+/// `/metrics` and the gRPC call counters.
+pub mod metrics;
 /// The etcd gRPC services.
 pub mod services;
 /// Engine errors as etcd gRPC statuses.
 pub mod status;
+/// Client listeners: TLS, HTTP/2 and HTTP/1 on one port, graceful drain.
+pub mod transport;
 mod watch_feed;
 
 use std::net::SocketAddr;
@@ -25,11 +29,12 @@ use pgetcd_proto::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
     lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
+use std::sync::Arc;
 use thiserror::Error;
+
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 pub use config::Config;
@@ -51,19 +56,34 @@ pub enum ServerError {
 /// gRPC receive limit beyond --max-request-bytes, as etcd.
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
-/// Parses `http://host:port` into an address to bind.
-pub fn parse_listen_url(url: &str) -> Result<SocketAddr, String> {
-    let rest = if let Some(rest) = url.strip_prefix("http://") {
-        rest
-    } else if url.starts_with("https://") || url.starts_with("unixs://") {
-        return Err(format!("{url}: TLS client URLs are not supported yet"));
+/// A URL to listen on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenUrl {
+    /// Address to bind.
+    pub addr: SocketAddr,
+    /// https: serve TLS.
+    pub tls: bool,
+}
+
+/// Parses `http://host:port` or `https://host:port` into an address to bind.
+pub fn parse_listen_url(url: &str) -> Result<ListenUrl, String> {
+    let (rest, tls) = if let Some(rest) = url.strip_prefix("http://") {
+        (rest, false)
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        (rest, true)
+    } else if url.starts_with("unix://") || url.starts_with("unixs://") {
+        return Err(format!("{url}: unix socket URLs are not supported"));
     } else {
-        return Err(format!("{url}: expected http://host:port"));
+        return Err(format!(
+            "{url}: expected http://host:port or https://host:port"
+        ));
     };
     let rest = rest.trim_end_matches('/');
     let rest = rest.replace("localhost:", "127.0.0.1:");
-    rest.parse()
-        .map_err(|e| format!("{url}: not an address to listen on ({e})"))
+    let addr = rest
+        .parse()
+        .map_err(|e| format!("{url}: not an address to listen on ({e})"))?;
+    Ok(ListenUrl { addr, tls })
 }
 
 /// Resolves once `shutdown` says true (or its sender is gone).
@@ -75,6 +95,8 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 pub struct Running {
     /// The bound client addresses, in --listen-client-urls order.
     pub client_addrs: Vec<SocketAddr>,
+    /// The client URLs with the ports actually bound, in the same order.
+    pub client_urls: Vec<String>,
     /// The bound HTTP (health, metrics) addresses.
     pub metrics_addrs: Vec<SocketAddr>,
     /// The engine (tests inspect it).
@@ -85,12 +107,14 @@ pub struct Running {
 }
 
 impl Running {
-    /// `http://addr` of the first client listener.
+    /// URL of the first client listener (`http://addr` or `https://addr`).
     pub fn client_url(&self) -> String {
-        format!("http://{}", self.client_addrs[0])
+        self.client_urls[0].clone()
     }
 
-    /// Stops serving (in-flight RPCs finish), then stops the managed Postgres.
+    /// Stops serving: no new connections; in-flight calls finish (writes are answered),
+    /// watch and keepalive streams end, connections get GOAWAY; then the managed
+    /// Postgres stops.
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
         for t in self.tasks.drain(..) {
@@ -141,19 +165,27 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     );
     let mut listeners = Vec::new();
     let mut client_addrs = Vec::new();
+    let mut client_urls = Vec::new();
     for url in &config.listen_client_urls {
-        let addr = parse_listen_url(url).map_err(ServerError::Config)?;
-        let l = TcpListener::bind(addr)
+        let listen = parse_listen_url(url).map_err(ServerError::Config)?;
+        let l = TcpListener::bind(listen.addr)
             .await
             .map_err(|e| ServerError::Start(format!("binding {url}: {e}")))?;
-        client_addrs.push(
-            l.local_addr()
-                .map_err(|e| ServerError::Start(e.to_string()))?,
-        );
-        listeners.push(l);
+        let addr = l
+            .local_addr()
+            .map_err(|e| ServerError::Start(e.to_string()))?;
+        client_addrs.push(addr);
+        let scheme = if listen.tls { "https" } else { "http" };
+        client_urls.push(format!("{scheme}://{addr}"));
+        listeners.push((l, listen.tls));
     }
+    let tls = if listeners.iter().any(|(_, tls)| *tls) {
+        Some(transport::acceptor(&config.tls(), &client_addrs).map_err(ServerError::Config)?)
+    } else {
+        None
+    };
     let advertise = if config.advertise_client_urls.is_empty() {
-        client_addrs.iter().map(|a| format!("http://{a}")).collect()
+        client_urls.clone()
     } else {
         config.advertise_client_urls.clone()
     };
@@ -168,74 +200,84 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         max_response_bytes: config.max_request_bytes,
     };
     let limit = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
-    for listener in listeners {
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
-        let router = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
-            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-            .tcp_nodelay(true)
-            .layer(tower::util::MapResponseLayer::new(
-                grpc_errors::etcd_transport_errors,
-            ))
-            .add_service(
-                KvServer::new(services::KvService::new(engine.clone()))
-                    .max_decoding_message_size(limit)
-                    .max_encoding_message_size(usize::MAX),
-            )
-            .add_service(
-                ClusterServer::new(services::ClusterService::new(
-                    engine.clone(),
-                    config.name.clone(),
-                    advertise.clone(),
-                ))
-                .max_decoding_message_size(limit),
-            )
-            .add_service(
-                MaintenanceServer::new(services::MaintenanceService::new(engine.clone()))
-                    .max_decoding_message_size(limit),
-            )
-            .add_service(
-                WatchServer::new(services::WatchService::new(
-                    engine.clone(),
-                    hub.clone(),
-                    watch_settings,
-                    shutdown_rx.clone(),
-                ))
-                .max_decoding_message_size(limit)
-                .max_encoding_message_size(usize::MAX),
-            )
-            .add_service(
-                LeaseServer::new(services::LeaseService::new(
-                    engine.clone(),
-                    shutdown_rx.clone(),
-                ))
-                .max_decoding_message_size(limit),
-            )
-            .add_service(AuthServer::new(services::AuthService).max_decoding_message_size(limit))
-            .add_service(health_service);
-        let mut rx = shutdown_rx.clone();
-        let incoming = TcpListenerStream::new(listener);
-        tasks.push(tokio::spawn(async move {
-            let stop = async move { stopped(&mut rx).await };
-            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
-                tracing::error!(error = %e, "grpc server failed");
-            }
-        }));
+    let server_metrics = Arc::new(metrics::Metrics::default());
+    let sources = metrics::Sources {
+        engine: engine.clone(),
+        hub: hub.clone(),
+        metrics: server_metrics.clone(),
+        slot: pgetcd_wal::slot_name(&config.keyspace),
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let grpc = tonic::service::Routes::new(
+        KvServer::new(services::KvService::new(engine.clone()))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(usize::MAX),
+    )
+    .add_service(
+        ClusterServer::new(services::ClusterService::new(
+            engine.clone(),
+            config.name.clone(),
+            advertise.clone(),
+        ))
+        .max_decoding_message_size(limit),
+    )
+    .add_service(
+        MaintenanceServer::new(services::MaintenanceService::new(engine.clone()))
+            .max_decoding_message_size(limit),
+    )
+    .add_service(
+        WatchServer::new(services::WatchService::new(
+            engine.clone(),
+            hub.clone(),
+            watch_settings,
+            shutdown_rx.clone(),
+        ))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX),
+    )
+    .add_service(
+        LeaseServer::new(services::LeaseService::new(
+            engine.clone(),
+            shutdown_rx.clone(),
+        ))
+        .max_decoding_message_size(limit),
+    )
+    .add_service(AuthServer::new(services::AuthService).max_decoding_message_size(limit))
+    .add_service(health_service);
+    let router = grpc.into_axum_router().merge(http::router(sources.clone()));
+    let app = tower::ServiceBuilder::new()
+        .layer(metrics::GrpcMetricsLayer(server_metrics.clone()))
+        .map_response(grpc_errors::etcd_transport_errors::<axum::body::Body>)
+        .service(router);
+    let keepalive = transport::Keepalive {
+        interval: config.grpc_keepalive_interval,
+        timeout: config.grpc_keepalive_timeout,
+    };
+    for (listener, is_tls) in listeners {
+        let acceptor = if is_tls { tls.clone() } else { None };
+        tasks.push(tokio::spawn(transport::serve(
+            listener,
+            acceptor,
+            app.clone(),
+            server_metrics.clone(),
+            keepalive,
+            shutdown_rx.clone(),
+        )));
     }
     let mut metrics_addrs = Vec::new();
     for url in &config.listen_metrics_urls {
-        let addr = parse_listen_url(url).map_err(ServerError::Config)?;
-        let l = TcpListener::bind(addr)
+        let listen = parse_listen_url(url).map_err(ServerError::Config)?;
+        let l = TcpListener::bind(listen.addr)
             .await
             .map_err(|e| ServerError::Start(format!("binding {url}: {e}")))?;
         metrics_addrs.push(
             l.local_addr()
                 .map_err(|e| ServerError::Start(e.to_string()))?,
         );
-        let app = http::router(engine.clone());
+        let app = http::router(sources.clone());
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let stop = async move { stopped(&mut rx).await };
@@ -247,6 +289,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     info!(addrs = ?client_addrs, metrics = ?metrics_addrs, name = %config.name, "serving etcd clients");
     Ok(Running {
         client_addrs,
+        client_urls,
         metrics_addrs,
         engine,
         shutdown,

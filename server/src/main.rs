@@ -14,7 +14,18 @@ async fn main() {
     let running = match start(config).await {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("pgetcd: {e}");
+            // The whole cause chain: "postgres: connect" alone does not say why.
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                let text = s.to_string();
+                if !msg.contains(&text) {
+                    msg.push_str(": ");
+                    msg.push_str(&text);
+                }
+                source = s.source();
+            }
+            eprintln!("pgetcd: {msg}");
             std::process::exit(1);
         }
     };

@@ -242,3 +242,189 @@ async fn etcdctl_sees_the_same_as_with_etcd() {
     assert!(out.contains("is healthy"), "{out}");
     ours.stop().await;
 }
+
+/// Replaces `from` with `to` everywhere (for per-server lease ids and endpoints).
+fn replace_all(s: &str, pairs: &[(String, &str)]) -> String {
+    let mut out = s.to_owned();
+    for (from, to) in pairs {
+        if !from.is_empty() {
+            out = out.replace(from.as_str(), to);
+        }
+    }
+    out
+}
+
+/// Zeroes the number after each `marker` (remaining TTLs differ by timing).
+fn zero_after(s: &str, marker: &str) -> String {
+    let mut res = String::new();
+    let mut rest = s;
+    while let Some(pos) = rest.find(marker) {
+        res.push_str(&rest[..pos + marker.len()]);
+        rest = &rest[pos + marker.len()..];
+        let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+        res.push('N');
+        rest = &rest[digits..];
+    }
+    res.push_str(rest);
+    res
+}
+
+/// One etcdctl endpoint under comparison, with the lease id it was granted.
+struct Side {
+    url: String,
+    lease_hex: String,
+}
+
+impl Side {
+    fn run(&mut self, args: &[&str]) -> (bool, String, String) {
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.replace("{ID}", &self.lease_hex))
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, out, err) = etcdctl(&self.url, &args, None);
+        if args.starts_with(&["lease", "grant"])
+            && let Some(id) = out.split_whitespace().nth(1)
+        {
+            self.lease_hex = id.to_owned();
+        }
+        let decimal = i64::from_str_radix(&self.lease_hex, 16)
+            .map(|d| d.to_string())
+            .unwrap_or_default();
+        let endpoint = self.url.trim_start_matches("http://").to_owned();
+        let norm = |s: &str| {
+            let s = replace_all(
+                s,
+                &[
+                    (self.url.clone(), "<URL>"),
+                    (endpoint.clone(), "<EP>"),
+                    (self.lease_hex.clone(), "<ID>"),
+                    (decimal.clone(), "<ID>"),
+                ],
+            );
+            let s = zero_after(&s, "remaining(");
+            let s = zero_after(&s, "\"ttl\":");
+            normalise(&s)
+        };
+        (ok, norm(&out), norm(&error_line(&err)))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_leases_endpoints_and_maintenance_match_etcd() {
+    let etcd = RealEtcd::start().await;
+    let ours = TestServer::start_default().await;
+    let mut theirs = Side {
+        url: etcd.url.clone(),
+        lease_hex: String::new(),
+    };
+    let mut mine = Side {
+        url: ours.url(),
+        lease_hex: String::new(),
+    };
+    let steps: Vec<Vec<&str>> = vec![
+        // History with sub-revisions, overwrites and deletes, then its hash.
+        vec!["put", "a", "1"],
+        vec!["put", "b", "2"],
+        vec!["put", "a", "11"],
+        vec!["del", "b"],
+        vec!["put", "c", ""],
+        vec!["endpoint", "hashkv"],
+        vec!["endpoint", "hashkv", "-w", "json"],
+        vec!["endpoint", "hashkv", "--rev=3"],
+        // Leases.
+        vec!["lease", "grant", "60"],
+        vec!["put", "k1", "v1", "--lease={ID}"],
+        vec!["get", "k1", "-w", "json"],
+        vec!["lease", "timetolive", "{ID}"],
+        // One attached key at a time: etcd lists several in Go map order.
+        vec!["lease", "timetolive", "{ID}", "--keys"],
+        vec!["lease", "timetolive", "{ID}", "--keys", "-w", "json"],
+        vec!["put", "k2", "v2", "--lease={ID}"],
+        vec!["lease", "list"],
+        vec!["lease", "keep-alive", "--once", "{ID}"],
+        vec!["put", "k1", "detached"],
+        vec!["lease", "timetolive", "{ID}", "--keys"],
+        vec!["lease", "revoke", "{ID}"],
+        vec!["get", "k", "--prefix"],
+        vec!["lease", "timetolive", "{ID}"],
+        vec!["lease", "revoke", "{ID}"],
+        vec!["lease", "keep-alive", "--once", "{ID}"],
+        vec!["put", "k3", "v", "--lease={ID}"],
+        vec!["lease", "list"],
+        vec!["lease", "grant", "1"],
+        vec!["lease", "revoke", "{ID}"],
+        // Alarms (none raised).
+        vec!["alarm", "list"],
+        vec!["alarm", "disarm"],
+        // Compaction keeps what is still visible; the hash covers exactly that (and no
+        // longer the leased versions, whose lease ids differ between the servers).
+        vec!["put", "a", "111"],
+        vec!["compaction", "--physical", "12"],
+        vec!["compaction", "--physical", "11"],
+        vec!["endpoint", "hashkv"],
+        vec!["endpoint", "hashkv", "--rev=11"],
+        vec!["endpoint", "hashkv", "--rev=10"],
+        vec!["endpoint", "hashkv", "--rev=1000"],
+        vec!["put", "d", "4"],
+        vec!["del", "a"],
+        vec!["endpoint", "hashkv", "-w", "json"],
+        vec!["defrag"],
+        vec!["get", "", "--prefix", "-w", "json"],
+    ];
+    for args in &steps {
+        let a = theirs.run(args);
+        let b = mine.run(args);
+        assert_eq!(b, a, "etcdctl {args:?}: left = pgetcd, right = etcd");
+    }
+    // The lease lines must have printed something real (not two empty outputs).
+    let (ok, out, _) = mine.run(&["lease", "grant", "30"]);
+    assert!(ok && out.contains("granted with TTL(30s)"), "{out}");
+
+    // Moving leadership: to this member succeeds, to any other id is refused.
+    let (ok, status, err) = etcdctl(&mine.url, &["endpoint", "status", "-w", "json"], None);
+    assert!(ok, "{err}");
+    let at = status.find("\"member_id\":").unwrap() + "\"member_id\":".len();
+    let member: u64 = status[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .unwrap();
+    let (ok, out, err) = etcdctl(&mine.url, &["move-leader", &format!("{member:x}")], None);
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = etcdctl(&mine.url, &["move-leader", "1234"], None);
+    assert!(!ok);
+    assert!(err.contains("bad leader transferee"), "{err}");
+    ours.stop().await;
+}
+
+/// `etcdctl check perf --load=s` (60 s of writes, then its verdicts) passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_check_perf_small_load_passes() {
+    let ours = TestServer::start_default().await;
+    let url = ours.url();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(etcdctl_binary())
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={url}"))
+            .args(["check", "perf", "--load=s"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("PASS: Throughput"), "{stdout}");
+    assert!(stdout.contains("PASS: Slowest request"), "{stdout}");
+    assert!(
+        stdout.contains("\nPASS\n") || stdout.ends_with("PASS\n"),
+        "{stdout}"
+    );
+    ours.stop().await;
+}

@@ -498,67 +498,6 @@ async fn a_second_instance_fences_the_first() {
 }
 
 /// A plain HTTP/1.1 GET: (status code, body).
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    let code = raw[9..12].parse().unwrap();
-    let body = raw.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (code, body)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_health_and_metrics() {
-    let first = TestServer::start_default().await;
-    let addr = first.running.metrics_addrs[0];
-    for path in [
-        "/health",
-        "/health?serializable=true",
-        "/health?serializable=false",
-    ] {
-        assert_eq!(
-            http_get(addr, path).await,
-            (200, "{\"health\":\"true\",\"reason\":\"\"}".to_owned()),
-            "{path}"
-        );
-    }
-    assert_eq!(http_get(addr, "/livez").await, (200, "ok".into()));
-    assert_eq!(http_get(addr, "/readyz").await, (200, "ok".into()));
-    let (code, m) = http_get(addr, "/metrics").await;
-    assert_eq!(code, 200);
-    assert!(m.contains("etcd_server_has_leader 1"), "{m}");
-    assert!(
-        m.contains("etcd_debugging_mvcc_current_revision 1\n"),
-        "{m}"
-    );
-    let mut c = Clients::connect(&first.url()).await;
-    c.kv.put(put("k", "v")).await.unwrap();
-    let (_, m) = http_get(addr, "/metrics").await;
-    assert!(
-        m.contains("etcd_debugging_mvcc_current_revision 2\n"),
-        "{m}"
-    );
-    assert!(m.contains("etcd_mvcc_db_total_size_in_bytes "), "{m}");
-    // Fenced by a second instance: unhealthy, no leader.
-    let second = TestServer::start(srv_config(&first.config.keyspace)).await;
-    let _ = c.kv.put(put("k", "lost")).await;
-    let (code, body) = http_get(addr, "/health").await;
-    assert_eq!(code, 503);
-    assert!(body.contains("\"health\":\"false\""), "{body}");
-    assert!(
-        http_get(addr, "/metrics")
-            .await
-            .1
-            .contains("etcd_server_has_leader 0")
-    );
-    first.stop().await;
-    second.stop().await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_raises_nospace_and_only_writes_that_add_data_fail() {
     use pgetcd_proto::etcdserverpb::{AlarmRequest, AlarmType, alarm_request::AlarmAction};

@@ -13,6 +13,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 /// A test-driven watch stream.
+/// Throwaway certificates for TLS tests.
+pub mod pki;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -154,6 +156,30 @@ pub async fn channel(url: &str) -> Channel {
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
+}
+
+/// A TLS channel to `url` (https://127.0.0.1:port) trusting `ca`, presenting
+/// `identity` (cert, key PEM files) when given. Errors are returned, not retried: TLS
+/// tests expect refusals.
+pub async fn tls_channel(
+    url: &str,
+    ca: &std::path::Path,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<Channel, tonic::transport::Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read = |p: &std::path::Path| std::fs::read(p).expect("read pem");
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(ca)))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(read(cert), read(key)));
+    }
+    Channel::from_shared(url.to_owned())
+        .expect("url")
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
 }
 
 /// The etcd clients of one endpoint.

@@ -19,6 +19,7 @@ pub struct TestWatch {
     responses: Arc<Mutex<Vec<WatchResponse>>>,
     /// Set when the stream ended with an error.
     pub error: Arc<Mutex<Option<tonic::Status>>>,
+    ended: tokio::sync::watch::Receiver<bool>,
 }
 
 impl TestWatch {
@@ -29,6 +30,7 @@ impl TestWatch {
         let responses = Arc::new(Mutex::new(Vec::new()));
         let error = Arc::new(Mutex::new(None));
         let (r, e) = (responses.clone(), error.clone());
+        let (done, ended) = tokio::sync::watch::channel(false);
         // etcd sends the response headers only with its first message, so the call
         // completes only after a request was sent: drive it in the background.
         tokio::spawn(async move {
@@ -36,6 +38,7 @@ impl TestWatch {
                 Ok(s) => s.into_inner(),
                 Err(s) => {
                     *e.lock() = Some(s);
+                    let _ = done.send(true);
                     return;
                 }
             };
@@ -49,11 +52,13 @@ impl TestWatch {
                     }
                 }
             }
+            let _ = done.send(true);
         });
         TestWatch {
             tx,
             responses,
             error,
+            ended,
         }
     }
 
@@ -120,6 +125,12 @@ impl TestWatch {
             );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+    }
+
+    /// Resolves when the server ended the stream (cleanly or with an error).
+    pub async fn closed(&self) {
+        let mut ended = self.ended.clone();
+        let _ = ended.wait_for(|e| *e).await;
     }
 
     /// Every response so far.

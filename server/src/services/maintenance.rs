@@ -1,10 +1,15 @@
-//! Maintenance service: Status (with the keyspace's real size in Postgres) and Alarm
-//! GET. The rest answers Unimplemented until it has a true meaning on Postgres.
+//! Maintenance service: Status (with the keyspace's real size in Postgres), Alarm,
+//! HashKV (bit-for-bit etcd's hash of the same history), Defragment (VACUUM of the
+//! keyspace's tables) and MoveLeader (this server is the only member, so moving to
+//! itself succeeds and any other id is a bad transferee). Hash (a hash of etcd's whole
+//! bolt file), Snapshot (a bolt file) and Downgrade have no true meaning on Postgres and
+//! answer Unimplemented (docs/compatibility.md).
 
 use pgetcd_engine::Engine;
 use pgetcd_proto::etcdserverpb::{
-    AlarmMember, AlarmRequest, AlarmResponse, AlarmType, StatusRequest, StatusResponse,
-    alarm_request::AlarmAction, maintenance_server::Maintenance,
+    AlarmMember, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse,
+    HashKvRequest, HashKvResponse, MoveLeaderRequest, MoveLeaderResponse, StatusRequest,
+    StatusResponse, alarm_request::AlarmAction, maintenance_server::Maintenance,
 };
 use tonic::{Request, Response, Status};
 
@@ -13,6 +18,8 @@ use crate::status::to_status;
 /// The etcd version pgetcd reports: kube-apiserver enables watch-progress-based
 /// consistent reads from 3.5.13 on, and pgetcd implements that API level.
 pub const ETCD_VERSION: &str = "3.5.16";
+/// The cluster version reported by `/version`.
+pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
 
 /// etcd's Maintenance service.
 pub struct MaintenanceService {
@@ -59,6 +66,49 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(AlarmResponse {
             header: Some(self.engine.header()),
             alarms,
+        }))
+    }
+
+    async fn hash_kv(
+        &self,
+        req: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        let (hash, current, compact) = self
+            .engine
+            .hash_kv(req.get_ref().revision)
+            .await
+            .map_err(to_status)?;
+        let mut header = self.engine.header();
+        header.revision = current;
+        Ok(Response::new(HashKvResponse {
+            header: Some(header),
+            hash,
+            compact_revision: compact,
+            ..Default::default()
+        }))
+    }
+
+    async fn defragment(
+        &self,
+        _req: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
+        self.engine.vacuum().await.map_err(to_status)?;
+        Ok(Response::new(DefragmentResponse {
+            header: Some(self.engine.header()),
+        }))
+    }
+
+    async fn move_leader(
+        &self,
+        req: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
+        if req.get_ref().target_id != self.engine.member_id() {
+            return Err(Status::failed_precondition(
+                "etcdserver: bad leader transferee",
+            ));
+        }
+        Ok(Response::new(MoveLeaderResponse {
+            header: Some(self.engine.header()),
         }))
     }
 

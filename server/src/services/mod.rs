@@ -11,6 +11,6 @@ mod watch;
 pub use cluster::ClusterService;
 pub use kv::KvService;
 pub use lease::LeaseService;
-pub use maintenance::MaintenanceService;
+pub use maintenance::{ETCD_CLUSTER_VERSION, ETCD_VERSION, MaintenanceService};
 pub use unimplemented::AuthService;
 pub use watch::{WatchService, WatchSettings};

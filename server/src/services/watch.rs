@@ -133,6 +133,7 @@ impl StreamTask {
         let mut ticker = tokio::time::interval(self.settings.progress_interval);
         ticker.tick().await;
         let slow = self.bus.slow_signal();
+        let mut gauge = self.bus.hub().watcher_gauge();
         loop {
             let step = tokio::select! {
                 biased;
@@ -148,6 +149,7 @@ impl StreamTask {
             if step.is_err() {
                 return;
             }
+            gauge.set(self.watchers.len());
         }
     }
 

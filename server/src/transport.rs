@@ -1,0 +1,298 @@
+//! Client listeners: accept TCP, optionally terminate TLS (with client-certificate
+//! verification for `--client-cert-auth`), then serve HTTP/2 gRPC and plain HTTP/1
+//! (`/health`, `/metrics`, `/version`, ...) on the same port, as etcd does.
+//!
+//! HTTP/2 settings follow etcd's server: no limit on concurrent streams per connection
+//! (kube-apiserver multiplexes thousands of watches on a few connections), server
+//! keepalive pings every `--grpc-keepalive-interval` with `--grpc-keepalive-timeout`, and
+//! client pings accepted at any rate (etcd's `--grpc-keepalive-min-time` of 5 s is the
+//! floor it enforces; pgetcd never answers pings with GOAWAY).
+//!
+//! Shutdown: stop accepting, send GOAWAY on every connection and let in-flight calls
+//! finish (watch and keepalive streams end themselves on the same signal), then drop
+//! whatever remains after [`DRAIN_TIMEOUT`].
+
+use std::fs;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+
+/// How long shutdown waits for connections to finish their calls.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Client TLS settings (etcd's flags of the same names).
+#[derive(Debug, Clone, Default)]
+pub struct TlsSettings {
+    /// `--cert-file`.
+    pub cert_file: Option<PathBuf>,
+    /// `--key-file`.
+    pub key_file: Option<PathBuf>,
+    /// `--trusted-ca-file`: CAs that sign client certificates.
+    pub trusted_ca_file: Option<PathBuf>,
+    /// `--client-cert-auth`: refuse clients without a certificate signed by a trusted CA.
+    pub client_cert_auth: bool,
+    /// `--auto-tls`: a self-signed certificate generated under the data directory.
+    pub auto_tls: bool,
+    /// Where auto-TLS keeps its certificate (`<data-dir>/fixtures/client`).
+    pub auto_tls_dir: PathBuf,
+    /// Validity of generated certificates, in years.
+    pub self_signed_cert_validity_years: u32,
+}
+
+/// HTTP/2 keepalive settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Keepalive {
+    /// Server pings an idle connection this often.
+    pub interval: Duration,
+    /// and closes it when a ping is not answered within this.
+    pub timeout: Duration,
+}
+
+fn ring() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("reading {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("parsing {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", path.display()));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("reading key {}: {e}", path.display()))
+}
+
+/// Generates (or reuses) the auto-TLS certificate for `hosts`; returns (cert, key)
+/// paths.
+fn auto_cert(settings: &TlsSettings, hosts: &[SocketAddr]) -> Result<(PathBuf, PathBuf), String> {
+    let dir = &settings.auto_tls_dir;
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    if cert.exists() && key.exists() {
+        info!(cert = %cert.display(), "auto-tls: reusing the generated certificate");
+        return Ok((cert, key));
+    }
+    let mut names: Vec<String> = vec!["localhost".into()];
+    for h in hosts {
+        let ip = h.ip().to_string();
+        if !names.contains(&ip) {
+            names.push(ip);
+        }
+    }
+    let mut params = rcgen::CertificateParams::new(names)
+        .map_err(|e| format!("auto-tls: certificate parameters: {e}"))?;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after =
+        now + time::Duration::days(365 * i64::from(settings.self_signed_cert_validity_years));
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "pgetcd");
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key_pair = rcgen::KeyPair::generate().map_err(|e| format!("auto-tls: key: {e}"))?;
+    let signed = params
+        .self_signed(&key_pair)
+        .map_err(|e| format!("auto-tls: signing: {e}"))?;
+    fs::create_dir_all(dir).map_err(|e| format!("auto-tls: creating {}: {e}", dir.display()))?;
+    fs::write(&cert, signed.pem()).map_err(|e| format!("auto-tls: writing cert: {e}"))?;
+    write_private(&key, key_pair.serialize_pem().as_bytes())
+        .map_err(|e| format!("auto-tls: writing key: {e}"))?;
+    info!(cert = %cert.display(), "auto-tls: generated a self-signed certificate");
+    Ok((cert, key))
+}
+
+fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)
+}
+
+/// The TLS acceptor for https client URLs.
+pub fn acceptor(settings: &TlsSettings, hosts: &[SocketAddr]) -> Result<TlsAcceptor, String> {
+    let (cert, key) = match (&settings.cert_file, &settings.key_file) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        (None, None) if settings.auto_tls => auto_cert(settings, hosts)?,
+        (None, None) => {
+            return Err("https client URLs need --cert-file and --key-file (or --auto-tls)".into());
+        }
+        _ => return Err("--cert-file and --key-file go together".into()),
+    };
+    let provider = ring();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("tls: {e}"))?;
+    let builder = if settings.client_cert_auth {
+        let Some(ca) = &settings.trusted_ca_file else {
+            return Err("--client-cert-auth needs --trusted-ca-file".into());
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in read_certs(ca)? {
+            roots
+                .add(c)
+                .map_err(|e| format!("{}: bad CA certificate: {e}", ca.display()))?;
+        }
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("client certificate verifier: {e}"))?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder
+        .with_single_cert(read_certs(&cert)?, read_key(&key)?)
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Counts an open connection for as long as it lives.
+struct OpenConnection(Arc<Metrics>);
+
+impl OpenConnection {
+    fn new(m: &Arc<Metrics>) -> Self {
+        m.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        m.connections_open.fetch_add(1, Ordering::Relaxed);
+        Self(m.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown`, then drains.
+pub async fn serve<S, B>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    app: S,
+    metrics: Arc<Metrics>,
+    keepalive: Keepalive,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(u32::MAX)
+        .keep_alive_interval(keepalive.interval)
+        .keep_alive_timeout(keepalive.timeout);
+    builder.http1().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = crate::stopped(&mut shutdown) => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let open = OpenConnection::new(&metrics);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let service = TowerToHyperService::new(app.clone());
+        let tls = tls.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let _open = open;
+            let result =
+                match tls {
+                    None => {
+                        let conn = builder
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                            .into_owned();
+                        watcher.watch(conn).await
+                    }
+                    Some(acceptor) => {
+                        let tls_stream =
+                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                                .await
+                            {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    metrics
+                                        .tls_handshake_failures
+                                        .fetch_add(1, Ordering::Relaxed);
+                                    warn!(%peer, error = %e, "tls handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    metrics
+                                        .tls_handshake_failures
+                                        .fetch_add(1, Ordering::Relaxed);
+                                    warn!(%peer, "tls handshake timed out");
+                                    return;
+                                }
+                            };
+                        let conn = builder
+                            .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
+                            .into_owned();
+                        watcher.watch(conn).await
+                    }
+                };
+            if let Err(e) = result {
+                debug!(%peer, error = %e, "client connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("client connections still open after the drain timeout; closing them");
+    }
+}

@@ -1,0 +1,498 @@
+//! The server's outer surface: HTTP endpoints on the metrics and client ports, the
+//! Prometheus series (present, and moving under load), TLS and mutual TLS on client
+//! URLs (right certificate accepted; missing, untrusted or plaintext refused), auto-TLS,
+//! client keepalive pings without GOAWAY, and a graceful shutdown that answers or
+//! refuses every write (no acknowledged write lost) and ends watch streams.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use pgetcd_proto::etcdserverpb::{
+    DeleteRangeRequest, LeaseGrantRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    WatchCreateRequest, kv_client::KvClient, lease_client::LeaseClient, request_op::Request,
+};
+use pgetcd_testkit::pki::TestPki;
+use pgetcd_testkit::watch::TestWatch;
+use pgetcd_testkit::{Clients, TestServer, test_config, tls_channel};
+use tonic::transport::Channel;
+
+fn put(k: &str, v: &str) -> PutRequest {
+    PutRequest {
+        key: Bytes::from(k.to_owned()),
+        value: Bytes::from(v.to_owned()),
+        ..Default::default()
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let code = raw[9..12].parse().unwrap();
+    let body = raw.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (code, body)
+}
+
+/// The value of the series whose line starts with `series ` (name plus labels).
+fn value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no series {series} in:\n{metrics}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_endpoints_on_the_metrics_and_client_ports() {
+    let first = TestServer::start_default().await;
+    // The client port serves HTTP/1 beside gRPC, like etcd's.
+    for addr in [
+        first.running.metrics_addrs[0],
+        first.running.client_addrs[0],
+    ] {
+        for path in [
+            "/health",
+            "/health?serializable=true",
+            "/health?serializable=false",
+        ] {
+            assert_eq!(
+                http_get(addr, path).await,
+                (200, "{\"health\":\"true\",\"reason\":\"\"}".to_owned()),
+                "{addr}{path}"
+            );
+        }
+        assert_eq!(http_get(addr, "/livez").await, (200, "ok".into()));
+        assert_eq!(http_get(addr, "/readyz").await, (200, "ok".into()));
+        assert_eq!(
+            http_get(addr, "/version").await,
+            (
+                200,
+                "{\"etcdserver\":\"3.5.16\",\"etcdcluster\":\"3.5.0\"}".into()
+            )
+        );
+        let (code, m) = http_get(addr, "/metrics").await;
+        assert_eq!(code, 200);
+        assert!(m.contains("etcd_server_has_leader 1\n"), "{m}");
+    }
+    let addr = first.running.metrics_addrs[0];
+    let mut c = Clients::connect(&first.url()).await;
+    c.kv.put(put("k", "v")).await.unwrap();
+    let (_, m) = http_get(addr, "/metrics").await;
+    assert_eq!(value(&m, "etcd_debugging_mvcc_current_revision"), 2.0);
+    // Fenced by a second instance: unhealthy, no leader.
+    let mut second_config = test_config();
+    second_config.keyspace = first.config.keyspace.clone();
+    let second = TestServer::start(second_config).await;
+    let _ = c.kv.put(put("k", "lost")).await;
+    let (code, body) = http_get(addr, "/health").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("\"health\":\"false\""), "{body}");
+    let (_, m) = http_get(addr, "/metrics").await;
+    assert_eq!(value(&m, "etcd_server_has_leader"), 0.0);
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_exist_and_move_under_load() {
+    let srv = TestServer::start_default().await;
+    let addr = srv.running.metrics_addrs[0];
+    let scrape = || http_get(addr, "/metrics");
+    let (_, before) = scrape().await;
+    for name in [
+        "grpc_server_started_total",
+        "grpc_server_handled_total",
+        "grpc_server_handling_seconds",
+        "etcd_server_has_leader",
+        "etcd_server_is_leader",
+        "etcd_server_version",
+        "etcd_server_quota_backend_bytes",
+        "etcd_mvcc_db_total_size_in_bytes",
+        "etcd_mvcc_db_total_size_in_use_in_bytes",
+        "etcd_debugging_mvcc_keys_total",
+        "etcd_debugging_mvcc_current_revision",
+        "etcd_debugging_mvcc_compact_revision",
+        "etcd_mvcc_range_total",
+        "etcd_mvcc_put_total",
+        "etcd_mvcc_delete_total",
+        "etcd_mvcc_txn_total",
+        "etcd_debugging_mvcc_watch_stream_total",
+        "etcd_debugging_mvcc_watcher_total",
+        "etcd_debugging_mvcc_slow_watcher_total",
+        "pgetcd_commit_batch_size",
+        "pgetcd_commit_duration_seconds",
+        "pgetcd_commit_failures_total",
+        "pgetcd_compactions_total",
+        "pgetcd_compaction_duration_seconds",
+        "pgetcd_value_cache_hits_total",
+        "pgetcd_value_cache_misses_total",
+        "pgetcd_value_cache_bytes",
+        "pgetcd_index_keys",
+        "pgetcd_postgres_read_pool_connections",
+        "pgetcd_postgres_read_pool_max",
+        "pgetcd_replication_lag_bytes",
+        "pgetcd_watch_slow_events_total",
+        "pgetcd_watch_events_total",
+        "pgetcd_leases",
+        "pgetcd_client_connections_accepted_total",
+        "pgetcd_client_connections_open",
+        "pgetcd_tls_handshake_failures_total",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(
+            before.contains(&format!("# TYPE {name} ")),
+            "{name} missing:\n{before}"
+        );
+    }
+    assert_eq!(value(&before, "etcd_mvcc_put_total"), 0.0);
+
+    let w = TestWatch::open(&srv.url()).await;
+    w.create(WatchCreateRequest {
+        key: "load/".into(),
+        range_end: "load0".into(),
+        ..Default::default()
+    })
+    .await;
+    let mut c = Clients::connect(&srv.url()).await;
+    let mut lease = LeaseClient::new(pgetcd_testkit::channel(&srv.url()).await);
+    lease
+        .lease_grant(LeaseGrantRequest {
+            ttl: 60,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let mut kv = c.kv.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                kv.put(put(&format!("load/{t}/{i}"), "v")).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let txn = TxnRequest {
+        success: vec![
+            RequestOp {
+                request: Some(Request::RequestPut(put("load/txn", "v"))),
+            },
+            RequestOp {
+                request: Some(Request::RequestRange(RangeRequest {
+                    key: "load/txn".into(),
+                    ..Default::default()
+                })),
+            },
+        ],
+        ..Default::default()
+    };
+    c.kv.txn(txn).await.unwrap();
+    c.kv.delete_range(DeleteRangeRequest {
+        key: "load/0/0".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.kv.range(RangeRequest {
+        key: "load/".into(),
+        range_end: "load0".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // A refused request is counted under its code.
+    let _ = c.kv.put(put("", "no key")).await.unwrap_err();
+    w.settle(Duration::from_millis(300), Duration::from_secs(10))
+        .await;
+
+    let (_, after) = scrape().await;
+    assert_eq!(value(&after, "etcd_mvcc_put_total"), 201.0);
+    assert_eq!(value(&after, "etcd_mvcc_txn_total"), 1.0);
+    assert_eq!(value(&after, "etcd_mvcc_delete_total"), 1.0);
+    assert_eq!(value(&after, "etcd_mvcc_range_total"), 2.0);
+    assert_eq!(value(&after, "etcd_debugging_mvcc_keys_total"), 200.0);
+    assert_eq!(value(&after, "etcd_debugging_mvcc_current_revision"), 203.0);
+    assert_eq!(value(&after, "etcd_debugging_mvcc_watcher_total"), 1.0);
+    assert_eq!(value(&after, "etcd_debugging_mvcc_watch_stream_total"), 1.0);
+    assert_eq!(value(&after, "pgetcd_leases"), 1.0);
+    assert!(value(&after, "pgetcd_watch_events_total") >= 202.0);
+    let batches = value(&after, "pgetcd_commit_batch_size_count");
+    // 203 writes (200 puts, the txn, the delete, the lease grant) in at most as many
+    // batches; every batch timed.
+    assert!((1.0..=203.0).contains(&batches), "{batches}");
+    assert_eq!(value(&after, "pgetcd_commit_batch_size_sum"), 203.0);
+    assert_eq!(
+        value(&after, "pgetcd_commit_duration_seconds_count"),
+        batches
+    );
+    let ok_puts = "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"}";
+    assert_eq!(value(&after, ok_puts), 200.0);
+    assert_eq!(
+        value(
+            &after,
+            "grpc_server_handled_total{grpc_code=\"InvalidArgument\",grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "grpc_server_started_total{grpc_method=\"Watch\",grpc_service=\"etcdserverpb.Watch\",grpc_type=\"bidi_stream\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "grpc_server_handling_seconds_count{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"}"
+        ),
+        201.0
+    );
+    assert!(value(&after, "pgetcd_replication_lag_bytes") >= 0.0);
+    assert!(value(&after, "process_cpu_seconds_total") > 0.0);
+    assert!(
+        value(&after, "etcd_mvcc_db_total_size_in_bytes")
+            > value(&before, "etcd_mvcc_db_total_size_in_bytes")
+    );
+    drop(w);
+    // The stream's end takes its watcher off the gauges.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, m) = scrape().await;
+        if value(&m, "etcd_debugging_mvcc_watcher_total") == 0.0
+            && value(&m, "etcd_debugging_mvcc_watch_stream_total") == 0.0
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    srv.stop().await;
+}
+
+async fn tls_put(ch: Channel) -> Result<(), tonic::Status> {
+    KvClient::new(ch).put(put("tls", "v")).await.map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_mutual_tls_on_client_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::generate(dir.path());
+
+    // Server TLS: a client trusting the CA gets in; a plaintext client does not.
+    let mut config = test_config();
+    config.listen_client_urls = vec!["https://127.0.0.1:0".into()];
+    config.cert_file = Some(pki.server_cert.clone());
+    config.key_file = Some(pki.server_key.clone());
+    let srv = TestServer::start(config).await;
+    let url = srv.url();
+    assert!(url.starts_with("https://"), "{url}");
+    tls_put(tls_channel(&url, &pki.ca, None).await.unwrap())
+        .await
+        .unwrap();
+    let plain = url.replace("https://", "http://");
+    let plain_result = match Channel::from_shared(plain).unwrap().connect().await {
+        Ok(ch) => tls_put(ch).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    assert!(plain_result.is_err(), "plaintext accepted on https");
+    srv.stop().await;
+
+    // Mutual TLS: only a certificate signed by the trusted CA gets in.
+    let mut config = test_config();
+    config.listen_client_urls = vec!["https://127.0.0.1:0".into()];
+    config.cert_file = Some(pki.server_cert.clone());
+    config.key_file = Some(pki.server_key.clone());
+    config.trusted_ca_file = Some(pki.ca.clone());
+    config.client_cert_auth = true;
+    let srv = TestServer::start(config).await;
+    let url = srv.url();
+    tls_put(
+        tls_channel(&url, &pki.ca, Some((&pki.client_cert, &pki.client_key)))
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    // Without a certificate, or with one from another CA: the handshake (TLS 1.3
+    // reports the refusal with the first read) or the first call fails.
+    for identity in [None, Some((&pki.rogue_cert, &pki.rogue_key))] {
+        let refused = match tls_channel(
+            &url,
+            &pki.ca,
+            identity.map(|(c, k)| (c.as_path(), k.as_path())),
+        )
+        .await
+        {
+            Ok(ch) => tls_put(ch).await.is_err(),
+            Err(_) => true,
+        };
+        assert!(refused, "client {identity:?} accepted under mTLS");
+    }
+    let (_, m) = http_get(srv.running.metrics_addrs[0], "/metrics").await;
+    assert!(
+        value(&m, "pgetcd_tls_handshake_failures_total") >= 2.0,
+        "{m}"
+    );
+
+    // etcdctl (grpc-go) speaks to the mTLS listener too.
+    let etcdctl = pgetcd_testkit::etcdctl_binary();
+    let run = |with_cert: bool| {
+        let mut cmd = std::process::Command::new(&etcdctl);
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={url}"))
+            .arg(format!("--cacert={}", pki.ca.display()))
+            .arg("--dial-timeout=3s")
+            .arg("--command-timeout=5s");
+        if with_cert {
+            cmd.arg(format!("--cert={}", pki.client_cert.display()))
+                .arg(format!("--key={}", pki.client_key.display()));
+        }
+        cmd.args(["put", "from-etcdctl", "v"]);
+        cmd.output().unwrap()
+    };
+    let ok = run(true);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&ok.stdout), "OK\n");
+    assert!(!run(false).status.success());
+    srv.stop().await;
+
+    // Auto-TLS: a self-signed certificate under the data directory, reused on restart.
+    let mut config = test_config();
+    config.listen_client_urls = vec!["https://127.0.0.1:0".into()];
+    config.auto_tls = true;
+    config.data_dir = dir.path().join("data");
+    let srv = TestServer::start(config.clone()).await;
+    let generated = config.data_dir.join("fixtures/client/cert.pem");
+    tls_put(tls_channel(&srv.url(), &generated, None).await.unwrap())
+        .await
+        .unwrap();
+    let first_cert = std::fs::read(&generated).unwrap();
+    srv.stop().await;
+    let srv = TestServer::start(config).await;
+    assert_eq!(std::fs::read(&generated).unwrap(), first_cert);
+    tls_put(tls_channel(&srv.url(), &generated, None).await.unwrap())
+        .await
+        .unwrap();
+    srv.stop().await;
+
+    // https without a certificate is a configuration error.
+    let mut config = test_config();
+    config.listen_client_urls = vec!["https://127.0.0.1:0".into()];
+    let err = pgetcd_server::start(config)
+        .await
+        .err()
+        .expect("https without a certificate must not start");
+    assert!(err.to_string().contains("--cert-file"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_keepalive_pings_keep_the_connection() {
+    let srv = TestServer::start_default().await;
+    // Pings every second, five times more often than etcd's minimum: no GOAWAY, the one
+    // connection keeps serving.
+    let ch = Channel::from_shared(srv.url())
+        .unwrap()
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .unwrap();
+    let mut kv = KvClient::new(ch);
+    kv.put(put("ka", "1")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    kv.put(put("ka", "2")).await.unwrap();
+    let (_, m) = http_get(srv.running.metrics_addrs[0], "/metrics").await;
+    assert_eq!(
+        value(&m, "pgetcd_client_connections_accepted_total"),
+        1.0,
+        "the client had to reconnect"
+    );
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_answers_writes_and_ends_watches() {
+    let srv = TestServer::start_default().await;
+    let config = srv.config.clone();
+    let url = srv.url();
+    let w = TestWatch::open(&url).await;
+    w.create(WatchCreateRequest {
+        key: "d/".into(),
+        range_end: "d0".into(),
+        ..Default::default()
+    })
+    .await;
+    let c = Clients::connect(&url).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for t in 0..16 {
+        let mut kv = c.kv.clone();
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("d/{t}/{i}");
+                match tokio::time::timeout(Duration::from_secs(15), kv.put(put(&key, "v"))).await {
+                    Ok(Ok(_)) => acked.push(key),
+                    Ok(Err(_)) => break,
+                    Err(_) => panic!("a write hung through shutdown"),
+                }
+                i += 1;
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopped = tokio::time::timeout(Duration::from_secs(20), srv.running.stop()).await;
+    assert!(stopped.is_ok(), "shutdown did not finish");
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for wr in writers {
+        acked.extend(wr.await.unwrap());
+    }
+    assert!(!acked.is_empty());
+    // The watch stream ended (it does not hang on a dead server).
+    tokio::time::timeout(Duration::from_secs(10), w.closed())
+        .await
+        .expect("watch stream still open after shutdown");
+    // Every acknowledged write is there after a restart.
+    let srv = TestServer::start(config).await;
+    let mut c = Clients::connect(&srv.url()).await;
+    let got =
+        c.kv.range(RangeRequest {
+            key: "d/".into(),
+            range_end: "d0".into(),
+            keys_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let keys: std::collections::HashSet<Bytes> = got.kvs.into_iter().map(|kv| kv.key).collect();
+    for k in &acked {
+        assert!(keys.contains(k.as_bytes()), "acknowledged {k} lost");
+    }
+    srv.stop().await;
+}

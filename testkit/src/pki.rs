@@ -1,0 +1,92 @@
+//! Throwaway certificates for TLS tests: a CA, a server certificate for localhost and
+//! 127.0.0.1, a client certificate signed by the CA, and a client certificate signed
+//! by an unrelated CA (which a server trusting only the first must refuse).
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+
+/// PEM files written under one directory.
+pub struct TestPki {
+    /// The CA certificate clients and servers trust.
+    pub ca: PathBuf,
+    /// Server certificate (localhost, 127.0.0.1) and key.
+    pub server_cert: PathBuf,
+    /// Key of `server_cert`.
+    pub server_key: PathBuf,
+    /// Client certificate signed by `ca`, and its key.
+    pub client_cert: PathBuf,
+    /// Key of `client_cert`.
+    pub client_key: PathBuf,
+    /// Client certificate signed by another CA, and its key.
+    pub rogue_cert: PathBuf,
+    /// Key of `rogue_cert`.
+    pub rogue_key: PathBuf,
+}
+
+fn ca(name: &str) -> (CertificateParams, KeyPair, String) {
+    let key = KeyPair::generate().expect("ca key");
+    let mut p = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let pem = p.self_signed(&key).expect("self-sign ca").pem();
+    (p, key, pem)
+}
+
+fn leaf(
+    names: &[&str],
+    usage: ExtendedKeyUsagePurpose,
+    issuer: &Issuer<'_, KeyPair>,
+) -> (String, String) {
+    let key = KeyPair::generate().expect("leaf key");
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let mut p = CertificateParams::new(names).expect("leaf params");
+    p.distinguished_name.push(DnType::CommonName, "pgetcd-test");
+    p.extended_key_usages = vec![usage];
+    let cert = p.signed_by(&key, issuer).expect("sign leaf");
+    (cert.pem(), key.serialize_pem())
+}
+
+impl TestPki {
+    /// Generates everything into `dir`.
+    pub fn generate(dir: &Path) -> TestPki {
+        std::fs::create_dir_all(dir).expect("pki dir");
+        let (ca_params, ca_key, ca_pem) = ca("pgetcd test CA");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let (rogue_params, rogue_key, _) = ca("rogue CA");
+        let rogue_issuer = Issuer::new(rogue_params, rogue_key);
+        let server = leaf(
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &issuer,
+        );
+        let client = leaf(&["client"], ExtendedKeyUsagePurpose::ClientAuth, &issuer);
+        let rogue = leaf(
+            &["client"],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &rogue_issuer,
+        );
+        let write = |name: &str, pem: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, pem).expect("write pem");
+            p
+        };
+        TestPki {
+            ca: write("ca.pem", &ca_pem),
+            server_cert: write("server.pem", &server.0),
+            server_key: write("server-key.pem", &server.1),
+            client_cert: write("client.pem", &client.0),
+            client_key: write("client-key.pem", &client.1),
+            rogue_cert: write("rogue.pem", &rogue.0),
+            rogue_key: write("rogue-key.pem", &rogue.1),
+        }
+    }
+}
