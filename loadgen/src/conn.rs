@@ -1,0 +1,125 @@
+//! Connections to one side of a comparison: a comma-separated endpoint list, plain
+//! http:// or TLS for https:// (rustls with ring via tonic; `--cacert` verifies the
+//! server, `--cert`/`--key` present a client certificate).
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use pgetcd_proto::etcdserverpb::{
+    kv_client::KvClient, lease_client::LeaseClient, watch_client::WatchClient,
+};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::cli::Cli;
+
+/// One side of the comparison (A or B).
+#[derive(Clone)]
+pub struct Target {
+    /// As given on the command line; names the side in output.
+    pub label: String,
+    urls: Vec<String>,
+    tls: Option<ClientTlsConfig>,
+}
+
+/// TLS material read once from the files named by the flags.
+#[derive(Clone, Default)]
+pub struct TlsFiles {
+    ca: Option<Certificate>,
+    identity: Option<Identity>,
+}
+
+impl TlsFiles {
+    pub fn load(cli: &Cli) -> Result<TlsFiles> {
+        let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let ca = match &cli.cacert {
+            Some(p) => Some(Certificate::from_pem(read(p)?)),
+            None => None,
+        };
+        let identity = match (&cli.cert, &cli.key) {
+            (Some(c), Some(k)) => Some(Identity::from_pem(read(c)?, read(k)?)),
+            (None, None) => None,
+            _ => bail!("--cert and --key go together"),
+        };
+        Ok(TlsFiles { ca, identity })
+    }
+}
+
+impl Target {
+    pub fn new(spec: &str, tls: &TlsFiles) -> Result<Target> {
+        let urls: Vec<String> = spec
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                if s.contains("://") {
+                    s.to_owned()
+                } else {
+                    format!("http://{s}")
+                }
+            })
+            .collect();
+        if urls.is_empty() {
+            bail!("no endpoint in {spec:?}");
+        }
+        let https = urls.iter().filter(|u| u.starts_with("https://")).count();
+        if https != 0 && https != urls.len() {
+            bail!("{spec}: mixes http:// and https:// endpoints");
+        }
+        let tls = if https > 0 {
+            let Some(ca) = &tls.ca else {
+                bail!("{spec}: https:// endpoints need --cacert");
+            };
+            let mut cfg = ClientTlsConfig::new().ca_certificate(ca.clone());
+            if let Some(id) = &tls.identity {
+                cfg = cfg.identity(id.clone());
+            }
+            Some(cfg)
+        } else {
+            None
+        };
+        Ok(Target {
+            label: spec.to_owned(),
+            urls,
+            tls,
+        })
+    }
+
+    /// Connection `i` (endpoints taken round-robin).
+    pub async fn channel(&self, i: usize) -> Result<Channel> {
+        let url = &self.urls[i % self.urls.len()];
+        let mut ep =
+            Endpoint::from_shared(url.clone()).with_context(|| format!("bad URL {url}"))?;
+        if let Some(tls) = &self.tls {
+            ep = ep
+                .tls_config(tls.clone())
+                .with_context(|| format!("TLS for {url}"))?;
+        }
+        ep.connect()
+            .await
+            .with_context(|| format!("connecting to {url}"))
+    }
+
+    /// `n` connections (at least one).
+    pub async fn channels(&self, n: usize) -> Result<Vec<Channel>> {
+        let mut out = Vec::with_capacity(n.max(1));
+        for i in 0..n.max(1) {
+            out.push(self.channel(i).await?);
+        }
+        Ok(out)
+    }
+}
+
+/// A KV client without message size limits (lists and prefills are large).
+pub fn kv(ch: &Channel) -> KvClient<Channel> {
+    KvClient::new(ch.clone())
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
+}
+
+pub fn lease(ch: &Channel) -> LeaseClient<Channel> {
+    LeaseClient::new(ch.clone())
+}
+
+pub fn watch(ch: &Channel) -> WatchClient<Channel> {
+    WatchClient::new(ch.clone()).max_decoding_message_size(usize::MAX)
+}
