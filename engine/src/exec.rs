@@ -233,10 +233,23 @@ impl<'a> Exec<'a> {
         if limit > 0 {
             limit += 1;
         }
-        let (mut kvs, total) = self
-            .sh
-            .index
-            .range(&kr, rev, usize::try_from(limit).unwrap_or(0));
+        let scan_limit = usize::try_from(limit).unwrap_or(0);
+        let (mut kvs, total) = if scan_limit == 0 {
+            self.sh.index.range(&kr, rev, 0)
+        } else {
+            // A page: scan only its keys (plus one to know there are more); the total
+            // comes from the page count memo or one count.
+            let kvs = self.sh.index.range_first(&kr, rev, scan_limit);
+            let total = if kvs.len() < scan_limit {
+                kvs.len()
+            } else {
+                let page = scan_limit - 1;
+                self.sh
+                    .index
+                    .page_total(&kr, rev, page, &kvs[page - 1].key)
+            };
+            (kvs, total)
+        };
         self.sh.check_not_compacted(rev)?;
         if r.max_mod_revision != 0 {
             kvs.retain(|v| v.version.mod_revision <= r.max_mod_revision);

@@ -15,7 +15,7 @@
 //! - Values live in the versions as `Option<Bytes>`; `None` means "evicted from the
 //!   value cache, read it from Postgres by (revision, sub)". Tombstones have version 0.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -143,12 +143,20 @@ pub struct Pruned {
     pub keys_removed: usize,
 }
 
+/// Counts of key ranges at fixed revisions, remembered for the next page of a
+/// paginated list (see [`Index::page_total`]). Bounded: the oldest entries go first.
+const PAGE_COUNTS: usize = 1024;
+
+/// (range start, range end (None = to the end), revision) → keys visible there.
+type PageCountKey = (Bytes, Option<Bytes>, i64);
+
 /// The ordered map of keys to versions plus the value-cache bookkeeping.
 pub struct Index {
     map: SkipMap<Bytes, KeyEntry>,
     cache_budget: usize,
     cache_bytes: AtomicUsize,
     cache_fifo: Mutex<VecDeque<CacheEntry>>,
+    page_counts: Mutex<(HashMap<PageCountKey, usize>, VecDeque<PageCountKey>)>,
 }
 
 impl Index {
@@ -159,6 +167,7 @@ impl Index {
             cache_budget,
             cache_bytes: AtomicUsize::new(0),
             cache_fifo: Mutex::new(VecDeque::new()),
+            page_counts: Mutex::new((HashMap::new(), VecDeque::new())),
         }
     }
 
@@ -275,6 +284,56 @@ impl Index {
             true
         });
         (out, total)
+    }
+
+    /// The first `limit` (> 0) keys of `range` visible at `at`; stops scanning there.
+    pub fn range_first(&self, range: &KeyRange, at: i64, limit: usize) -> Vec<Visible> {
+        let mut out = Vec::with_capacity(limit.min(1024));
+        self.scan(range, at, |k, v| {
+            out.push(Visible {
+                key: k.clone(),
+                version: v.clone(),
+            });
+            out.len() < limit
+        });
+        out
+    }
+
+    /// Total keys of `range` visible at `at` for a page of a list that returns its
+    /// first `page` keys, the last being `last`, and has more after them.
+    ///
+    /// A paginated list (kube-apiserver's: limit 500, the next page starting at the
+    /// last key + `\0`, every page at the first page's revision) needs the count of
+    /// the remaining range with each page, like etcd computes it; counting it afresh
+    /// makes a whole list quadratic in its length. The count of a range at a fixed
+    /// revision never changes (history at or above the compact revision is immutable),
+    /// and the next page's count is this one minus the `page` keys returned, so it is
+    /// remembered for the range starting right after `last`.
+    pub fn page_total(&self, range: &KeyRange, at: i64, page: usize, last: &Bytes) -> usize {
+        let KeyRange::Span { start, end } = range else {
+            return self.count(range, at);
+        };
+        let key = (start.clone(), end.clone(), at);
+        let known = self.page_counts.lock().0.get(&key).copied();
+        let total = match known {
+            Some(n) => n,
+            None => self.count(range, at),
+        };
+        let mut next_start = Vec::with_capacity(last.len() + 1);
+        next_start.extend_from_slice(last);
+        next_start.push(0);
+        let next = (Bytes::from(next_start), end.clone(), at);
+        let mut guard = self.page_counts.lock();
+        let (map, order) = &mut *guard;
+        if map.insert(next.clone(), total.saturating_sub(page)).is_none() {
+            order.push_back(next);
+            while order.len() > PAGE_COUNTS {
+                if let Some(old) = order.pop_front() {
+                    map.remove(&old);
+                }
+            }
+        }
+        total
     }
 
     /// Number of keys in `range` visible at `at`.
@@ -518,6 +577,42 @@ mod tests {
         ix.rollback(&[b("a"), b("n")], 2);
         assert_eq!(ix.get(b"a", i64::MAX).unwrap().version.version, 1);
         assert_eq!(ix.key_count(), 1);
+    }
+
+    #[test]
+    fn page_totals_match_counts_through_a_paginated_list() {
+        let ix = Index::new(1 << 20);
+        for i in 0..1000 {
+            ix.append(&Bytes::from(format!("p/{i:04}")), put(i + 2, i + 2, 1, "v"));
+        }
+        // Deleted keys and keys outside the range do not count.
+        ix.append(&b("p/0500"), tomb(1002));
+        ix.append(&b("q"), put(1003, 1003, 1, "v"));
+        let at = 1003;
+        let end = Some(b("p0"));
+        let mut start = b("p/");
+        let mut seen = 0;
+        loop {
+            let range = KeyRange::Span {
+                start: start.clone(),
+                end: end.clone(),
+            };
+            let kvs = ix.range_first(&range, at, 51);
+            let expected = ix.count(&range, at);
+            if kvs.len() < 51 {
+                assert_eq!(kvs.len(), expected);
+                seen += kvs.len();
+                break;
+            }
+            assert_eq!(ix.page_total(&range, at, 50, &kvs[49].key), expected);
+            seen += 50;
+            let mut next = kvs[49].key.to_vec();
+            next.push(0);
+            start = Bytes::from(next);
+        }
+        assert_eq!(seen, 999);
+        // Every page after the first was answered from the memo.
+        assert!(ix.page_counts.lock().0.len() >= 19);
     }
 
     #[test]
