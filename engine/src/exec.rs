@@ -244,9 +244,7 @@ impl<'a> Exec<'a> {
                 kvs.len()
             } else {
                 let page = scan_limit - 1;
-                self.sh
-                    .index
-                    .page_total(&kr, rev, page, &kvs[page - 1].key)
+                self.sh.index.page_total(&kr, rev, page, &kvs[page - 1].key)
             };
             (kvs, total)
         };

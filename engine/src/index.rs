@@ -325,7 +325,10 @@ impl Index {
         let next = (Bytes::from(next_start), end.clone(), at);
         let mut guard = self.page_counts.lock();
         let (map, order) = &mut *guard;
-        if map.insert(next.clone(), total.saturating_sub(page)).is_none() {
+        if map
+            .insert(next.clone(), total.saturating_sub(page))
+            .is_none()
+        {
             order.push_back(next);
             while order.len() > PAGE_COUNTS {
                 if let Some(old) = order.pop_front() {

@@ -195,6 +195,21 @@ pub(crate) struct Core {
     /// The NOSPACE alarm.
     nospace: AtomicBool,
     pub(crate) metrics: Arc<EngineMetrics>,
+    /// (last revision, commit time) of recent batches, until the watch feed publishes
+    /// them (for `publish_delay_seconds`).
+    pub(crate) commit_times:
+        parking_lot::Mutex<std::collections::VecDeque<(i64, std::time::Instant)>>,
+    /// Where the writer hands committed batches to the watch feed, if subscribed.
+    pub(crate) commits: parking_lot::Mutex<Option<mpsc::UnboundedSender<Committed>>>,
+}
+
+/// A batch the writer committed: its changes in revision order.
+#[derive(Debug)]
+pub struct Committed {
+    /// The newest revision of the batch.
+    pub last_revision: i64,
+    /// Every change, in (revision, sub) order.
+    pub changes: Vec<Change>,
 }
 
 impl Core {
@@ -295,6 +310,8 @@ impl Engine {
             leases,
             nospace: AtomicBool::new(false),
             metrics,
+            commit_times: parking_lot::Mutex::new(std::collections::VecDeque::new()),
+            commits: parking_lot::Mutex::new(None),
         });
         let (jobs, rx) = mpsc::channel(config.max_batch * 4);
         let writer = Writer::new(core.clone(), rx, conn, meta.leader_epoch, partitions);
@@ -358,6 +375,31 @@ impl Engine {
     /// `--quota-backend-bytes` (0: none).
     pub fn quota_backend_bytes(&self) -> i64 {
         self.core.config.quota_backend_bytes
+    }
+
+    /// Committed batches from now on, straight from the writer (replaces an earlier
+    /// subscriber). Batches that changed no revision are not sent.
+    pub fn subscribe_commits(&self) -> mpsc::UnboundedReceiver<Committed> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.core.commits.lock() = Some(tx);
+        rx
+    }
+
+    /// Records, for every batch committed up to `revision`, the delay until its events
+    /// reached the watch bus (called by the watch feed after publishing).
+    pub fn note_published(&self, revision: i64) {
+        let now = std::time::Instant::now();
+        let mut times = self.core.commit_times.lock();
+        while let Some(&(rev, at)) = times.front() {
+            if rev > revision {
+                break;
+            }
+            times.pop_front();
+            self.core
+                .metrics
+                .publish_delay_seconds
+                .observe(now.duration_since(at).as_secs_f64());
+        }
     }
 
     /// The engine's counters and histograms.

@@ -103,6 +103,9 @@ pub struct EngineMetrics {
     pub commit_seconds: Histogram,
     /// pgetcd_commit_failures_total: batches that did not commit.
     pub commit_failures: AtomicU64,
+    /// pgetcd_watch_publish_delay_seconds: from a batch's commit to its events on the
+    /// watch bus.
+    pub publish_delay_seconds: Histogram,
     /// pgetcd_compactions_total: compactions done.
     pub compactions: AtomicU64,
     /// pgetcd_compaction_duration_seconds.
@@ -121,6 +124,7 @@ impl Default for EngineMetrics {
             batch_size: Histogram::new(BATCH_BOUNDS),
             commit_seconds: Histogram::new(SECONDS_BOUNDS),
             commit_failures: AtomicU64::new(0),
+            publish_delay_seconds: Histogram::new(SECONDS_BOUNDS),
             compactions: AtomicU64::new(0),
             compaction_seconds: Histogram::new(SECONDS_BOUNDS),
         }

@@ -31,6 +31,9 @@ use crate::Core;
 use crate::error::{Error, Result};
 use crate::exec::{Change, Exec, header};
 use crate::metrics::EngineMetrics;
+
+/// Commit times kept for the watch feed's delay histogram.
+const COMMIT_TIMES: usize = 4096;
 use crate::store::{CommitError, LeaseOps, WriterConn};
 
 /// A write request.
@@ -236,6 +239,20 @@ impl Writer {
             Outcome::Committed => {
                 st.leases.apply(&st.index, &changes, &lease_ops.revokes);
                 st.published.store(rev, Ordering::Release);
+                if rev > published {
+                    let mut times = self.core.commit_times.lock();
+                    if times.len() >= COMMIT_TIMES {
+                        times.pop_front();
+                    }
+                    times.push_back((rev, std::time::Instant::now()));
+                    drop(times);
+                    if let Some(tx) = self.core.commits.lock().as_ref() {
+                        let _ = tx.send(crate::Committed {
+                            last_revision: rev,
+                            changes: changes.clone(),
+                        });
+                    }
+                }
                 st.index.note_cached(changes.iter().filter_map(|c| {
                     c.version.value.as_ref().map(|v| {
                         (

@@ -113,6 +113,17 @@ pub struct Config {
     #[arg(long, env = "PGETCD_WATCH_RING_CAPACITY", default_value_t = 4096)]
     pub watch_ring_capacity: usize,
 
+    /// Where watch events come from: `writer` (committed batches handed over
+    /// in-process, the replication stream consumed beside them) or `wal` (logical
+    /// replication only).
+    #[arg(
+        long,
+        env = "PGETCD_WATCH_SOURCE",
+        value_enum,
+        default_value = "writer"
+    )]
+    pub watch_source: crate::watch_feed::WatchSource,
+
     /// Deliveries queued per watch stream before its watchers fall back to catching up
     /// from history.
     #[arg(long, env = "PGETCD_WATCH_STREAM_QUEUE", default_value_t = 1024)]

@@ -19,7 +19,8 @@ pub mod services;
 pub mod status;
 /// Client listeners: TLS, HTTP/2 and HTTP/1 on one port, graceful drain.
 pub mod transport;
-mod watch_feed;
+/// The watch feed (committed batches to the watch bus).
+pub mod watch_feed;
 
 use std::net::SocketAddr;
 
@@ -193,6 +194,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     let mut tasks = vec![tokio::spawn(watch_feed::run(
         engine.clone(),
         hub.clone(),
+        config.watch_source,
         shutdown_rx.clone(),
     ))];
     let watch_settings = services::WatchSettings {

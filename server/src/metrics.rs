@@ -502,6 +502,11 @@ async fn engine_series(out: &mut Out, src: &Sources) {
         "Batches that did not commit (their clients got an error).",
         &em.commit_failures,
     );
+    out.histogram(
+        "pgetcd_watch_publish_delay_seconds",
+        "Time from a batch's commit to its events on the watch bus.",
+        &em.publish_delay_seconds,
+    );
     out.counter(
         "pgetcd_compactions_total",
         "Compactions done.",

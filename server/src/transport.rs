@@ -35,6 +35,8 @@ use crate::metrics::Metrics;
 
 /// How long shutdown waits for connections to finish their calls.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 connection-level receive window.
+const CONNECTION_WINDOW: u32 = 16 << 20;
 /// How long a client has to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -221,6 +223,12 @@ pub async fn serve<S, B>(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(u32::MAX)
+        // h2 closes a connection (GOAWAY ENHANCE_YOUR_CALM "too_many_data_frames")
+        // once small request frames it buffered for the application exceed half the
+        // connection window: with hyper's 1 MiB default, a few thousand queued requests
+        // of an overloaded server. A 16 MiB window (grpc-go's largest) gives backlogs
+        // room, bounded in memory, before the peer is cut off.
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .keep_alive_interval(keepalive.interval)
         .keep_alive_timeout(keepalive.timeout);
     builder.http1().timer(TokioTimer::new());

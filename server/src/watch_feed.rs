@@ -1,4 +1,10 @@
-//! The watch feed: Postgres logical replication → events → the watch bus.
+//! The watch feed: committed batches → events → the watch bus.
+//!
+//! Sources ([`WatchSource`]): by default the writer hands every committed batch over
+//! in-process, so events reach the bus right after the commit; the Postgres logical
+//! replication stream is consumed beside it (confirming the slot, and publishing
+//! whatever the writer did not hand over). With `--watch-source wal` the stream is the
+//! only source.
 //!
 //! Protocol: the feed keeps `last`, the newest revision published to the bus (at start,
 //! the revision the engine loaded). For each committed transaction from the WAL stream
@@ -10,11 +16,12 @@
 //! the gap, or, if compaction removed it, every watcher is resynced and so cancelled as
 //! compacted).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use pgetcd_engine::{Engine, event_of, index::Version};
-use pgetcd_wal::{Commit, WalError, WalStream, drop_slot, ensure_slot};
+use pgetcd_wal::{WalError, WalStream, drop_slot, ensure_slot};
 use pgetcd_watchbus::{Batch, Hub};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -41,12 +48,52 @@ pub async fn prepare(engine: &Engine) -> Result<(), String> {
     }
 }
 
+/// Where watch events come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WatchSource {
+    /// The writer hands each committed batch to the feed in-process; the logical
+    /// replication stream is still consumed (its slot confirmed) and publishes what the
+    /// writer did not (nothing, while this instance is the only writer).
+    Writer,
+    /// Only the logical replication stream.
+    Wal,
+}
+
+/// The newest revision published to the bus; held while publishing, so the two sources
+/// publish each revision once, in order.
+type Published = Arc<tokio::sync::Mutex<i64>>;
+
 /// Runs the feed until `shutdown` turns true.
-pub async fn run(engine: Engine, hub: Hub, mut shutdown: watch::Receiver<bool>) {
-    let mut last = hub.dispatched();
+pub async fn run(
+    engine: Engine,
+    hub: Hub,
+    source: WatchSource,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let last: Published = Arc::new(tokio::sync::Mutex::new(hub.dispatched()));
+    if source == WatchSource::Writer {
+        let mut commits = engine.subscribe_commits();
+        let (engine, hub, last) = (engine.clone(), hub.clone(), last.clone());
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let batch = tokio::select! {
+                    b = commits.recv() => b,
+                    _ = crate::stopped(&mut stop) => None,
+                };
+                let Some(batch) = batch else { return };
+                let changes = batch
+                    .changes
+                    .into_iter()
+                    .map(|c| (c.key, c.version))
+                    .collect();
+                publish(&engine, &hub, &mut *last.lock().await, changes).await;
+            }
+        });
+    }
     let mut backoff = Duration::from_millis(50);
     loop {
-        let session = stream_session(&engine, &hub, &mut last);
+        let session = stream_session(&engine, &hub, &last);
         tokio::select! {
             r = session => {
                 if let Err(e) = r {
@@ -69,28 +116,45 @@ pub async fn run(engine: Engine, hub: Hub, mut shutdown: watch::Receiver<bool>) 
 }
 
 /// One replication connection's life: stream, apply, confirm, until an error.
-async fn stream_session(engine: &Engine, hub: &Hub, last: &mut i64) -> Result<(), WalError> {
+async fn stream_session(engine: &Engine, hub: &Hub, last: &Published) -> Result<(), WalError> {
     let mut stream = WalStream::start(&engine.postgres_config(), engine.keyspace()).await?;
+    let from = *last.lock().await;
     info!(
         keyspace = engine.keyspace(),
-        last = *last,
+        last = from,
         "watch feed streaming"
     );
     loop {
         let commit = stream.next().await?;
         let end_lsn = commit.end_lsn;
-        apply(engine, hub, last, commit).await;
+        let changes = commit
+            .rows
+            .into_iter()
+            .map(|r| {
+                let version = Version {
+                    mod_revision: r.revision,
+                    sub: r.sub,
+                    create_revision: r.create_revision,
+                    version: r.version,
+                    lease: r.lease,
+                    value: (r.kind == 0).then(|| r.value.clone()),
+                };
+                (r.key, version)
+            })
+            .collect();
+        publish(engine, hub, &mut *last.lock().await, changes).await;
         stream.confirm(end_lsn);
     }
 }
 
-async fn apply(engine: &Engine, hub: &Hub, last: &mut i64, commit: Commit) {
-    let rows: Vec<_> = commit
-        .rows
+/// Publishes the changes above `last` (in revision order), first filling a gap after
+/// `last` from the index, then advances `last`.
+async fn publish(engine: &Engine, hub: &Hub, last: &mut i64, changes: Vec<(Bytes, Version)>) {
+    let changes: Vec<_> = changes
         .into_iter()
-        .filter(|r| r.revision > *last)
+        .filter(|(_, v)| v.mod_revision > *last)
         .collect();
-    let Some(first) = rows.first().map(|r| r.revision) else {
+    let Some(first) = changes.first().map(|(_, v)| v.mod_revision) else {
         return;
     };
     if first > *last + 1 {
@@ -117,30 +181,18 @@ async fn apply(engine: &Engine, hub: &Hub, last: &mut i64, commit: Commit) {
             }
         }
     }
-    let mut events: Vec<_> = rows
+    let last_revision = changes.last().map_or(first, |(_, v)| v.mod_revision);
+    let mut events: Vec<_> = changes
         .iter()
-        .map(|r| {
-            event_of(
-                &r.key,
-                &Version {
-                    mod_revision: r.revision,
-                    sub: r.sub,
-                    create_revision: r.create_revision,
-                    version: r.version,
-                    lease: r.lease,
-                    value: (r.kind == 0).then(|| r.value.clone()),
-                },
-                None,
-            )
-        })
+        .map(|(key, v)| event_of(key, v, None))
         .collect();
     if let Err(e) = engine.attach_prev_kvs(&mut events).await {
         warn!(error = %e, "attaching prev_kv to watch events");
     }
-    let last_revision = rows.last().map_or(first, |r| r.revision);
     hub.publish(Batch {
         last_revision,
         events,
     });
+    engine.note_published(last_revision);
     *last = last_revision;
 }

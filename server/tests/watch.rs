@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use pgetcd_server::watch_feed::WatchSource;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -179,6 +180,15 @@ fn normalise(rs: &[WatchResponse]) -> Normalised {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_identical_to_etcd() {
+    watch_differential(WatchSource::Writer).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_from_the_wal_alone_identical_to_etcd() {
+    watch_differential(WatchSource::Wal).await;
+}
+
+async fn watch_differential(source: WatchSource) {
     let seed: u64 = std::env::var("PGETCD_DIFF_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -187,6 +197,7 @@ async fn watch_streams_identical_to_etcd() {
     let etcd = RealEtcd::start().await;
     let mut config = test_config();
     config.history_partition_revisions = 40;
+    config.watch_source = source;
     let ours = TestServer::start(config).await;
     let urls = [etcd.url.clone(), ours.url()];
     let mut clients = [
@@ -368,7 +379,18 @@ fn all_events(w: &TestWatch) -> HashMap<i64, Vec<Event>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_writers_and_watchers_see_every_event_once_in_order() {
-    let srv = TestServer::start_default().await;
+    writers_and_watchers(WatchSource::Writer).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_writers_and_watchers_from_the_wal_alone() {
+    writers_and_watchers(WatchSource::Wal).await;
+}
+
+async fn writers_and_watchers(source: WatchSource) {
+    let mut config = test_config();
+    config.watch_source = source;
+    let srv = TestServer::start(config).await;
     let c = Clients::connect(&srv.url()).await;
     let mut watches = Vec::new();
     for s in 0..4 {
@@ -500,7 +522,9 @@ async fn many_writers_and_watchers_see_every_event_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_walsender_and_restart_lose_nothing() {
-    let config = test_config();
+    // The replication stream alone carries the events here: its losses must not show.
+    let mut config = test_config();
+    config.watch_source = WatchSource::Wal;
     let keyspace = config.keyspace.clone();
     let srv = TestServer::start(config.clone()).await;
     let mut c = Clients::connect(&srv.url()).await;
@@ -612,7 +636,8 @@ async fn compaction_cancels_watches_from_compacted_revisions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_slot_is_recreated_and_the_gap_served_from_history() {
-    let config = test_config();
+    let mut config = test_config();
+    config.watch_source = WatchSource::Wal;
     let keyspace = config.keyspace.clone();
     let srv = TestServer::start(config).await;
     let mut c = Clients::connect(&srv.url()).await;
