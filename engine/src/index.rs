@@ -150,6 +150,30 @@ const PAGE_COUNTS: usize = 1024;
 /// (range start, range end (None = to the end), revision) → keys visible there.
 type PageCountKey = (Bytes, Option<Bytes>, i64);
 
+/// Committed changes remembered for incremental counts (see [`Index::count`]).
+const COUNT_LOG: usize = 1 << 16;
+/// Ranges whose last count is remembered.
+const COUNT_MEMO: usize = 1024;
+
+/// Recent committed changes, each with what it did to the number of live keys: +1 for
+/// a create (version 1), -1 for a delete, 0 for an update. In revision order.
+#[derive(Default)]
+struct CountLog {
+    changes: VecDeque<(i64, Bytes, i8)>,
+    /// Changes at or below this revision were dropped from the log.
+    dropped_upto: i64,
+    /// The log holds every committed change up to this revision (the published one).
+    /// Reads above it (a write txn reading its own pending changes) are not memoized:
+    /// their revision may yet be rolled back and reused.
+    complete_upto: i64,
+}
+
+/// range (start, end) → (revision, live keys in the range at that revision).
+type CountMemo = (
+    HashMap<(Bytes, Option<Bytes>), (i64, usize)>,
+    VecDeque<(Bytes, Option<Bytes>)>,
+);
+
 /// The ordered map of keys to versions plus the value-cache bookkeeping.
 pub struct Index {
     map: SkipMap<Bytes, KeyEntry>,
@@ -157,6 +181,8 @@ pub struct Index {
     cache_bytes: AtomicUsize,
     cache_fifo: Mutex<VecDeque<CacheEntry>>,
     page_counts: Mutex<(HashMap<PageCountKey, usize>, VecDeque<PageCountKey>)>,
+    count_log: RwLock<CountLog>,
+    count_memo: Mutex<CountMemo>,
 }
 
 impl Index {
@@ -168,7 +194,46 @@ impl Index {
             cache_bytes: AtomicUsize::new(0),
             cache_fifo: Mutex::new(VecDeque::new()),
             page_counts: Mutex::new((HashMap::new(), VecDeque::new())),
+            count_log: RwLock::new(CountLog::default()),
+            count_memo: Mutex::new((HashMap::new(), VecDeque::new())),
         }
+    }
+
+    /// Records a committed batch for incremental counts. The writer calls it before it
+    /// publishes the batch's revision, so a reader at any published revision finds
+    /// every change up to it here (or finds the log truncated past its memo and counts
+    /// afresh).
+    pub fn note_committed<'a>(&self, changes: impl IntoIterator<Item = (&'a Bytes, &'a Version)>) {
+        let mut log = self.count_log.write();
+        for (key, v) in changes {
+            log.complete_upto = log.complete_upto.max(v.mod_revision);
+            let delta = if v.is_tombstone() {
+                -1
+            } else if v.version == 1 {
+                1
+            } else {
+                0
+            };
+            log.changes.push_back((v.mod_revision, key.clone(), delta));
+        }
+        while log.changes.len() > COUNT_LOG {
+            if let Some((rev, _, _)) = log.changes.pop_front() {
+                log.dropped_upto = log.dropped_upto.max(rev);
+            }
+        }
+    }
+
+    /// Marks the index as holding everything committed up to `revision` (after a load
+    /// from Postgres): counts and page totals at or below it may be memoized.
+    pub fn set_complete_upto(&self, revision: i64) {
+        let mut log = self.count_log.write();
+        log.complete_upto = log.complete_upto.max(revision);
+        log.dropped_upto = log.dropped_upto.max(revision);
+    }
+
+    /// Whether a read at `at` sees only committed history (memoizable).
+    fn committed_at(&self, at: i64) -> bool {
+        at <= self.count_log.read().complete_upto
     }
 
     /// Number of keys with at least one retained version (live or not).
@@ -313,6 +378,9 @@ impl Index {
         let KeyRange::Span { start, end } = range else {
             return self.count(range, at);
         };
+        if !self.committed_at(at) {
+            return self.count_scan(range, at);
+        }
         let key = (start.clone(), end.clone(), at);
         let known = self.page_counts.lock().0.get(&key).copied();
         let total = match known {
@@ -340,7 +408,63 @@ impl Index {
     }
 
     /// Number of keys in `range` visible at `at`.
+    ///
+    /// Counting scans the range, O(keys). A range counted before at revision `r0` is
+    /// instead counted as that count plus the live-key deltas of the changes committed
+    /// in `(r0, at]` inside the range (from the log of recent changes), O(changes since
+    /// then): kube-apiserver counts every resource prefix over and over.
     pub fn count(&self, range: &KeyRange, at: i64) -> usize {
+        let KeyRange::Span { start, end } = range else {
+            return self.count_scan(range, at);
+        };
+        if !self.committed_at(at) {
+            return self.count_scan(range, at);
+        }
+        let key = (start.clone(), end.clone());
+        let memo = self.count_memo.lock().0.get(&key).copied();
+        if let Some((r0, c0)) = memo
+            && r0 <= at
+        {
+            let log = self.count_log.read();
+            if log.dropped_upto <= r0 {
+                let from = log.changes.partition_point(|c| c.0 <= r0);
+                let mut n = c0 as i64;
+                for (rev, k, delta) in log.changes.range(from..) {
+                    if *rev > at {
+                        break;
+                    }
+                    if *delta != 0 && range.contains(k) {
+                        n += i64::from(*delta);
+                    }
+                }
+                drop(log);
+                let n = usize::try_from(n).unwrap_or(0);
+                self.remember_count(key, at, n);
+                return n;
+            }
+        }
+        let n = self.count_scan(range, at);
+        if memo.is_none_or(|(r0, _)| r0 <= at) {
+            self.remember_count(key, at, n);
+        }
+        n
+    }
+
+    fn remember_count(&self, key: (Bytes, Option<Bytes>), at: i64, n: usize) {
+        let mut guard = self.count_memo.lock();
+        let (map, order) = &mut *guard;
+        if map.insert(key.clone(), (at, n)).is_none() {
+            order.push_back(key);
+            while order.len() > COUNT_MEMO {
+                if let Some(old) = order.pop_front() {
+                    map.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Number of keys in `range` visible at `at`, by scanning.
+    pub fn count_scan(&self, range: &KeyRange, at: i64) -> usize {
         let mut total = 0usize;
         self.scan(range, at, |_, _| {
             total += 1;
@@ -583,6 +707,56 @@ mod tests {
     }
 
     #[test]
+    fn incremental_counts_match_scans() {
+        let ix = Index::new(1 << 20);
+        let keys: Vec<Bytes> = (0..40).map(|i| Bytes::from(format!("k/{i:02}"))).collect();
+        // version per key (0 = absent or deleted)
+        let mut ver = [0i64; 40];
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as usize
+        };
+        let ranges = [
+            KeyRange::Span {
+                start: b("k/"),
+                end: Some(b("k0")),
+            },
+            KeyRange::Span {
+                start: b("k/1"),
+                end: Some(b("k/3")),
+            },
+            KeyRange::Span {
+                start: b("k/35"),
+                end: None,
+            },
+        ];
+        for rev in 2..600i64 {
+            let i = next() % 40;
+            let v = if ver[i] > 0 && next() % 3 == 0 {
+                ver[i] = 0;
+                Version {
+                    mod_revision: rev,
+                    ..Version::tombstone()
+                }
+            } else {
+                ver[i] += 1;
+                put(rev, rev, ver[i], "v")
+            };
+            ix.append(&keys[i], v.clone());
+            ix.note_committed([(&keys[i], &v)]);
+            if next() % 4 == 0 {
+                let r = &ranges[next() % 3];
+                let at = rev - (next() % 5) as i64;
+                assert_eq!(ix.count(r, at), ix.count_scan(r, at), "rev {rev} at {at}");
+            }
+        }
+        assert!(ix.count_memo.lock().0.len() == 3);
+    }
+
+    #[test]
     fn page_totals_match_counts_through_a_paginated_list() {
         let ix = Index::new(1 << 20);
         for i in 0..1000 {
@@ -592,6 +766,21 @@ mod tests {
         ix.append(&b("p/0500"), tomb(1002));
         ix.append(&b("q"), put(1003, 1003, 1, "v"));
         let at = 1003;
+        // Reads above the committed revision (a write txn's own) are not memoized.
+        assert_eq!(
+            ix.page_total(
+                &KeyRange::Span {
+                    start: b("p/"),
+                    end: Some(b("p0"))
+                },
+                at,
+                50,
+                &b("p/0049")
+            ),
+            999
+        );
+        assert!(ix.page_counts.lock().0.is_empty());
+        ix.set_complete_upto(at);
         let end = Some(b("p0"));
         let mut start = b("p/");
         let mut seen = 0;

@@ -229,6 +229,7 @@ impl Core {
         let meta = store.read_meta(client).await?;
         let index = Index::new(cache_bytes);
         let rows = store.load(client, &index, meta.compact_revision).await?;
+        index.set_complete_upto(meta.revision);
         let granted = store.load_leases(client).await?;
         for id in leases.ids() {
             leases.remove(id);

@@ -238,6 +238,8 @@ impl Writer {
         let failure = match outcome {
             Outcome::Committed => {
                 st.leases.apply(&st.index, &changes, &lease_ops.revokes);
+                st.index
+                    .note_committed(changes.iter().map(|c| (&c.key, &c.version)));
                 st.published.store(rev, Ordering::Release);
                 if rev > published {
                     let mut times = self.core.commit_times.lock();
