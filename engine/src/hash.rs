@@ -158,6 +158,7 @@ pub(crate) fn hash(items: &[Item]) -> Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::tests::{put, tomb};
 
     #[test]
     fn crc32c_check_value() {
@@ -167,33 +168,15 @@ mod tests {
         assert_eq!(h.sum(), 0xE306_9283);
     }
 
-    fn put(rev: i64, create: i64, ver: i64) -> Version {
-        Version {
-            mod_revision: rev,
-            sub: 0,
-            create_revision: create,
-            version: ver,
-            lease: 0,
-            value: Some(Bytes::from_static(b"v")),
-        }
-    }
-
-    fn tomb(rev: i64) -> Version {
-        Version {
-            mod_revision: rev,
-            ..Version::tombstone()
-        }
-    }
-
     #[test]
     fn selection_follows_etcds_keep_rule() {
         let a = Bytes::from_static(b"a");
         let b = Bytes::from_static(b"b");
         let c = Bytes::from_static(b"c");
         // Compacted at 6: a keeps 5 (newer 8 exists), b keeps 3, c deleted at 7.
-        let va = [put(5, 2, 2), put(8, 2, 3)];
-        let vb = [put(3, 3, 1)];
-        let vc = [put(4, 4, 1), tomb(7)];
+        let va = [put(5, 2, 2, "v"), put(8, 2, 3, "v")];
+        let vb = [put(3, 3, 1, "v")];
+        let vc = [put(4, 4, 1, "v"), tomb(7)];
         let keys = [(&a, &va[..]), (&b, &vb[..]), (&c, &vc[..])];
         let revs = |items: Vec<Item>| -> Vec<i64> {
             items.iter().map(|i| i.version.mod_revision).collect()
@@ -204,7 +187,7 @@ mod tests {
         // At 6 (== compact): everything is at or below lower-1; kept: a@5, b@3, c@4.
         assert_eq!(revs(select(keys.into_iter(), 6, 6)), vec![3, 4, 5]);
         // Nothing kept anywhere: every stored revision counts.
-        let vd = [put(2, 2, 1), tomb(3)];
+        let vd = [put(2, 2, 1, "v"), tomb(3)];
         let d = Bytes::from_static(b"d");
         assert_eq!(revs(select([(&d, &vd[..])].into_iter(), 3, 2)), vec![2, 3]);
     }

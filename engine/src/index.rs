@@ -630,11 +630,11 @@ impl Index {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn put(rev: i64, create: i64, ver: i64, value: &'static str) -> Version {
+    pub(crate) fn put(rev: i64, create: i64, ver: i64, value: &'static str) -> Version {
         Version {
             mod_revision: rev,
             sub: 0,
@@ -645,14 +645,10 @@ mod tests {
         }
     }
 
-    fn tomb(rev: i64) -> Version {
+    pub(crate) fn tomb(rev: i64) -> Version {
         Version {
             mod_revision: rev,
-            sub: 0,
-            create_revision: 0,
-            version: 0,
-            lease: 0,
-            value: None,
+            ..Version::tombstone()
         }
     }
 

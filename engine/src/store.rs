@@ -591,11 +591,7 @@ impl PgStore {
     /// Values of the given versions, read from `history` and `history_retained`.
     pub async fn fetch_values(&self, ids: &[(i64, u32)]) -> Result<HashMap<(i64, u32), Bytes>> {
         let s = self.layout.schema();
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| Error::Pool(e.to_string()))?;
+        let client = self.pooled().await?;
         let revs: Vec<i64> = ids.iter().map(|i| i.0).collect();
         let subs: Vec<i32> = ids.iter().map(|i| i.1 as i32).collect();
         let sql = format!(
@@ -703,13 +699,17 @@ impl PgStore {
         })
     }
 
-    /// Bytes on disk of the keyspace's tables and indexes.
-    pub async fn db_size(&self) -> Result<i64> {
-        let client = self
-            .pool
+    /// A connection from the read pool.
+    async fn pooled(&self) -> Result<deadpool_postgres::Object> {
+        self.pool
             .get()
             .await
-            .map_err(|e| Error::Pool(e.to_string()))?;
+            .map_err(|e| Error::Pool(e.to_string()))
+    }
+
+    /// Bytes on disk of the keyspace's tables and indexes.
+    pub async fn db_size(&self) -> Result<i64> {
+        let client = self.pooled().await?;
         let row = client
             .query_one(
                 "SELECT COALESCE(sum(pg_total_relation_size(c.oid)), 0)::int8 FROM pg_class c \
@@ -724,11 +724,7 @@ impl PgStore {
 
     /// Whether the read pool can reach Postgres.
     pub async fn ping(&self) -> Result<()> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| Error::Pool(e.to_string()))?;
+        let client = self.pooled().await?;
         client
             .simple_query("SELECT 1")
             .await
@@ -740,11 +736,7 @@ impl PgStore {
     /// Postgres; VACUUM FULL would lock out writes).
     pub async fn vacuum(&self) -> Result<()> {
         let s = self.layout.schema();
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| Error::Pool(e.to_string()))?;
+        let client = self.pooled().await?;
         client
             .batch_execute(&format!(
                 "VACUUM (ANALYZE) {s}.meta, {s}.kv, {s}.history, {s}.history_retained, {s}.leases"
@@ -763,11 +755,7 @@ impl PgStore {
     /// WAL bytes a replication slot has not confirmed yet (None when the slot does not
     /// exist).
     pub async fn slot_lag_bytes(&self, slot: &str) -> Result<Option<i64>> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| Error::Pool(e.to_string()))?;
+        let client = self.pooled().await?;
         let row = client
             .query_opt(
                 "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 \

@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use pgetcd_localpg::{LocalPostgres, Options, free_port, postgres_user};
+use pgetcd_localpg::{LocalPostgres, free_port, postgres_user};
 use pgetcd_proto::etcdserverpb::{PutRequest, RangeRequest, WatchCreateRequest};
 use pgetcd_server::ServerError;
 use pgetcd_testkit::watch::TestWatch;
@@ -105,22 +105,17 @@ fn start_postgres() -> TlsPostgres {
         0o644,
     );
     let setting = |k: &str, v: &Path| (k.to_owned(), v.display().to_string());
-    let opts = Options {
-        data_dir: dir.join("data"),
-        socket_dir: dir.join("run"),
+    let opts = pgetcd_testkit::throwaway_options(
+        &dir,
         port,
-        listen_tcp: true,
-        settings: vec![
-            ("fsync".into(), "off".into()),
-            ("synchronous_commit".into(), "off".into()),
+        vec![
             ("ssl".into(), "on".into()),
             setting("ssl_cert_file", &paths("server.crt")),
             setting("ssl_key_file", &paths("server.key")),
             setting("ssl_ca_file", &paths("ca.pem")),
             setting("hba_file", &paths("pg_hba.conf")),
         ],
-        log_file: dir.join("postgres.log"),
-    };
+    );
     TlsPostgres {
         pg: LocalPostgres::start(opts).expect("start the TLS-only postgres"),
         ca: paths("ca.pem"),

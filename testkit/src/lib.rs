@@ -51,6 +51,29 @@ fn clean_stale(tmp: &std::path::Path) {
     }
 }
 
+/// Settings of a throwaway test cluster under `dir` on `port` (TCP and a socket in
+/// `dir/run`; no fsync), plus `extra` postgresql.conf settings.
+pub fn throwaway_options(
+    dir: &std::path::Path,
+    port: u16,
+    extra: Vec<(String, String)>,
+) -> Options {
+    let mut settings: Vec<(String, String)> = vec![
+        ("fsync".into(), "off".into()),
+        ("synchronous_commit".into(), "off".into()),
+        ("full_page_writes".into(), "off".into()),
+    ];
+    settings.extend(extra);
+    Options {
+        data_dir: dir.join("data"),
+        socket_dir: dir.join("run"),
+        port,
+        listen_tcp: true,
+        settings,
+        log_file: dir.join("postgres.log"),
+    }
+}
+
 /// The test binary's PostgreSQL, started on first use.
 pub fn postgres() -> &'static LocalPostgres {
     POSTGRES.get_or_init(|| {
@@ -59,19 +82,8 @@ pub fn postgres() -> &'static LocalPostgres {
         let port = free_port().expect("free port");
         let dir = tmp.join(format!("pgetcd-test-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("test dir");
-        let opts = Options {
-            data_dir: dir.join("data"),
-            socket_dir: dir.join("run"),
-            port,
-            listen_tcp: true,
-            settings: vec![
-                ("fsync".into(), "off".into()),
-                ("synchronous_commit".into(), "off".into()),
-                ("full_page_writes".into(), "off".into()),
-            ],
-            log_file: dir.join("postgres.log"),
-        };
-        LocalPostgres::start(opts).expect("start throwaway postgres")
+        LocalPostgres::start(throwaway_options(&dir, port, Vec::new()))
+            .expect("start throwaway postgres")
     })
 }
 

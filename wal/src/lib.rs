@@ -223,16 +223,11 @@ impl WalStream {
         let db = config.get_dbname().unwrap_or(&user).to_owned();
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let name = slot_name(schema);
+        let unix = |dir: String, user: String, password: String, db: String| {
+            ReplicationConfig::unix(dir, port, user, password, db, name.clone(), name.as_str())
+        };
         let cfg = match config.get_hosts().first() {
-            Some(Host::Unix(dir)) => ReplicationConfig::unix(
-                dir.to_string_lossy().into_owned(),
-                port,
-                user,
-                password,
-                db,
-                name.clone(),
-                name.as_str(),
-            ),
+            Some(Host::Unix(dir)) => unix(dir.to_string_lossy().into_owned(), user, password, db),
             Some(Host::Tcp(host)) => {
                 let tunnel = if config.get_ssl_mode() == SslMode::Disable {
                     None
@@ -240,15 +235,7 @@ impl WalStream {
                     tunnel::open(settings, host, port).await?
                 };
                 match tunnel {
-                    Some(dir) => ReplicationConfig::unix(
-                        dir,
-                        port,
-                        user,
-                        password,
-                        db,
-                        name.clone(),
-                        name.as_str(),
-                    ),
+                    Some(dir) => unix(dir, user, password, db),
                     None => ReplicationConfig::new(
                         host.clone(),
                         user,
