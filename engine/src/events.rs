@@ -64,11 +64,11 @@ impl Engine {
         let mut prevs: Vec<Option<Visible>> = Vec::new();
         st.index.versions_between(&range, from, to, |k, v, p| {
             items.push(Visible {
-                key: k.clone(),
+                key: Bytes::copy_from_slice(k),
                 version: v.clone(),
             });
             prevs.push(p.filter(|p| prev_kv && !p.is_tombstone()).map(|p| Visible {
-                key: k.clone(),
+                key: Bytes::copy_from_slice(k),
                 version: p.clone(),
             }));
         });

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use bytes::Bytes;
 use crossbeam_skiplist::SkipMap;
 use parking_lot::{Mutex, RwLock};
+use smallvec::SmallVec;
 
 /// One version of a key: a put (`version >= 1`) or a tombstone (`version == 0`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,8 +112,20 @@ impl KeyRange {
     }
 }
 
+/// A key's retained versions, oldest first. Most keys have one: it lives inline in the
+/// skip-list node, with no allocation of its own.
+type Versions = SmallVec<[Version; 1]>;
+
 struct KeyEntry {
-    versions: RwLock<Vec<Version>>,
+    versions: RwLock<Versions>,
+}
+
+impl KeyEntry {
+    fn new() -> Self {
+        Self {
+            versions: RwLock::new(Versions::new()),
+        }
+    }
 }
 
 /// Visible version of a list at revision `at`: the last version at or below it, unless
@@ -121,6 +134,37 @@ fn visible_at(versions: &[Version], at: i64) -> Option<&Version> {
     let idx = versions.partition_point(|v| v.mod_revision <= at);
     let v = versions[..idx].last()?;
     (!v.is_tombstone()).then_some(v)
+}
+
+/// Keys and versions collected by a range read. The keys are copied into one buffer
+/// and handed out as slices of it: one allocation per read, not one per key.
+#[derive(Default)]
+struct Found {
+    keys: Vec<u8>,
+    ends: Vec<usize>,
+    versions: Vec<Version>,
+}
+
+impl Found {
+    fn push(&mut self, key: &[u8], version: &Version) {
+        self.keys.extend_from_slice(key);
+        self.ends.push(self.keys.len());
+        self.versions.push(version.clone());
+    }
+
+    fn finish(self) -> Vec<Visible> {
+        let keys = Bytes::from(self.keys);
+        let mut start = 0;
+        self.ends
+            .into_iter()
+            .zip(self.versions)
+            .map(|(end, version)| {
+                let key = keys.slice(start..end);
+                start = end;
+                Visible { key, version }
+            })
+            .collect()
+    }
 }
 
 /// One cached value's bookkeeping, in insertion order.
@@ -176,7 +220,9 @@ type CountMemo = (
 
 /// The ordered map of keys to versions plus the value-cache bookkeeping.
 pub struct Index {
-    map: SkipMap<Bytes, KeyEntry>,
+    /// Keys are boxed slices, not `Bytes`: 16 bytes in the node and no shared header;
+    /// readers get copies.
+    map: SkipMap<Box<[u8]>, KeyEntry>,
     cache_budget: usize,
     cache_bytes: AtomicUsize,
     cache_fifo: Mutex<VecDeque<CacheEntry>>,
@@ -256,14 +302,14 @@ impl Index {
         let entry = self.map.get(key)?;
         let versions = entry.value().versions.read();
         visible_at(&versions, at).map(|v| Visible {
-            key: entry.key().clone(),
+            key: Bytes::copy_from_slice(entry.key()),
             version: v.clone(),
         })
     }
 
     /// Calls `f` for each key entry in `range` (live or not), in key order, until it
     /// returns false.
-    fn entries(&self, range: &KeyRange, mut f: impl FnMut(&Bytes, &KeyEntry) -> bool) {
+    fn entries(&self, range: &KeyRange, mut f: impl FnMut(&[u8], &KeyEntry) -> bool) {
         match range {
             KeyRange::Single(key) => {
                 if let Some(entry) = self.map.get(key.as_ref()) {
@@ -292,7 +338,7 @@ impl Index {
 
     /// Calls `f` for each key in `range` visible at `at`, in key order, until it returns
     /// false.
-    pub fn scan(&self, range: &KeyRange, at: i64, mut f: impl FnMut(&Bytes, &Version) -> bool) {
+    pub fn scan(&self, range: &KeyRange, at: i64, mut f: impl FnMut(&[u8], &Version) -> bool) {
         self.entries(range, |key, entry| {
             let versions = entry.versions.read();
             match visible_at(&versions, at) {
@@ -310,7 +356,7 @@ impl Index {
         range: &KeyRange,
         from: i64,
         to: i64,
-        mut f: impl FnMut(&Bytes, &Version, Option<&Version>),
+        mut f: impl FnMut(&[u8], &Version, Option<&Version>),
     ) {
         self.entries(range, |key, entry| {
             let versions = entry.versions.read();
@@ -328,7 +374,7 @@ impl Index {
 
     /// Calls `f` with every key and all its retained versions (tombstones included),
     /// in key order.
-    pub fn for_each_key(&self, mut f: impl FnMut(&Bytes, &[Version])) {
+    pub fn for_each_key(&self, mut f: impl FnMut(&[u8], &[Version])) {
         for entry in self.map.iter() {
             f(entry.key(), &entry.value().versions.read());
         }
@@ -336,32 +382,26 @@ impl Index {
 
     /// Keys in `range` visible at `at`: up to `limit` of them (0 = all) and the total.
     pub fn range(&self, range: &KeyRange, at: i64, limit: usize) -> (Vec<Visible>, usize) {
-        let mut out = Vec::new();
+        let mut found = Found::default();
         let mut total = 0usize;
         self.scan(range, at, |k, v| {
             total += 1;
-            if limit == 0 || out.len() < limit {
-                out.push(Visible {
-                    key: k.clone(),
-                    version: v.clone(),
-                });
+            if limit == 0 || found.versions.len() < limit {
+                found.push(k, v);
             }
             true
         });
-        (out, total)
+        (found.finish(), total)
     }
 
     /// The first `limit` (> 0) keys of `range` visible at `at`; stops scanning there.
     pub fn range_first(&self, range: &KeyRange, at: i64, limit: usize) -> Vec<Visible> {
-        let mut out = Vec::with_capacity(limit.min(1024));
+        let mut found = Found::default();
         self.scan(range, at, |k, v| {
-            out.push(Visible {
-                key: k.clone(),
-                version: v.clone(),
-            });
-            out.len() < limit
+            found.push(k, v);
+            found.versions.len() < limit
         });
-        out
+        found.finish()
     }
 
     /// Total keys of `range` visible at `at` for a page of a list that returns its
@@ -483,9 +523,7 @@ impl Index {
             Some(e) => e,
             None => self
                 .map
-                .get_or_insert_with(Bytes::copy_from_slice(key), || KeyEntry {
-                    versions: RwLock::new(Vec::with_capacity(1)),
-                }),
+                .get_or_insert_with(Box::from(key.as_ref()), KeyEntry::new),
         };
         let mut versions = entry.value().versions.write();
         debug_assert!(
@@ -495,14 +533,14 @@ impl Index {
             "versions must be appended in revision order"
         );
         versions.push(version);
-        entry.key().clone()
+        Bytes::copy_from_slice(entry.key())
     }
 
     /// Loads a version during start-up, in any order.
     pub fn load(&self, key: Bytes, version: Version) {
-        let entry = self.map.get_or_insert_with(key, || KeyEntry {
-            versions: RwLock::new(Vec::with_capacity(1)),
-        });
+        let entry = self
+            .map
+            .get_or_insert_with(Box::from(key.as_ref()), KeyEntry::new);
         let mut versions = entry.value().versions.write();
         let pos = versions
             .partition_point(|v| (v.mod_revision, v.sub) < (version.mod_revision, version.sub));

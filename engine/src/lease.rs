@@ -182,7 +182,9 @@ impl LeaseTable {
         };
         index.scan(&all, at, |k, v| {
             if v.lease != 0 {
-                keys.entry(v.lease).or_default().insert(k.clone());
+                keys.entry(v.lease)
+                    .or_default()
+                    .insert(Bytes::copy_from_slice(k));
             }
             true
         });

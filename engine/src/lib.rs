@@ -467,8 +467,9 @@ impl Engine {
         }
         let at = if revision == 0 { current } else { revision };
         let mut keys: Vec<(bytes::Bytes, Vec<index::Version>)> = Vec::new();
-        st.index
-            .for_each_key(|k, versions| keys.push((k.clone(), versions.to_vec())));
+        st.index.for_each_key(|k, versions| {
+            keys.push((bytes::Bytes::copy_from_slice(k), versions.to_vec()))
+        });
         let mut items = hash::select(keys.iter().map(|(k, v)| (k, v.as_slice())), at, compact);
         drop(keys);
         const CHUNK: usize = 4096;
