@@ -5,6 +5,11 @@ use pgetcd_server::{Config, start};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc: the request path allocates many small, short-lived buffers (HTTP/2
+/// frames, protobuf messages) across threads; glibc's malloc showed up in profiles.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let config = Config::parse();
