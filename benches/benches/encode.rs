@@ -57,6 +57,7 @@ fn batch(n: usize) -> Vec<Change> {
                 lease: 0,
                 value: Some(pod(i)),
             },
+            prev: None,
         })
         .collect()
 }

@@ -8,7 +8,8 @@ use crate::Engine;
 use crate::error::{Error, Result};
 use crate::index::{KeyRange, Version, Visible};
 
-fn kv_of(key: &Bytes, v: &Version) -> KeyValue {
+/// The KeyValue of a version (an evicted value reads as empty).
+pub fn kv_of(key: &Bytes, v: &Version) -> KeyValue {
     KeyValue {
         key: key.clone(),
         create_revision: v.create_revision,

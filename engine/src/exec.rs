@@ -31,6 +31,9 @@ pub struct Change {
     pub key: Bytes,
     /// The new version (a tombstone for deletes).
     pub version: Version,
+    /// The key's live version just before this change (None: absent or deleted); its
+    /// value may have been evicted. Saves the lease table and the watch feed a lookup.
+    pub prev: Option<Version>,
 }
 
 /// Which branches a txn and its nested txns take, decided before any op runs.
@@ -307,32 +310,47 @@ impl<'a> Exec<'a> {
         }
     }
 
-    fn append(&mut self, key: &Bytes, mut version: Version) {
-        version.mod_revision = self.begin + 1;
-        version.sub = self.changes.len() as u32;
-        let key = self.sh.index.append(key, version.clone());
-        self.changes.push(Change { key, version });
+    /// Appends, in this request's revision, the version `make` builds from the key's
+    /// live version.
+    fn append(&mut self, key: &Bytes, make: impl FnOnce(Option<&Version>) -> Version) {
+        let rev = self.begin + 1;
+        let sub = self.changes.len() as u32;
+        let mut version = None;
+        let (key, prev) = self.sh.index.append_from(key, |prev| {
+            let mut v = make(prev);
+            v.mod_revision = rev;
+            v.sub = sub;
+            version = Some(v.clone());
+            v
+        });
+        if let Some(version) = version {
+            self.changes.push(Change { key, version, prev });
+        }
+    }
+
+    fn tombstone(&mut self, key: &Bytes) {
+        self.append(key, |_| Version::tombstone());
     }
 
     fn put_version(&mut self, key: &Bytes, value: Bytes, lease: i64) {
         let rev = self.begin + 1;
-        let (create_revision, version) = match self.sh.index.get(key, rev) {
-            Some(v) => (v.version.create_revision, v.version.version + 1),
-            None => (rev, 1),
-        };
-        self.append(
-            key,
+        // Its own copy: a value decoded from gRPC shares the request's receive buffer,
+        // which the cache must not keep alive.
+        let value = Some(Bytes::copy_from_slice(&value));
+        self.append(key, |prev| {
+            let (create_revision, version) = match prev {
+                Some(v) => (v.create_revision, v.version + 1),
+                None => (rev, 1),
+            };
             Version {
                 mod_revision: rev,
                 sub: 0,
                 create_revision,
                 version,
                 lease,
-                // Its own copy: a value decoded from gRPC shares the request's receive
-                // buffer, which the cache must not keep alive.
-                value: Some(Bytes::copy_from_slice(&value)),
-            },
-        );
+                value,
+            }
+        });
     }
 
     /// etcd's top-level Put: lease check, then the ignore_* checks, then the write.
@@ -384,7 +402,7 @@ impl<'a> Exec<'a> {
             self.fill(&mut live, at).await?;
         }
         for v in &live {
-            self.append(&v.key, Version::tombstone());
+            self.tombstone(&v.key);
         }
         let deleted = live.len() as i64;
         let rev = if deleted != 0 || !self.changes.is_empty() {
@@ -413,7 +431,7 @@ impl<'a> Exec<'a> {
                 .get(key, self.cur())
                 .is_some_and(|v| v.version.lease == lease);
             if held {
-                self.append(key, Version::tombstone());
+                self.tombstone(key);
             }
         }
         self.cur()

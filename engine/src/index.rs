@@ -536,6 +536,33 @@ impl Index {
         Bytes::copy_from_slice(entry.key())
     }
 
+    /// Appends the version `make` builds from the key's live version (writer only), in
+    /// one lookup. Returns the key as the index holds it and that previous live
+    /// version (`None` when the key is absent or deleted).
+    pub fn append_from(
+        &self,
+        key: &Bytes,
+        make: impl FnOnce(Option<&Version>) -> Version,
+    ) -> (Bytes, Option<Version>) {
+        let entry = match self.map.get(key.as_ref()) {
+            Some(e) => e,
+            None => self
+                .map
+                .get_or_insert_with(Box::from(key.as_ref()), KeyEntry::new),
+        };
+        let mut versions = entry.value().versions.write();
+        let prev = versions.last().filter(|v| !v.is_tombstone()).cloned();
+        let version = make(prev.as_ref());
+        debug_assert!(
+            versions
+                .last()
+                .is_none_or(|l| (l.mod_revision, l.sub) < (version.mod_revision, version.sub)),
+            "versions must be appended in revision order"
+        );
+        versions.push(version);
+        (Bytes::copy_from_slice(entry.key()), prev)
+    }
+
     /// Loads a version during start-up, in any order.
     pub fn load(&self, key: Bytes, version: Version) {
         let entry = self

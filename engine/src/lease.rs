@@ -146,12 +146,10 @@ impl LeaseTable {
 
     /// Updates key attachments after `changes` committed: a change detaches its key from
     /// the lease of the key's previous version and attaches it to its own lease.
-    pub fn apply(&self, index: &Index, changes: &[Change], revoked: &[i64]) {
+    pub fn apply(&self, changes: &[Change], revoked: &[i64]) {
         let mut inner = self.inner.lock();
         for c in changes {
-            let before = index
-                .get(&c.key, c.version.mod_revision - 1)
-                .map_or(0, |v| v.version.lease);
+            let before = c.prev.as_ref().map_or(0, |v| v.lease);
             if before != 0
                 && let Some(set) = inner.keys.get_mut(&before)
             {
@@ -209,6 +207,7 @@ mod tests {
                 lease,
                 value: None,
             },
+            prev: None,
         }
     }
 
@@ -224,8 +223,9 @@ mod tests {
             change("a", 4, 8, false),
             change("b", 5, 0, true),
         ] {
-            ix.append(&c.key, c.version.clone());
-            t.apply(&ix, std::slice::from_ref(&c), &[]);
+            let (_, prev) = ix.append_from(&c.key, |_| c.version.clone());
+            let c = Change { prev, ..c };
+            t.apply(std::slice::from_ref(&c), &[]);
         }
         assert!(t.keys_of(7).is_empty());
         assert_eq!(t.keys_of(8), vec![Bytes::from_static(b"a")]);

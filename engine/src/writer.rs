@@ -237,7 +237,7 @@ impl Writer {
         }
         let failure = match outcome {
             Outcome::Committed => {
-                st.leases.apply(&st.index, &changes, &lease_ops.revokes);
+                st.leases.apply(&changes, &lease_ops.revokes);
                 st.index
                     .note_committed(changes.iter().map(|c| (&c.key, &c.version)));
                 st.published.store(rev, Ordering::Release);

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pgetcd_engine::{Engine, event_of, index::Version};
+use pgetcd_engine::{Engine, event_of, index::Version, kv_of};
 use pgetcd_wal::{WalError, WalStream, drop_slot, ensure_slot};
 use pgetcd_watchbus::{Batch, Hub};
 use tokio::sync::watch;
@@ -85,7 +85,7 @@ pub async fn run(
                 let changes = batch
                     .changes
                     .into_iter()
-                    .map(|c| (c.key, c.version))
+                    .map(|c| (c.key, c.version, Prev::Known(c.prev)))
                     .collect();
                 publish(&engine, &hub, &mut *last.lock().await, changes).await;
             }
@@ -139,7 +139,7 @@ async fn stream_session(engine: &Engine, hub: &Hub, last: &Published) -> Result<
                     lease: r.lease,
                     value: (r.kind == 0).then(|| r.value.clone()),
                 };
-                (r.key, version)
+                (r.key, version, Prev::Unknown)
             })
             .collect();
         publish(engine, hub, &mut *last.lock().await, changes).await;
@@ -147,14 +147,22 @@ async fn stream_session(engine: &Engine, hub: &Hub, last: &Published) -> Result<
     }
 }
 
+/// What the feed knows of a change's previous version (its event's `prev_kv`).
+enum Prev {
+    /// Handed over by the writer: the live version before the change, if any.
+    Known(Option<Version>),
+    /// To be read from the index.
+    Unknown,
+}
+
 /// Publishes the changes above `last` (in revision order), first filling a gap after
 /// `last` from the index, then advances `last`.
-async fn publish(engine: &Engine, hub: &Hub, last: &mut i64, changes: Vec<(Bytes, Version)>) {
+async fn publish(engine: &Engine, hub: &Hub, last: &mut i64, changes: Vec<(Bytes, Version, Prev)>) {
     let changes: Vec<_> = changes
         .into_iter()
-        .filter(|(_, v)| v.mod_revision > *last)
+        .filter(|(_, v, _)| v.mod_revision > *last)
         .collect();
-    let Some(first) = changes.first().map(|(_, v)| v.mod_revision) else {
+    let Some(first) = changes.first().map(|(_, v, _)| v.mod_revision) else {
         return;
     };
     if first > *last + 1 {
@@ -181,13 +189,35 @@ async fn publish(engine: &Engine, hub: &Hub, last: &mut i64, changes: Vec<(Bytes
             }
         }
     }
-    let last_revision = changes.last().map_or(first, |(_, v)| v.mod_revision);
-    let mut events: Vec<_> = changes
-        .iter()
-        .map(|(key, v)| event_of(key, v, None))
-        .collect();
-    if let Err(e) = engine.attach_prev_kvs(&mut events).await {
-        warn!(error = %e, "attaching prev_kv to watch events");
+    let last_revision = changes.last().map_or(first, |(_, v, _)| v.mod_revision);
+    let mut events = Vec::with_capacity(changes.len());
+    let mut unknown = Vec::new();
+    for (i, (key, v, prev)) in changes.iter().enumerate() {
+        let prev_kv = match prev {
+            Prev::Known(None) => None,
+            Prev::Known(Some(p)) if p.value.is_some() => Some(kv_of(key, p)),
+            // Unknown, or known but its value was evicted: read it.
+            _ => {
+                unknown.push(i);
+                None
+            }
+        };
+        events.push(event_of(key, v, prev_kv));
+    }
+    if unknown.len() == events.len() {
+        if let Err(e) = engine.attach_prev_kvs(&mut events).await {
+            warn!(error = %e, "attaching prev_kv to watch events");
+        }
+    } else if !unknown.is_empty() {
+        let mut some: Vec<_> = unknown.iter().map(|&i| events[i].clone()).collect();
+        match engine.attach_prev_kvs(&mut some).await {
+            Ok(()) => {
+                for (&i, ev) in unknown.iter().zip(some) {
+                    events[i].prev_kv = ev.prev_kv;
+                }
+            }
+            Err(e) => warn!(error = %e, "attaching prev_kv to watch events"),
+        }
     }
     hub.publish(Batch {
         last_revision,
