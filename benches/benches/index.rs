@@ -22,7 +22,6 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
-use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use criterion::{BatchSize, Criterion, SamplingMode, Throughput, criterion_group};
@@ -370,9 +369,7 @@ fn reads(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    config = pgetcd_benches::criterion_config(3);
     targets = insert, reads
 }
 

@@ -19,7 +19,6 @@
 //! `cargo bench -p pgetcd-benches --bench txn`
 
 use std::hint::black_box;
-use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -248,9 +247,7 @@ fn compare(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(2));
+    config = pgetcd_benches::criterion_config(2);
     targets = validate, compare
 }
 criterion_main!(benches);

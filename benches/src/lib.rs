@@ -67,6 +67,14 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     }
 }
 
+/// Criterion settings of these benches: 1 s warm-up, `measure_secs` of measurement
+/// (short enough for the whole set to run in minutes on a small machine).
+pub fn criterion_config(measure_secs: u64) -> criterion::Criterion {
+    criterion::Criterion::default()
+        .warm_up_time(std::time::Duration::from_secs(1))
+        .measurement_time(std::time::Duration::from_secs(measure_secs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -519,21 +519,7 @@ impl Index {
     /// receive buffer (kilobytes), which the index must not keep alive. Returns the key
     /// as the index holds it, for callers that keep it longer than the request.
     pub fn append(&self, key: &Bytes, version: Version) -> Bytes {
-        let entry = match self.map.get(key.as_ref()) {
-            Some(e) => e,
-            None => self
-                .map
-                .get_or_insert_with(Box::from(key.as_ref()), KeyEntry::new),
-        };
-        let mut versions = entry.value().versions.write();
-        debug_assert!(
-            versions
-                .last()
-                .is_none_or(|l| (l.mod_revision, l.sub) < (version.mod_revision, version.sub)),
-            "versions must be appended in revision order"
-        );
-        versions.push(version);
-        Bytes::copy_from_slice(entry.key())
+        self.append_from(key, |_| version).0
     }
 
     /// Appends the version `make` builds from the key's live version (writer only), in
