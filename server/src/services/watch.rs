@@ -414,7 +414,9 @@ impl StreamTask {
     /// then sends what was queued for this stream.
     async fn catch_up_with_commits(&mut self) -> Result<(), Gone> {
         let committed = self.engine.stats().revision;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        // Bounded so that a stuck feed cannot hold a cancel forever; generous so that an
+        // overloaded machine does not cut off events committed before the cancel.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while self.bus.hub().dispatched() < committed && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
