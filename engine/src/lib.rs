@@ -503,9 +503,10 @@ impl Engine {
         self.core.store.pool_status()
     }
 
-    /// WAL bytes the replication slot `slot` has not confirmed (None without the slot).
-    pub async fn slot_lag_bytes(&self, slot: &str) -> Result<Option<i64>> {
-        self.core.store.slot_lag_bytes(slot).await
+    /// A connection of the read pool, for short queries beside the engine's own
+    /// (metrics); it goes back to the pool when dropped.
+    pub async fn pooled_connection(&self) -> Result<deadpool_postgres::Object> {
+        self.core.store.pooled().await
     }
 
     fn check_size(&self, len: usize) -> Result<()> {

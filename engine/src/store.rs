@@ -700,7 +700,7 @@ impl PgStore {
     }
 
     /// A connection from the read pool.
-    async fn pooled(&self) -> Result<deadpool_postgres::Object> {
+    pub async fn pooled(&self) -> Result<deadpool_postgres::Object> {
         self.pool
             .get()
             .await
@@ -750,20 +750,5 @@ impl PgStore {
     pub fn pool_status(&self) -> (usize, usize, usize, usize) {
         let s = self.pool.status();
         (s.size, s.available, s.max_size, s.waiting)
-    }
-
-    /// WAL bytes a replication slot has not confirmed yet (None when the slot does not
-    /// exist).
-    pub async fn slot_lag_bytes(&self, slot: &str) -> Result<Option<i64>> {
-        let client = self.pooled().await?;
-        let row = client
-            .query_opt(
-                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 \
-                 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .map_err(Error::pg("slot lag"))?;
-        Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)))
     }
 }

@@ -207,7 +207,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         engine: engine.clone(),
         hub: hub.clone(),
         metrics: server_metrics.clone(),
-        slot: pgetcd_wal::slot_name(&config.keyspace),
+        keyspace: config.keyspace.clone(),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     health

@@ -305,8 +305,8 @@ pub struct Sources {
     pub hub: Hub,
     /// The server's own figures.
     pub metrics: Arc<Metrics>,
-    /// The replication slot of the keyspace.
-    pub slot: String,
+    /// The keyspace (its replication slot's lag is reported).
+    pub keyspace: String,
 }
 
 /// Renders every series.
@@ -544,7 +544,13 @@ async fn engine_series(out: &mut Out, src: &Sources) {
         "Leases granted and not yet revoked or expired.",
         leases as f64,
     );
-    match engine.slot_lag_bytes(&src.slot).await {
+    let lag = match engine.pooled_connection().await {
+        Ok(client) => pgetcd_wal::retained_bytes(&client, &src.keyspace)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match lag {
         Ok(Some(lag)) => out.gauge(
             "pgetcd_replication_lag_bytes",
             "WAL bytes written by Postgres that the watch feed has not confirmed (its replication slot's lag).",
