@@ -212,11 +212,45 @@ struct CountLog {
     complete_upto: i64,
 }
 
-/// range (start, end) → (revision, live keys in the range at that revision).
-type CountMemo = (
-    HashMap<(Bytes, Option<Bytes>), (i64, usize)>,
-    VecDeque<(Bytes, Option<Bytes>)>,
-);
+/// A range as a map key: (start, end (None = to the end)).
+type RangeKey = (Bytes, Option<Bytes>);
+
+/// A bounded map that forgets its oldest entries first.
+struct Memo<K, V> {
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
+    capacity: usize,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V: Copy> Memo<K, V> {
+    fn new(capacity: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    fn get(&self, key: &K) -> Option<V> {
+        self.map.get(key).copied()
+    }
+
+    fn insert(&mut self, key: K, value: V) {
+        if self.map.insert(key.clone(), value).is_none() {
+            self.order.push_back(key);
+            while self.order.len() > self.capacity {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
 
 /// The ordered map of keys to versions plus the value-cache bookkeeping.
 pub struct Index {
@@ -226,9 +260,10 @@ pub struct Index {
     cache_budget: usize,
     cache_bytes: AtomicUsize,
     cache_fifo: Mutex<VecDeque<CacheEntry>>,
-    page_counts: Mutex<(HashMap<PageCountKey, usize>, VecDeque<PageCountKey>)>,
+    page_counts: Mutex<Memo<PageCountKey, usize>>,
     count_log: RwLock<CountLog>,
-    count_memo: Mutex<CountMemo>,
+    /// range (start, end) → (revision, live keys in the range at that revision).
+    count_memo: Mutex<Memo<RangeKey, (i64, usize)>>,
 }
 
 impl Index {
@@ -239,9 +274,9 @@ impl Index {
             cache_budget,
             cache_bytes: AtomicUsize::new(0),
             cache_fifo: Mutex::new(VecDeque::new()),
-            page_counts: Mutex::new((HashMap::new(), VecDeque::new())),
+            page_counts: Mutex::new(Memo::new(PAGE_COUNTS)),
             count_log: RwLock::new(CountLog::default()),
-            count_memo: Mutex::new((HashMap::new(), VecDeque::new())),
+            count_memo: Mutex::new(Memo::new(COUNT_MEMO)),
         }
     }
 
@@ -422,7 +457,7 @@ impl Index {
             return self.count_scan(range, at);
         }
         let key = (start.clone(), end.clone(), at);
-        let known = self.page_counts.lock().0.get(&key).copied();
+        let known = self.page_counts.lock().get(&key);
         let total = match known {
             Some(n) => n,
             None => self.count(range, at),
@@ -431,19 +466,9 @@ impl Index {
         next_start.extend_from_slice(last);
         next_start.push(0);
         let next = (Bytes::from(next_start), end.clone(), at);
-        let mut guard = self.page_counts.lock();
-        let (map, order) = &mut *guard;
-        if map
-            .insert(next.clone(), total.saturating_sub(page))
-            .is_none()
-        {
-            order.push_back(next);
-            while order.len() > PAGE_COUNTS {
-                if let Some(old) = order.pop_front() {
-                    map.remove(&old);
-                }
-            }
-        }
+        self.page_counts
+            .lock()
+            .insert(next, total.saturating_sub(page));
         total
     }
 
@@ -461,7 +486,7 @@ impl Index {
             return self.count_scan(range, at);
         }
         let key = (start.clone(), end.clone());
-        let memo = self.count_memo.lock().0.get(&key).copied();
+        let memo = self.count_memo.lock().get(&key);
         if let Some((r0, c0)) = memo
             && r0 <= at
         {
@@ -479,28 +504,15 @@ impl Index {
                 }
                 drop(log);
                 let n = usize::try_from(n).unwrap_or(0);
-                self.remember_count(key, at, n);
+                self.count_memo.lock().insert(key, (at, n));
                 return n;
             }
         }
         let n = self.count_scan(range, at);
         if memo.is_none_or(|(r0, _)| r0 <= at) {
-            self.remember_count(key, at, n);
+            self.count_memo.lock().insert(key, (at, n));
         }
         n
-    }
-
-    fn remember_count(&self, key: (Bytes, Option<Bytes>), at: i64, n: usize) {
-        let mut guard = self.count_memo.lock();
-        let (map, order) = &mut *guard;
-        if map.insert(key.clone(), (at, n)).is_none() {
-            order.push_back(key);
-            while order.len() > COUNT_MEMO {
-                if let Some(old) = order.pop_front() {
-                    map.remove(&old);
-                }
-            }
-        }
     }
 
     /// Number of keys in `range` visible at `at`, by scanning.
@@ -800,7 +812,7 @@ pub(crate) mod tests {
                 assert_eq!(ix.count(r, at), ix.count_scan(r, at), "rev {rev} at {at}");
             }
         }
-        assert!(ix.count_memo.lock().0.len() == 3);
+        assert!(ix.count_memo.lock().len() == 3);
     }
 
     #[test]
@@ -826,7 +838,7 @@ pub(crate) mod tests {
             ),
             999
         );
-        assert!(ix.page_counts.lock().0.is_empty());
+        assert!(ix.page_counts.lock().len() == 0);
         ix.set_complete_upto(at);
         let end = Some(b("p0"));
         let mut start = b("p/");
@@ -851,7 +863,7 @@ pub(crate) mod tests {
         }
         assert_eq!(seen, 999);
         // Every page after the first was answered from the memo.
-        assert!(ix.page_counts.lock().0.len() >= 19);
+        assert!(ix.page_counts.lock().len() >= 19);
     }
 
     #[test]
