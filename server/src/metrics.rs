@@ -611,8 +611,9 @@ fn process_series(out: &mut Out) {
     let f: Vec<&str> = after.split_whitespace().collect();
     let field = |n: usize| -> f64 { f.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0.0) };
     let cpu = (field(14) + field(15)) / CLOCK_TICKS_PER_SECOND;
-    out.gauge_counter(
+    out.one(
         "process_cpu_seconds_total",
+        "counter",
         "Total user and system CPU time spent in seconds.",
         cpu,
     );
@@ -664,12 +665,6 @@ fn process_series(out: &mut Out) {
             "Maximum number of open file descriptors.",
             max,
         );
-    }
-}
-
-impl Out {
-    fn gauge_counter(&mut self, name: &str, help: &str, v: f64) {
-        self.one(name, "counter", help, v);
     }
 }
 

@@ -256,41 +256,36 @@ pub async fn serve<S, B>(
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let _open = open;
-            let result =
-                match tls {
-                    None => {
-                        let conn = builder
-                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                            .into_owned();
-                        watcher.watch(conn).await
-                    }
-                    Some(acceptor) => {
-                        let tls_stream =
-                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                                .await
-                            {
-                                Ok(Ok(s)) => s,
-                                Ok(Err(e)) => {
-                                    metrics
-                                        .tls_handshake_failures
-                                        .fetch_add(1, Ordering::Relaxed);
-                                    warn!(%peer, error = %e, "tls handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    metrics
-                                        .tls_handshake_failures
-                                        .fetch_add(1, Ordering::Relaxed);
-                                    warn!(%peer, "tls handshake timed out");
-                                    return;
-                                }
+            let result = match tls {
+                None => {
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    watcher.watch(conn).await
+                }
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                    let tls_stream = match handshake {
+                        Ok(Ok(s)) => s,
+                        failed => {
+                            metrics
+                                .tls_handshake_failures
+                                .fetch_add(1, Ordering::Relaxed);
+                            let error = match failed {
+                                Ok(Err(e)) => e.to_string(),
+                                _ => "timed out".to_owned(),
                             };
-                        let conn = builder
-                            .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
-                            .into_owned();
-                        watcher.watch(conn).await
-                    }
-                };
+                            warn!(%peer, %error, "tls handshake failed");
+                            return;
+                        }
+                    };
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
+                        .into_owned();
+                    watcher.watch(conn).await
+                }
+            };
             if let Err(e) = result {
                 debug!(%peer, error = %e, "client connection ended with an error");
             }
