@@ -59,18 +59,7 @@ fn watch_output(url: &str, args: &[&str]) -> String {
 fn normalise(s: &str) -> String {
     let mut out = s.to_owned();
     for field in ["cluster_id", "member_id", "raft_term"] {
-        let pat = format!("\"{field}\":");
-        let mut res = String::new();
-        let mut rest = out.as_str();
-        while let Some(pos) = rest.find(&pat) {
-            res.push_str(&rest[..pos + pat.len()]);
-            rest = &rest[pos + pat.len()..];
-            let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
-            res.push('0');
-            rest = &rest[digits..];
-        }
-        res.push_str(rest);
-        out = res;
+        out = replace_number_after(&out, &format!("\"{field}\":"), "0");
     }
     out
 }
@@ -222,19 +211,11 @@ async fn etcdctl_sees_the_same_as_with_etcd() {
     let (ok, out, err) = etcdctl(&url, &["endpoint", "status", "-w", "json"], None);
     assert!(ok, "{err}");
     assert!(out.contains("\"version\":\"3.5."), "{out}");
-    let member = |s: &str| {
-        let i = s.find("\"member_id\":").unwrap() + "\"member_id\":".len();
-        s[i..]
-            .chars()
-            .take_while(|c| c.is_ascii_digit())
-            .collect::<String>()
-    };
-    let leader_at = out.find("\"leader\":").unwrap() + "\"leader\":".len();
-    let leader: String = out[leader_at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    assert_eq!(leader, member(&out), "leader is this member: {out}");
+    assert_eq!(
+        number_after(&out, "\"leader\":"),
+        number_after(&out, "\"member_id\":"),
+        "leader is this member: {out}"
+    );
     assert!(out.contains("\"dbSize\":"), "{out}");
 
     let (ok, out, err) = etcdctl(&url, &["endpoint", "health"], None);
@@ -254,15 +235,22 @@ fn replace_all(s: &str, pairs: &[(String, &str)]) -> String {
     out
 }
 
-/// Zeroes the number after each `marker` (remaining TTLs differ by timing).
-fn zero_after(s: &str, marker: &str) -> String {
+/// The digits right after the first `marker`.
+fn number_after<'a>(s: &'a str, marker: &str) -> &'a str {
+    let at = s.find(marker).expect("marker") + marker.len();
+    let digits = s[at..].chars().take_while(|c| c.is_ascii_digit()).count();
+    &s[at..at + digits]
+}
+
+/// Replaces the number after each `marker` with `with`.
+fn replace_number_after(s: &str, marker: &str, with: &str) -> String {
     let mut res = String::new();
     let mut rest = s;
     while let Some(pos) = rest.find(marker) {
         res.push_str(&rest[..pos + marker.len()]);
         rest = &rest[pos + marker.len()..];
         let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
-        res.push('N');
+        res.push_str(with);
         rest = &rest[digits..];
     }
     res.push_str(rest);
@@ -302,8 +290,9 @@ impl Side {
                     (decimal.clone(), "<ID>"),
                 ],
             );
-            let s = zero_after(&s, "remaining(");
-            let s = zero_after(&s, "\"ttl\":");
+            // Remaining TTLs differ by timing.
+            let s = replace_number_after(&s, "remaining(", "N");
+            let s = replace_number_after(&s, "\"ttl\":", "N");
             normalise(&s)
         };
         (ok, norm(&out), norm(&error_line(&err)))
@@ -384,13 +373,7 @@ async fn etcdctl_leases_endpoints_and_maintenance_match_etcd() {
     // Moving leadership: to this member succeeds, to any other id is refused.
     let (ok, status, err) = etcdctl(&mine.url, &["endpoint", "status", "-w", "json"], None);
     assert!(ok, "{err}");
-    let at = status.find("\"member_id\":").unwrap() + "\"member_id\":".len();
-    let member: u64 = status[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect::<String>()
-        .parse()
-        .unwrap();
+    let member: u64 = number_after(&status, "\"member_id\":").parse().unwrap();
     let (ok, out, err) = etcdctl(&mine.url, &["move-leader", &format!("{member:x}")], None);
     assert!(ok, "{out}{err}");
     let (ok, _, err) = etcdctl(&mine.url, &["move-leader", "1234"], None);
