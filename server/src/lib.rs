@@ -87,6 +87,18 @@ pub fn parse_listen_url(url: &str) -> Result<ListenUrl, String> {
     Ok(ListenUrl { addr, tls })
 }
 
+/// Binds a listen URL: the listener, the parsed URL and the address actually bound.
+async fn bind(url: &str) -> Result<(TcpListener, ListenUrl, SocketAddr), ServerError> {
+    let listen = parse_listen_url(url).map_err(ServerError::Config)?;
+    let l = TcpListener::bind(listen.addr)
+        .await
+        .map_err(|e| ServerError::Start(format!("binding {url}: {e}")))?;
+    let addr = l
+        .local_addr()
+        .map_err(|e| ServerError::Start(e.to_string()))?;
+    Ok((l, listen, addr))
+}
+
 /// Resolves once `shutdown` says true (or its sender is gone).
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
@@ -168,13 +180,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     let mut client_addrs = Vec::new();
     let mut client_urls = Vec::new();
     for url in &config.listen_client_urls {
-        let listen = parse_listen_url(url).map_err(ServerError::Config)?;
-        let l = TcpListener::bind(listen.addr)
-            .await
-            .map_err(|e| ServerError::Start(format!("binding {url}: {e}")))?;
-        let addr = l
-            .local_addr()
-            .map_err(|e| ServerError::Start(e.to_string()))?;
+        let (l, listen, addr) = bind(url).await?;
         client_addrs.push(addr);
         let scheme = if listen.tls { "https" } else { "http" };
         client_urls.push(format!("{scheme}://{addr}"));
@@ -271,14 +277,8 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     }
     let mut metrics_addrs = Vec::new();
     for url in &config.listen_metrics_urls {
-        let listen = parse_listen_url(url).map_err(ServerError::Config)?;
-        let l = TcpListener::bind(listen.addr)
-            .await
-            .map_err(|e| ServerError::Start(format!("binding {url}: {e}")))?;
-        metrics_addrs.push(
-            l.local_addr()
-                .map_err(|e| ServerError::Start(e.to_string()))?,
-        );
+        let (l, _, addr) = bind(url).await?;
+        metrics_addrs.push(addr);
         let app = http::router(sources.clone());
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
