@@ -146,8 +146,15 @@ impl LeaseTable {
 
     /// Updates key attachments after `changes` committed: a change detaches its key from
     /// the lease of the key's previous version and attaches it to its own lease.
-    pub fn apply(&self, changes: &[Change], revoked: &[i64]) {
+    pub fn apply(&self, changes: &[Change], revoked: impl Iterator<Item = i64>) {
         let mut inner = self.inner.lock();
+        // Revoked leases lose their attachments first: keys the batch attached to a
+        // lease before revoking it are deleted by the revoke (their tombstones detach
+        // them below), and keys attached to a lease granted again after its revoke in
+        // the same batch must stay attached.
+        for id in revoked {
+            inner.keys.remove(&id);
+        }
         for c in changes {
             let before = c.prev.as_ref().map_or(0, |v| v.lease);
             if before != 0
@@ -165,9 +172,6 @@ impl LeaseTable {
                     .or_default()
                     .insert(c.key.clone());
             }
-        }
-        for id in revoked {
-            inner.keys.remove(id);
         }
     }
 
@@ -225,7 +229,7 @@ mod tests {
         ] {
             let (_, prev) = ix.append_from(&c.key, |_| c.version.clone());
             let c = Change { prev, ..c };
-            t.apply(std::slice::from_ref(&c), &[]);
+            t.apply(std::slice::from_ref(&c), std::iter::empty());
         }
         assert!(t.keys_of(7).is_empty());
         assert_eq!(t.keys_of(8), vec![Bytes::from_static(b"a")]);
@@ -234,6 +238,31 @@ mod tests {
         assert_eq!(t.keep_alive(8), 10);
         assert_eq!(t.keep_alive(9), 0);
         assert_eq!(t.info(8).unwrap().granted, 10);
+    }
+
+    #[tokio::test]
+    async fn a_lease_revoked_and_granted_again_in_one_batch_keeps_its_new_keys() {
+        let t = LeaseTable::default();
+        let ix = Index::new(0);
+        t.insert(7, 10);
+        let (_, prev) = ix.append_from(&Bytes::from_static(b"a"), |_| {
+            change("a", 2, 7, false).version
+        });
+        t.apply(
+            &[Change {
+                prev,
+                ..change("a", 2, 7, false)
+            }],
+            std::iter::empty(),
+        );
+        // One batch: revoke 7 (deletes a), grant 7 again, put b with lease 7.
+        let mut batch = Vec::new();
+        for c in [change("a", 3, 0, true), change("b", 4, 7, false)] {
+            let (_, prev) = ix.append_from(&c.key, |_| c.version.clone());
+            batch.push(Change { prev, ..c });
+        }
+        t.apply(&batch, [7].into_iter());
+        assert_eq!(t.keys_of(7), vec![Bytes::from_static(b"b")]);
     }
 
     #[tokio::test]

@@ -23,20 +23,6 @@ use crate::exec::Change;
 use crate::index::{Index, Pruned, Version};
 use crate::pgtls::PgConnect;
 
-/// Runs a prepared statement unless `skip` (nothing to write: 0 rows).
-async fn execute_unless(
-    c: &Client,
-    skip: bool,
-    stmt: &Statement,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<u64, tokio_postgres::Error> {
-    if skip {
-        Ok(0)
-    } else {
-        c.execute(stmt, params).await
-    }
-}
-
 /// The `meta` row.
 #[derive(Debug, Clone, Copy)]
 pub struct Meta {
@@ -63,31 +49,65 @@ pub enum CommitError {
     Fenced,
 }
 
-/// The writer's connection with its prepared statements.
+/// The writer's connection with its prepared commit statement.
 pub struct WriterConn {
     /// The connection (also used for DDL and compaction).
     pub client: Client,
-    fence: Statement,
-    history: Statement,
-    upsert: Statement,
-    delete: Statement,
-    lease_insert: Statement,
-    lease_delete: Statement,
+    commit: Statement,
+}
+
+/// One lease row change, in the order the batch made them.
+#[derive(Debug, Clone, Copy)]
+pub enum LeaseOp {
+    /// Granted (id, ttl).
+    Grant(i64, i64),
+    /// Revoked id.
+    Revoke(i64),
 }
 
 /// Lease rows a batch writes.
 #[derive(Debug, Default)]
 pub struct LeaseOps {
-    /// Granted (id, ttl).
-    pub grants: Vec<(i64, i64)>,
-    /// Revoked ids.
-    pub revokes: Vec<i64>,
+    /// Grants and revokes in order (a lease revoked and granted again in one batch
+    /// appears twice).
+    pub ops: Vec<LeaseOp>,
 }
 
 impl LeaseOps {
     /// Whether the batch writes no lease row.
     pub fn is_empty(&self) -> bool {
-        self.grants.is_empty() && self.revokes.is_empty()
+        self.ops.is_empty()
+    }
+
+    /// Revoked ids, in order.
+    pub fn revokes(&self) -> impl Iterator<Item = i64> + '_ {
+        self.ops.iter().filter_map(|op| match op {
+            LeaseOp::Revoke(id) => Some(*id),
+            LeaseOp::Grant(..) => None,
+        })
+    }
+
+    /// What the `leases` table must hold afterwards: per id, its last operation
+    /// decides (ids to upsert with their TTLs, ids to delete).
+    fn net(&self) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
+        let mut last: HashMap<i64, Option<i64>> = HashMap::with_capacity(self.ops.len());
+        for op in &self.ops {
+            match *op {
+                LeaseOp::Grant(id, ttl) => last.insert(id, Some(ttl)),
+                LeaseOp::Revoke(id) => last.insert(id, None),
+            };
+        }
+        let (mut ids, mut ttls, mut gone) = (Vec::new(), Vec::new(), Vec::new());
+        for (id, ttl) in last {
+            match ttl {
+                Some(t) => {
+                    ids.push(id);
+                    ttls.push(t);
+                }
+                None => gone.push(id),
+            }
+        }
+        (ids, ttls, gone)
     }
 }
 
@@ -414,57 +434,38 @@ impl PgStore {
     /// Prepares the writer's statements on `client`.
     pub async fn writer_conn(&self, client: Client) -> Result<WriterConn> {
         let s = self.layout.schema();
-        let prep = |sql: String| {
-            let client = &client;
-            async move {
-                client
-                    .prepare(&sql)
-                    .await
-                    .map_err(Error::pg("prepare writer statements"))
-            }
-        };
+        // One statement, so one implicit transaction and one answer per batch (the
+        // server flushes only at its end). Every data-modifying WITH part runs to
+        // completion whether or not the SELECT reads it, and all of them see the same
+        // snapshot: the caller sends each kv key and lease id at most once.
         // The fence divides by the number of meta rows it updated: a moved epoch raises
-        // division_by_zero inside the transaction, so COMMIT cannot commit the batch.
-        let fence = prep(format!(
-            "WITH u AS (UPDATE {s}.meta SET revision = $1 WHERE id = 1 AND leader_epoch = $2 RETURNING 1) \
-             SELECT 1 / (SELECT count(*)::int FROM u)"
-        ))
-        .await?;
-        let history = prep(format!(
-            "INSERT INTO {s}.history (revision, sub, key, kind, create_revision, version, lease, value) \
-             SELECT * FROM unnest($1::int8[], $2::int4[], $3::bytea[], $4::int2[], $5::int8[], $6::int8[], $7::int8[], $8::bytea[])"
-        ))
-        .await?;
-        let upsert = prep(format!(
-            "INSERT INTO {s}.kv (key, create_revision, mod_revision, mod_sub, version, lease, value) \
-             SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int4[], $5::int8[], $6::int8[], $7::bytea[]) \
-             ON CONFLICT (key) DO UPDATE SET create_revision = excluded.create_revision, \
-             mod_revision = excluded.mod_revision, mod_sub = excluded.mod_sub, version = excluded.version, \
-             lease = excluded.lease, value = excluded.value"
-        ))
-        .await?;
-        let delete = prep(format!("DELETE FROM {s}.kv WHERE key = ANY($1::bytea[])")).await?;
-        let lease_insert = prep(format!(
-            "INSERT INTO {s}.leases (id, ttl) SELECT * FROM unnest($1::int8[], $2::int8[])"
-        ))
-        .await?;
-        let lease_delete =
-            prep(format!("DELETE FROM {s}.leases WHERE id = ANY($1::int8[])")).await?;
-        Ok(WriterConn {
-            client,
-            fence,
-            history,
-            upsert,
-            delete,
-            lease_insert,
-            lease_delete,
-        })
+        // division_by_zero, and the whole statement, so the batch, is rolled back.
+        let sql = format!(
+            "WITH fence AS (UPDATE {s}.meta SET revision = $1 WHERE id = 1 AND leader_epoch = $2 RETURNING 1), \
+             history AS (INSERT INTO {s}.history (revision, sub, key, kind, create_revision, version, lease, value) \
+               SELECT * FROM unnest($3::int8[], $4::int4[], $5::bytea[], $6::int2[], $7::int8[], $8::int8[], $9::int8[], $10::bytea[])), \
+             upsert AS (INSERT INTO {s}.kv (key, create_revision, mod_revision, mod_sub, version, lease, value) \
+               SELECT * FROM unnest($11::bytea[], $12::int8[], $13::int8[], $14::int4[], $15::int8[], $16::int8[], $17::bytea[]) \
+               ON CONFLICT (key) DO UPDATE SET create_revision = excluded.create_revision, \
+               mod_revision = excluded.mod_revision, mod_sub = excluded.mod_sub, version = excluded.version, \
+               lease = excluded.lease, value = excluded.value), \
+             deleted AS (DELETE FROM {s}.kv WHERE key = ANY($18::bytea[])), \
+             granted AS (INSERT INTO {s}.leases (id, ttl) SELECT * FROM unnest($19::int8[], $20::int8[]) \
+               ON CONFLICT (id) DO UPDATE SET ttl = excluded.ttl), \
+             revoked AS (DELETE FROM {s}.leases WHERE id = ANY($21::int8[])) \
+             SELECT 1 / (SELECT count(*)::int FROM fence)"
+        );
+        let commit = client
+            .prepare(&sql)
+            .await
+            .map_err(Error::pg("prepare the commit statement"))?;
+        Ok(WriterConn { client, commit })
     }
 
-    /// Writes one batch in one transaction in one round trip: BEGIN, the fenced
-    /// revision update of `meta`, the history rows, the `kv` upserts and deletes, and
-    /// COMMIT are pipelined. Any error the server reports means the transaction aborted
-    /// (COMMIT then rolls back): determinate. A transport error with no server error is
+    /// Writes one batch in one statement, so one implicit transaction and one round
+    /// trip: the fenced revision update of `meta`, the history rows, the `kv` upserts
+    /// and deletes and the lease rows. An error the server reports means the statement
+    /// was rolled back: determinate. A transport error with no server error is
     /// indeterminate.
     pub async fn commit(
         &self,
@@ -523,60 +524,39 @@ impl PgStore {
                 u_value.push(v.value.as_deref().unwrap_or(&[]));
             }
         }
-        let c = &conn.client;
-        let fence_params: [&(dyn ToSql + Sync); 2] = [&new_revision, &epoch];
-        let hist_params: [&(dyn ToSql + Sync); 8] = [
-            &h_rev, &h_sub, &h_key, &h_kind, &h_create, &h_ver, &h_lease, &h_value,
+        let (grant_ids, grant_ttls, revoke_ids) = leases.net();
+        let params: [&(dyn ToSql + Sync); 21] = [
+            &new_revision,
+            &epoch,
+            &h_rev,
+            &h_sub,
+            &h_key,
+            &h_kind,
+            &h_create,
+            &h_ver,
+            &h_lease,
+            &h_value,
+            &u_key,
+            &u_create,
+            &u_mod,
+            &u_sub,
+            &u_ver,
+            &u_lease,
+            &u_value,
+            &d_key,
+            &grant_ids,
+            &grant_ttls,
+            &revoke_ids,
         ];
-        let upsert_params: [&(dyn ToSql + Sync); 7] = [
-            &u_key, &u_create, &u_mod, &u_sub, &u_ver, &u_lease, &u_value,
-        ];
-        let delete_params: [&(dyn ToSql + Sync); 1] = [&d_key];
-        let grant_ids: Vec<i64> = leases.grants.iter().map(|g| g.0).collect();
-        let grant_ttls: Vec<i64> = leases.grants.iter().map(|g| g.1).collect();
-        let grant_params: [&(dyn ToSql + Sync); 2] = [&grant_ids, &grant_ttls];
-        let revoke_params: [&(dyn ToSql + Sync); 1] = [&leases.revokes];
-        // join! polls in order, so the messages go out in this order on the connection.
-        let (begin, fence, hist, upsert, delete, grant, revoke, commit) = futures::join!(
-            c.batch_execute("BEGIN"),
-            c.execute(&conn.fence, &fence_params),
-            execute_unless(c, h_rev.is_empty(), &conn.history, &hist_params),
-            execute_unless(c, u_key.is_empty(), &conn.upsert, &upsert_params),
-            execute_unless(c, d_key.is_empty(), &conn.delete, &delete_params),
-            execute_unless(c, grant_ids.is_empty(), &conn.lease_insert, &grant_params),
-            execute_unless(
-                c,
-                leases.revokes.is_empty(),
-                &conn.lease_delete,
-                &revoke_params
-            ),
-            c.batch_execute("COMMIT"),
-        );
-        if let Err(e) = &fence
-            && e.code() == Some(&SqlState::DIVISION_BY_ZERO)
-        {
+        let source = match conn.client.execute(&conn.commit, &params).await {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        if source.code() == Some(&SqlState::DIVISION_BY_ZERO) {
             return Err(CommitError::Fenced);
         }
-        let mut errors: Vec<tokio_postgres::Error> = [
-            begin.err(),
-            fence.err(),
-            hist.err(),
-            upsert.err(),
-            delete.err(),
-            grant.err(),
-            revoke.err(),
-            commit.err(),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        if errors.is_empty() {
-            return Ok(());
-        }
-        // Report the server's error when there is one: it decides determinacy.
-        let server_error = errors.iter().position(|e| e.as_db_error().is_some());
-        let source = errors.swap_remove(server_error.unwrap_or(0));
-        let determinate = server_error.is_some();
+        // The server's error decides determinacy.
+        let determinate = source.as_db_error().is_some();
         let err = Error::Postgres {
             context: "commit batch",
             source,
@@ -750,5 +730,28 @@ impl PgStore {
     pub fn pool_status(&self) -> (usize, usize, usize, usize) {
         let s = self.pool.status();
         (s.size, s.available, s.max_size, s.waiting)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LeaseOp, LeaseOps};
+
+    #[test]
+    fn the_last_operation_on_a_lease_decides_its_row() {
+        let ops = LeaseOps {
+            ops: vec![
+                LeaseOp::Grant(1, 10),
+                LeaseOp::Revoke(1),
+                LeaseOp::Revoke(2),
+                LeaseOp::Grant(2, 20),
+                LeaseOp::Grant(3, 30),
+            ],
+        };
+        let (mut ids, _, gone) = ops.net();
+        ids.sort_unstable();
+        assert_eq!(ids, vec![2, 3]);
+        assert_eq!(gone, vec![1]);
+        assert_eq!(ops.revokes().collect::<Vec<_>>(), vec![1, 2]);
     }
 }

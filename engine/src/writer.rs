@@ -34,7 +34,7 @@ use crate::metrics::EngineMetrics;
 
 /// Commit times kept for the watch feed's delay histogram.
 const COMMIT_TIMES: usize = 4096;
-use crate::store::{CommitError, LeaseOps, WriterConn};
+use crate::store::{CommitError, LeaseOp, LeaseOps, WriterConn};
 
 /// A write request.
 pub(crate) enum Op {
@@ -175,7 +175,7 @@ impl Writer {
                         Err(Error::LeaseExists)
                     } else {
                         st.leases.insert(*id, *ttl);
-                        lease_ops.grants.push((*id, *ttl));
+                        lease_ops.ops.push(LeaseOp::Grant(*id, *ttl));
                         Ok(Reply::LeaseGrant(LeaseGrantResponse {
                             header: header(rev),
                             id: *id,
@@ -188,7 +188,7 @@ impl Writer {
                     None => Err(Error::LeaseNotFound),
                     Some(ttl) => {
                         revoked_ttls.push((r.id, ttl));
-                        lease_ops.revokes.push(r.id);
+                        lease_ops.ops.push(LeaseOp::Revoke(r.id));
                         // Attached keys, plus keys attached earlier in this batch (the
                         // attachments are updated only after commit).
                         let mut keys = st.leases.keys_of(r.id);
@@ -237,7 +237,7 @@ impl Writer {
         }
         let failure = match outcome {
             Outcome::Committed => {
-                st.leases.apply(&changes, &lease_ops.revokes);
+                st.leases.apply(&changes, lease_ops.revokes());
                 st.index
                     .note_committed(changes.iter().map(|c| (&c.key, &c.version)));
                 st.published.store(rev, Ordering::Release);
@@ -278,11 +278,20 @@ impl Writer {
         };
         let keys: Vec<Bytes> = changes.into_iter().map(|c| c.key).collect();
         st.index.rollback(&keys, published);
-        for (id, _) in &lease_ops.grants {
-            st.leases.remove(*id);
-        }
-        for (id, ttl) in revoked_ttls {
-            st.leases.insert(id, ttl);
+        // Undo the lease table's changes newest first (a lease revoked and granted
+        // again in this batch ends with its old TTL).
+        let mut ttls = revoked_ttls.into_iter().rev();
+        for op in lease_ops.ops.iter().rev() {
+            match *op {
+                LeaseOp::Grant(id, _) => {
+                    st.leases.remove(id);
+                }
+                LeaseOp::Revoke(id) => {
+                    if let Some((_, ttl)) = ttls.next() {
+                        st.leases.insert(id, ttl);
+                    }
+                }
+            }
         }
         let fenced = matches!(failure, Error::Fenced { .. });
         for (reply, _) in results {
