@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{ArgAction, Parser};
 use pgetcd_engine::{
     DEFAULT_CACHE_BYTES, DEFAULT_MAX_BATCH, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TXN_OPS,
 };
@@ -99,10 +99,11 @@ pub struct Config {
     #[arg(long, env = "PGETCD_READ_POOL_SIZE", default_value_t = 8)]
     pub read_pool_size: usize,
 
-    /// Interval of watch progress notifications (etcd's
-    /// --experimental-watch-progress-notify-interval), e.g. 10m, 5s, 500ms.
+    /// Interval of watch progress notifications, e.g. 10m, 5s, 500ms (etcd's
+    /// --experimental-watch-progress-notify-interval, accepted as an alias).
     #[arg(
         long,
+        alias = "experimental-watch-progress-notify-interval",
         env = "PGETCD_WATCH_PROGRESS_NOTIFY_INTERVAL",
         default_value = "10m",
         value_parser = parse_duration
@@ -144,12 +145,14 @@ pub struct Config {
 
     /// Require every client on https URLs to present a certificate signed by
     /// --trusted-ca-file (mutual TLS).
-    #[arg(long, env = "PGETCD_CLIENT_CERT_AUTH")]
+    #[arg(long, env = "PGETCD_CLIENT_CERT_AUTH", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = ArgAction::Set)]
     pub client_cert_auth: bool,
 
     /// Serve https client URLs with a self-signed certificate generated under
     /// <data-dir>/fixtures/client (development only; clients cannot verify it).
-    #[arg(long, env = "PGETCD_AUTO_TLS")]
+    #[arg(long, env = "PGETCD_AUTO_TLS", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = ArgAction::Set)]
     pub auto_tls: bool,
 
     /// Validity of --auto-tls certificates, in years.
@@ -176,9 +179,144 @@ pub struct Config {
     )]
     pub grpc_keepalive_timeout: Duration,
 
+    /// etcd's --auto-compaction-mode: `periodic` keeps --auto-compaction-retention of
+    /// time, `revision` keeps that many revisions.
+    #[arg(long, env = "PGETCD_AUTO_COMPACTION_MODE", default_value = "periodic")]
+    pub auto_compaction_mode: String,
+
+    /// etcd's --auto-compaction-retention: 0 (off, the default); in periodic mode a
+    /// duration (30m, 1h30m) or a plain number of hours; in revision mode a number of
+    /// revisions.
+    #[arg(long, env = "PGETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
+    pub auto_compaction_retention: String,
+
     /// Log filter (tracing's env-filter syntax), e.g. info or pgetcd_engine=debug.
     #[arg(long, env = "PGETCD_LOG", default_value = "info")]
     pub log: String,
+
+    /// etcd's --log-level (debug, info, warn, error, panic, fatal): the log filter when
+    /// --log is not given.
+    #[arg(long, env = "PGETCD_LOG_LEVEL")]
+    pub log_level: Option<String>,
+
+    /// etcd flags that have no meaning for a single pgetcd member over Postgres;
+    /// accepted so that an etcd command line (kubeadm's static pod, say) starts as is.
+    #[command(flatten)]
+    pub ignored: IgnoredEtcdFlags,
+}
+
+/// etcd flags accepted and ignored, each with the reason it has no meaning here.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct IgnoredEtcdFlags {
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    initial_cluster: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    initial_cluster_state: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    initial_cluster_token: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    initial_advertise_peer_urls: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    listen_peer_urls: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    peer_cert_file: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    peer_key_file: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    peer_trusted_ca_file: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    peer_client_cert_auth: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    peer_auto_tls: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    snapshot_count: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    heartbeat_interval: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    election_timeout: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    experimental_initial_corrupt_check: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    experimental_corrupt_check_time: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    experimental_compact_hash_check_enabled: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    logger: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    log_outputs: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    enable_v2: Option<String>,
+}
+
+impl IgnoredEtcdFlags {
+    /// The flags given, as (flag, value, why it is ignored).
+    pub fn given(&self) -> Vec<(&'static str, &str, &'static str)> {
+        const CLUSTER: &str = "pgetcd is one member; there are no raft peers";
+        const PEER_TLS: &str = "there is no peer traffic to secure";
+        const RAFT: &str = "there is no raft log; Postgres keeps the data";
+        const CORRUPT: &str = "Postgres checks its own pages; HashKV compares keyspaces";
+        const LOG: &str = "pgetcd logs to stderr; see --log and --log-level";
+        let all: [(&'static str, &Option<String>, &'static str); 19] = [
+            ("--initial-cluster", &self.initial_cluster, CLUSTER),
+            (
+                "--initial-cluster-state",
+                &self.initial_cluster_state,
+                CLUSTER,
+            ),
+            (
+                "--initial-cluster-token",
+                &self.initial_cluster_token,
+                CLUSTER,
+            ),
+            (
+                "--initial-advertise-peer-urls",
+                &self.initial_advertise_peer_urls,
+                CLUSTER,
+            ),
+            ("--listen-peer-urls", &self.listen_peer_urls, CLUSTER),
+            ("--peer-cert-file", &self.peer_cert_file, PEER_TLS),
+            ("--peer-key-file", &self.peer_key_file, PEER_TLS),
+            (
+                "--peer-trusted-ca-file",
+                &self.peer_trusted_ca_file,
+                PEER_TLS,
+            ),
+            (
+                "--peer-client-cert-auth",
+                &self.peer_client_cert_auth,
+                PEER_TLS,
+            ),
+            ("--peer-auto-tls", &self.peer_auto_tls, PEER_TLS),
+            ("--snapshot-count", &self.snapshot_count, RAFT),
+            ("--heartbeat-interval", &self.heartbeat_interval, RAFT),
+            ("--election-timeout", &self.election_timeout, RAFT),
+            (
+                "--experimental-initial-corrupt-check",
+                &self.experimental_initial_corrupt_check,
+                CORRUPT,
+            ),
+            (
+                "--experimental-corrupt-check-time",
+                &self.experimental_corrupt_check_time,
+                CORRUPT,
+            ),
+            (
+                "--experimental-compact-hash-check-enabled",
+                &self.experimental_compact_hash_check_enabled,
+                CORRUPT,
+            ),
+            ("--logger", &self.logger, LOG),
+            ("--log-outputs", &self.log_outputs, LOG),
+            (
+                "--enable-v2",
+                &self.enable_v2,
+                "the v2 API is not served (etcd 3.4+ disables it by default)",
+            ),
+        ];
+        all.into_iter()
+            .filter_map(|(flag, v, why)| v.as_deref().map(|v| (flag, v, why)))
+            .collect()
+    }
 }
 
 impl Config {
@@ -214,10 +352,30 @@ impl Config {
                 ));
             }
         }
+        self.auto_compaction()?;
+        if let Some(level) = &self.log_level {
+            log_filter_of_level(level)?;
+        }
         if self.self_signed_cert_validity == 0 {
             return Err("--self-signed-cert-validity must be at least 1 (year)".into());
         }
         Ok(())
+    }
+
+    /// The auto-compaction policy of --auto-compaction-mode and -retention.
+    pub fn auto_compaction(&self) -> Result<crate::auto_compaction::AutoCompaction, String> {
+        crate::auto_compaction::AutoCompaction::parse(
+            &self.auto_compaction_mode,
+            &self.auto_compaction_retention,
+        )
+    }
+
+    /// The log filter: --log when given, else --log-level's, else info.
+    pub fn log_filter(&self) -> String {
+        match (&self.log_level, self.log.as_str()) {
+            (Some(level), "info") => log_filter_of_level(level).unwrap_or_else(|_| "info".into()),
+            _ => self.log.clone(),
+        }
     }
 
     /// The client TLS settings.
@@ -234,28 +392,72 @@ impl Config {
     }
 }
 
-/// Parses durations like `10m`, `5s`, `500ms`, `1h`.
+/// etcd's --log-level as a log filter.
+fn log_filter_of_level(level: &str) -> Result<String, String> {
+    match level {
+        "debug" | "info" | "warn" | "error" => Ok(level.to_owned()),
+        "dpanic" | "panic" | "fatal" => Ok("error".to_owned()),
+        _ => Err(format!(
+            "--log-level: unknown level {level:?} (debug, info, warn, error, panic, fatal)"
+        )),
+    }
+}
+
+/// Parses a positive duration like `10m`, `5s`, `500ms`, `1h30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .ok_or_else(|| format!("{s:?}: missing unit (ms, s, m, h)"))?;
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?}: not a number"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    };
-    if secs <= 0.0 || !secs.is_finite() {
+    let d = parse_go_duration(s)?;
+    if d.is_zero() {
         return Err(format!("{s:?}: must be positive"));
+    }
+    Ok(d)
+}
+
+/// Parses a duration as Go's time.ParseDuration does (which etcd's flags use): a
+/// sequence of decimal numbers each with a unit (ns, us, µs, ms, s, m, h), or `0`.
+pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut rest = s;
+    let mut secs = 0.0f64;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(|| format!("{s:?}: missing unit (ns, us, ms, s, m, h)"))?;
+        let (num, tail) = rest.split_at(num_end);
+        let n: f64 = num.parse().map_err(|_| format!("{s:?}: not a duration"))?;
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        let scale = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => {
+                return Err(format!(
+                    "{s:?}: unknown unit {unit:?} (ns, us, ms, s, m, h)"
+                ));
+            }
+        };
+        secs += n * scale;
+        rest = tail;
+    }
+    if !secs.is_finite() || secs > 1e12 {
+        return Err(format!("{s:?}: out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -267,6 +469,73 @@ mod tests {
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("3x").is_err());
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1m0.5s"), Ok(Duration::from_millis(60_500)));
+        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_go_duration("0s"), Ok(Duration::ZERO));
+        assert!(parse_go_duration("").is_err());
+    }
+
+    /// The command line kubeadm writes into etcd's static pod starts pgetcd as is.
+    #[test]
+    fn kubeadm_etcd_command_line_is_accepted() {
+        let c = Config::try_parse_from([
+            "etcd",
+            "--advertise-client-urls=https://10.0.0.1:2379",
+            "--cert-file=/etc/kubernetes/pki/etcd/server.crt",
+            "--client-cert-auth=true",
+            "--data-dir=/var/lib/etcd",
+            "--experimental-initial-corrupt-check=true",
+            "--experimental-watch-progress-notify-interval=5s",
+            "--initial-advertise-peer-urls=https://10.0.0.1:2380",
+            "--initial-cluster=node1=https://10.0.0.1:2380",
+            "--key-file=/etc/kubernetes/pki/etcd/server.key",
+            "--listen-client-urls=https://127.0.0.1:2379,https://10.0.0.1:2379",
+            "--listen-metrics-urls=http://127.0.0.1:2381",
+            "--listen-peer-urls=https://10.0.0.1:2380",
+            "--name=node1",
+            "--peer-cert-file=/etc/kubernetes/pki/etcd/peer.crt",
+            "--peer-client-cert-auth=true",
+            "--peer-key-file=/etc/kubernetes/pki/etcd/peer.key",
+            "--peer-trusted-ca-file=/etc/kubernetes/pki/etcd/ca.crt",
+            "--snapshot-count=10000",
+            "--trusted-ca-file=/etc/kubernetes/pki/etcd/ca.crt",
+        ])
+        .unwrap();
+        assert!(c.validate().is_ok());
+        assert!(c.client_cert_auth);
+        assert_eq!(c.watch_progress_notify_interval, Duration::from_secs(5));
+        assert_eq!(c.listen_client_urls.len(), 2);
+        let ignored: Vec<&str> = c.ignored.given().iter().map(|g| g.0).collect();
+        assert_eq!(ignored.len(), 9, "{ignored:?}");
+        assert!(ignored.contains(&"--snapshot-count"));
+        let c = Config::try_parse_from(["etcd", "--client-cert-auth=false", "--auto-tls"]).unwrap();
+        assert!(!c.client_cert_auth);
+        assert!(c.auto_tls);
+        let c = Config::try_parse_from(["etcd", "--client-cert-auth"]).unwrap();
+        assert!(c.client_cert_auth);
+        assert!(Config::try_parse_from(["etcd", "--client-cert-auth=maybe"]).is_err());
+        let c = Config::try_parse_from(["etcd", "--log-level=warn"]).unwrap();
+        assert_eq!(c.log_filter(), "warn");
+        let c = Config::try_parse_from(["etcd", "--log-level=loud"]).unwrap();
+        assert!(c.validate().is_err());
+        let c = Config::try_parse_from([
+            "etcd",
+            "--auto-compaction-mode=revision",
+            "--auto-compaction-retention=1000",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.auto_compaction(),
+            Ok(crate::auto_compaction::AutoCompaction::Revision(1000))
+        );
+        let c = Config::try_parse_from(["etcd", "--auto-compaction-retention=1h"]).unwrap();
+        assert_eq!(
+            c.auto_compaction(),
+            Ok(crate::auto_compaction::AutoCompaction::Periodic(
+                Duration::from_secs(3600)
+            ))
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! in-flight RPCs finish, then stops the managed Postgres.
 
 /// Command-line flags and their environment twins.
+pub mod auto_compaction;
 pub mod config;
 mod grpc_errors;
 mod http;
@@ -203,6 +204,19 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         config.watch_source,
         shutdown_rx.clone(),
     ))];
+    for (flag, value, why) in config.ignored.given() {
+        tracing::warn!(flag, value, "ignored etcd flag: {why}");
+    }
+    let compaction = config.auto_compaction().map_err(ServerError::Config)?;
+    if compaction != auto_compaction::AutoCompaction::Off {
+        info!(policy = ?compaction, "auto compaction on");
+        tasks.push(tokio::spawn(auto_compaction::run(
+            engine.clone(),
+            compaction,
+            auto_compaction::REVISION_INTERVAL,
+            shutdown_rx.clone(),
+        )));
+    }
     let watch_settings = services::WatchSettings {
         progress_interval: config.watch_progress_notify_interval,
         max_response_bytes: config.max_request_bytes,

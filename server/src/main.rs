@@ -14,7 +14,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() {
     let config = Config::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_new(config.log_filter()).unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .init();
     let running = match start(config).await {
         Ok(r) => r,

@@ -263,6 +263,11 @@ impl RealEtcd {
     /// Starts etcd (fsync off: it is a reference, not a benchmark) and waits until it
     /// answers.
     pub async fn start() -> RealEtcd {
+        RealEtcd::start_with(&[]).await
+    }
+
+    /// Starts etcd with extra flags.
+    pub async fn start_with(extra: &[&str]) -> RealEtcd {
         let client = free_port().expect("port");
         let peer = free_port().expect("port");
         let dir =
@@ -281,6 +286,7 @@ impl RealEtcd {
             .args(["--initial-cluster", &format!("default={peer_url}")])
             .arg("--unsafe-no-fsync")
             .args(["--log-level", "error"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
