@@ -155,6 +155,24 @@ pub struct Config {
           default_missing_value = "true", action = ArgAction::Set)]
     pub auto_tls: bool,
 
+    /// Lowest TLS version on https client URLs: TLS1.2 (default) or TLS1.3.
+    #[arg(long, env = "PGETCD_TLS_MIN_VERSION")]
+    pub tls_min_version: Option<String>,
+
+    /// Highest TLS version on https client URLs: TLS1.2 or TLS1.3 (default).
+    #[arg(long, env = "PGETCD_TLS_MAX_VERSION")]
+    pub tls_max_version: Option<String>,
+
+    /// Comma-separated TLS 1.2 cipher suites to offer, by Go's (IANA) names, e.g.
+    /// TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 (default: all ECDHE AEAD suites).
+    #[arg(long, env = "PGETCD_CIPHER_SUITES", value_delimiter = ',')]
+    pub cipher_suites: Vec<String>,
+
+    /// Certificate revocation lists (PEM, or one DER list): listed client certificates
+    /// are refused under --client-cert-auth.
+    #[arg(long, env = "PGETCD_CLIENT_CRL_FILE")]
+    pub client_crl_file: Option<PathBuf>,
+
     /// Validity of --auto-tls certificates, in years.
     #[arg(long, env = "PGETCD_SELF_SIGNED_CERT_VALIDITY", default_value_t = 1)]
     pub self_signed_cert_validity: u32,
@@ -353,6 +371,7 @@ impl Config {
             }
         }
         self.auto_compaction()?;
+        crate::transport::tls_policy(&self.tls())?;
         if let Some(level) = &self.log_level {
             log_filter_of_level(level)?;
         }
@@ -388,6 +407,10 @@ impl Config {
             auto_tls: self.auto_tls,
             auto_tls_dir: self.data_dir.join("fixtures").join("client"),
             self_signed_cert_validity_years: self.self_signed_cert_validity,
+            min_version: self.tls_min_version.clone(),
+            max_version: self.tls_max_version.clone(),
+            cipher_suites: self.cipher_suites.clone(),
+            client_crl_file: self.client_crl_file.clone(),
         }
     }
 }

@@ -57,6 +57,119 @@ pub struct TlsSettings {
     pub auto_tls_dir: PathBuf,
     /// Validity of generated certificates, in years.
     pub self_signed_cert_validity_years: u32,
+    /// `--tls-min-version` (`TLS1.2` or `TLS1.3`; none = TLS1.2).
+    pub min_version: Option<String>,
+    /// `--tls-max-version` (none = TLS1.3).
+    pub max_version: Option<String>,
+    /// `--cipher-suites`: the TLS 1.2 suites offered, by Go's (IANA) names; empty = all
+    /// of rustls's. TLS 1.3 suites are not configurable, as in Go.
+    pub cipher_suites: Vec<String>,
+    /// `--client-crl-file`: revoked client certificates (PEM or DER CRLs), checked under
+    /// --client-cert-auth.
+    pub client_crl_file: Option<PathBuf>,
+}
+
+/// A TLS version flag value (etcd's names).
+fn tls_version(flag: &str, v: &str) -> Result<&'static rustls::SupportedProtocolVersion, String> {
+    match v {
+        "TLS1.2" => Ok(&rustls::version::TLS12),
+        "TLS1.3" => Ok(&rustls::version::TLS13),
+        "TLS1.0" | "TLS1.1" => Err(format!(
+            "{flag}: {v} is not supported (pgetcd speaks TLS1.2 and TLS1.3)"
+        )),
+        _ => Err(format!(
+            "{flag}: unexpected TLS version {v:?} (TLS1.2 or TLS1.3)"
+        )),
+    }
+}
+
+/// The crypto provider and protocol versions the flags allow.
+pub(crate) fn tls_policy(
+    settings: &TlsSettings,
+) -> Result<
+    (
+        Arc<rustls::crypto::CryptoProvider>,
+        Vec<&'static rustls::SupportedProtocolVersion>,
+    ),
+    String,
+> {
+    let min = match &settings.min_version {
+        Some(v) => tls_version("--tls-min-version", v)?,
+        None => &rustls::version::TLS12,
+    };
+    let max = match &settings.max_version {
+        Some(v) => tls_version("--tls-max-version", v)?,
+        None => &rustls::version::TLS13,
+    };
+    let rank = |v: &rustls::SupportedProtocolVersion| u16::from(v.version);
+    if rank(min) > rank(max) {
+        return Err("--tls-min-version is above --tls-max-version".into());
+    }
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> =
+        [&rustls::version::TLS12, &rustls::version::TLS13]
+            .into_iter()
+            .filter(|v| rank(v) >= rank(min) && rank(v) <= rank(max))
+            .collect();
+    let mut provider = rustls::crypto::ring::default_provider();
+    if !settings.cipher_suites.is_empty() {
+        if !versions.contains(&&rustls::version::TLS12) {
+            return Err(
+                "cipher suites cannot be configured when only TLS1.3 or greater is supported"
+                    .into(),
+            );
+        }
+        let name_of = |s: &rustls::SupportedCipherSuite| format!("{:?}", s.suite());
+        let mut chosen = Vec::new();
+        for want in &settings.cipher_suites {
+            // Go names the ChaCha20 suites without their _SHA256 suffix.
+            let found = provider.cipher_suites.iter().find(|s| {
+                s.version() == &rustls::version::TLS12
+                    && (name_of(s) == *want || name_of(s) == format!("{want}_SHA256"))
+            });
+            match found {
+                Some(s) => chosen.push(*s),
+                None if want.starts_with("TLS_") => {
+                    let offered: Vec<String> = provider
+                        .cipher_suites
+                        .iter()
+                        .filter(|s| s.version() == &rustls::version::TLS12)
+                        .map(name_of)
+                        .collect();
+                    return Err(format!(
+                        "--cipher-suites: {want} is not supported (TLS 1.2 suites available: {})",
+                        offered.join(", ")
+                    ));
+                }
+                None => return Err(format!("unexpected TLS cipher suite {want:?}")),
+            }
+        }
+        provider
+            .cipher_suites
+            .retain(|s| s.version() != &rustls::version::TLS12 || chosen.contains(s));
+    }
+    Ok((Arc::new(provider), versions))
+}
+
+/// Certificate revocation lists from a PEM file, or one DER CRL.
+fn read_crls(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, String> {
+    use rustls::pki_types::CertificateRevocationListDer;
+    let crls = CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| format!("reading {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("parsing {}: {e}", path.display()))?;
+    if !crls.is_empty() {
+        return Ok(crls);
+    }
+    let der = fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    if der.first() != Some(&0x30) {
+        return Err(format!(
+            "{}: no certificate revocation list found",
+            path.display()
+        ));
+    }
+    Ok(vec![CertificateRevocationListDer::from(der)])
 }
 
 /// HTTP/2 keepalive settings.
@@ -66,10 +179,6 @@ pub struct Keepalive {
     pub interval: Duration,
     /// and closes it when a ping is not answered within this.
     pub timeout: Duration,
-}
-
-fn ring() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -151,9 +260,9 @@ pub fn acceptor(settings: &TlsSettings, hosts: &[SocketAddr]) -> Result<TlsAccep
         }
         _ => return Err("--cert-file and --key-file go together".into()),
     };
-    let provider = ring();
+    let (provider, versions) = tls_policy(settings)?;
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(&versions)
         .map_err(|e| format!("tls: {e}"))?;
     let builder = if settings.client_cert_auth {
         let Some(ca) = &settings.trusted_ca_file else {
@@ -165,10 +274,18 @@ pub fn acceptor(settings: &TlsSettings, hosts: &[SocketAddr]) -> Result<TlsAccep
                 .add(c)
                 .map_err(|e| format!("{}: bad CA certificate: {e}", ca.display()))?;
         }
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| format!("client certificate verifier: {e}"))?;
+        let mut verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+        if let Some(crl) = &settings.client_crl_file {
+            // Like etcd: a client certificate listed as revoked is refused; a CA
+            // without a list in the file revokes nothing.
+            verifier = verifier
+                .with_crls(read_crls(crl)?)
+                .allow_unknown_revocation_status();
+        }
+        let verifier = verifier
+            .build()
+            .map_err(|e| format!("client certificate verifier: {e}"))?;
         builder.with_client_cert_verifier(verifier)
     } else {
         builder.with_no_client_auth()

@@ -1,7 +1,8 @@
 //! The server's outer surface: HTTP endpoints on the metrics and client ports, the
 //! Prometheus series (present, and moving under load), TLS and mutual TLS on client
 //! URLs (right certificate accepted; missing, untrusted or plaintext refused), auto-TLS,
-//! client keepalive pings without GOAWAY, and a graceful shutdown that answers or
+//! TLS versions, cipher suites and revoked client certificates, client keepalive pings
+//! without GOAWAY, and a graceful shutdown that answers or
 //! refuses every write (no acknowledged write lost) and ends watch streams.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -409,6 +410,140 @@ async fn tls_and_mutual_tls_on_client_urls() {
         .err()
         .expect("https without a certificate must not start");
     assert!(err.to_string().contains("--cert-file"), "{err}");
+}
+
+/// A bare TLS handshake with `server` trusting `ca`, offering only `versions` and, when
+/// given, only the TLS 1.2 suites named: the negotiated suite's name, or the error.
+async fn handshake(
+    server: SocketAddr,
+    ca: &std::path::Path,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    suites: Option<&[&str]>,
+) -> Result<String, String> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut provider = rustls::crypto::ring::default_provider();
+    if let Some(names) = suites {
+        provider.cipher_suites.retain(|s| {
+            s.version() != &rustls::version::TLS12
+                || names.contains(&format!("{:?}", s.suite()).as_str())
+        });
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(server).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let suite = tls.get_ref().1.negotiated_cipher_suite().unwrap();
+    Ok(format!("{:?}", suite.suite()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_versions_cipher_suites_and_revoked_client_certificates() {
+    use rustls::version::{TLS12, TLS13};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::generate(dir.path());
+    let https = |c: &mut pgetcd_server::Config| {
+        c.listen_client_urls = vec!["https://127.0.0.1:0".into()];
+        c.cert_file = Some(pki.server_cert.clone());
+        c.key_file = Some(pki.server_key.clone());
+    };
+
+    // --tls-min-version TLS1.3: a TLS 1.2-only client is refused.
+    let mut config = test_config();
+    https(&mut config);
+    config.tls_min_version = Some("TLS1.3".into());
+    let srv = TestServer::start(config).await;
+    let addr = srv.running.client_addrs[0];
+    assert!(handshake(addr, &pki.ca, &[&TLS12], None).await.is_err());
+    assert!(handshake(addr, &pki.ca, &[&TLS13], None).await.is_ok());
+    srv.stop().await;
+
+    // --tls-max-version TLS1.2 with one cipher suite: that suite is negotiated, a
+    // client without it or speaking only TLS 1.3 is refused.
+    let mut config = test_config();
+    https(&mut config);
+    config.tls_max_version = Some("TLS1.2".into());
+    config.cipher_suites = vec!["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256".into()];
+    let srv = TestServer::start(config).await;
+    let addr = srv.running.client_addrs[0];
+    assert_eq!(
+        handshake(addr, &pki.ca, &[&TLS12, &TLS13], None).await,
+        Ok("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256".to_owned())
+    );
+    let only_256 = ["TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"];
+    assert!(
+        handshake(addr, &pki.ca, &[&TLS12], Some(&only_256))
+            .await
+            .is_err()
+    );
+    assert!(handshake(addr, &pki.ca, &[&TLS13], None).await.is_err());
+    tls_put(tls_channel(&srv.url(), &pki.ca, None).await.unwrap())
+        .await
+        .unwrap();
+    srv.stop().await;
+
+    // --client-crl-file under mutual TLS: the revoked certificate is refused, another
+    // certificate of the same CA still gets in.
+    let mut config = test_config();
+    https(&mut config);
+    config.trusted_ca_file = Some(pki.ca.clone());
+    config.client_cert_auth = true;
+    config.client_crl_file = Some(pki.crl.clone());
+    let srv = TestServer::start(config).await;
+    let url = srv.url();
+    tls_put(
+        tls_channel(&url, &pki.ca, Some((&pki.client_cert, &pki.client_key)))
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let refused =
+        match tls_channel(&url, &pki.ca, Some((&pki.revoked_cert, &pki.revoked_key))).await {
+            Ok(ch) => tls_put(ch).await.is_err(),
+            Err(_) => true,
+        };
+    assert!(refused, "a revoked client certificate was accepted");
+    srv.stop().await;
+
+    // Bad values are start-up errors with etcd's wording where etcd has one.
+    for (setup, want) in [
+        (
+            (|c: &mut pgetcd_server::Config| c.tls_min_version = Some("TLS1.1".into()))
+                as fn(&mut pgetcd_server::Config),
+            "TLS1.1 is not supported",
+        ),
+        (
+            |c| c.cipher_suites = vec!["BOGUS".into()],
+            "unexpected TLS cipher suite \"BOGUS\"",
+        ),
+        (
+            |c| c.cipher_suites = vec!["TLS_RSA_WITH_AES_128_CBC_SHA".into()],
+            "TLS_RSA_WITH_AES_128_CBC_SHA is not supported",
+        ),
+        (
+            |c| {
+                c.tls_min_version = Some("TLS1.3".into());
+                c.cipher_suites = vec!["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256".into()];
+            },
+            "cipher suites cannot be configured when only TLS1.3 or greater is supported",
+        ),
+    ] {
+        let mut config = test_config();
+        https(&mut config);
+        setup(&mut config);
+        let err = config.validate().expect_err(want);
+        assert!(err.contains(want), "{err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
+    RevokedCertParams, SerialNumber, date_time_ymd,
 };
 
 /// PEM files written under one directory.
@@ -25,7 +26,16 @@ pub struct TestPki {
     pub rogue_cert: PathBuf,
     /// Key of `rogue_cert`.
     pub rogue_key: PathBuf,
+    /// Client certificate signed by `ca` and listed in `crl`.
+    pub revoked_cert: PathBuf,
+    /// Key of `revoked_cert`.
+    pub revoked_key: PathBuf,
+    /// A CRL signed by `ca` that revokes `revoked_cert` (PEM).
+    pub crl: PathBuf,
 }
+
+/// Serial number of the revoked client certificate.
+const REVOKED_SERIAL: u64 = 0x5eed_cafe;
 
 fn ca(name: &str) -> (CertificateParams, KeyPair, String) {
     let key = KeyPair::generate().expect("ca key");
@@ -46,9 +56,19 @@ fn leaf(
     usage: ExtendedKeyUsagePurpose,
     issuer: &Issuer<'_, KeyPair>,
 ) -> (String, String) {
+    leaf_with_serial(names, usage, issuer, None)
+}
+
+fn leaf_with_serial(
+    names: &[&str],
+    usage: ExtendedKeyUsagePurpose,
+    issuer: &Issuer<'_, KeyPair>,
+    serial: Option<u64>,
+) -> (String, String) {
     let key = KeyPair::generate().expect("leaf key");
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     let mut p = CertificateParams::new(names).expect("leaf params");
+    p.serial_number = serial.map(SerialNumber::from);
     p.distinguished_name.push(DnType::CommonName, "pgetcd-test");
     p.extended_key_usages = vec![usage];
     let cert = p.signed_by(&key, issuer).expect("sign leaf");
@@ -74,6 +94,29 @@ impl TestPki {
             ExtendedKeyUsagePurpose::ClientAuth,
             &rogue_issuer,
         );
+        let revoked = leaf_with_serial(
+            &["client"],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &issuer,
+            Some(REVOKED_SERIAL),
+        );
+        let crl = CertificateRevocationListParams {
+            this_update: date_time_ymd(2024, 1, 1),
+            next_update: date_time_ymd(2099, 1, 1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: vec![RevokedCertParams {
+                serial_number: SerialNumber::from(REVOKED_SERIAL),
+                revocation_time: date_time_ymd(2024, 1, 1),
+                reason_code: Some(RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            }],
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)
+        .expect("sign crl")
+        .pem()
+        .expect("crl pem");
         let write = |name: &str, pem: &str| {
             let p = dir.join(name);
             std::fs::write(&p, pem).expect("write pem");
@@ -87,6 +130,9 @@ impl TestPki {
             client_key: write("client-key.pem", &client.1),
             rogue_cert: write("rogue.pem", &rogue.0),
             rogue_key: write("rogue-key.pem", &rogue.1),
+            revoked_cert: write("revoked.pem", &revoked.0),
+            revoked_key: write("revoked-key.pem", &revoked.1),
+            crl: write("crl.pem", &crl),
         }
     }
 }
