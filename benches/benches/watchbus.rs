@@ -67,7 +67,7 @@ fn setup(rt: &Runtime, watchers: usize, prefix: bool) -> Setup {
             let done = done.clone();
             tokio::spawn(async move {
                 while let Some(d) = s.rx.recv().await {
-                    received.fetch_add(d.events.len(), Ordering::Relaxed);
+                    received.fetch_add(d.len(), Ordering::Relaxed);
                     done.notify_one();
                 }
             });

@@ -41,6 +41,28 @@ pub fn event_of(key: &Bytes, v: &Version, prev: Option<KeyValue>) -> Event {
     }
 }
 
+/// Events handed out per [`Engine::replay_next`] call, aimed at: the revision window
+/// adapts so that a chunk holds about this many (never splitting a revision).
+pub const REPLAY_CHUNK_EVENTS: usize = 1024;
+
+/// A replay of the history of a key range, read in chunks of revisions so that a
+/// watcher catching up holds one chunk of events at a time, not its whole backlog.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    range: KeyRange,
+    next: i64,
+    to: i64,
+    window: i64,
+    prev_kv: bool,
+}
+
+impl Replay {
+    /// Whether every revision has been handed out.
+    pub fn done(&self) -> bool {
+        self.next > self.to
+    }
+}
+
 impl Engine {
     /// The events of revisions `[from, to]` on `key`/`range_end` (etcd's convention), in
     /// revision order, with `prev_kv` when asked. `Compacted` when `from` is below the
@@ -53,6 +75,52 @@ impl Engine {
         to: i64,
         prev_kv: bool,
     ) -> Result<Vec<Event>> {
+        self.events_in(&KeyRange::new(key, range_end), from, to, prev_kv)
+            .await
+    }
+
+    /// A chunked replay of the events of revisions `[from, to]` (see [`Replay`]).
+    pub fn replay(
+        &self,
+        key: &Bytes,
+        range_end: &Bytes,
+        from: i64,
+        to: i64,
+        prev_kv: bool,
+    ) -> Replay {
+        Replay {
+            range: KeyRange::new(key, range_end),
+            next: from,
+            to,
+            window: 256,
+            prev_kv,
+        }
+    }
+
+    /// The next chunk of a replay: the events of its next window of revisions (may be
+    /// empty), or `None` when done. `Compacted` when compaction passed the replay.
+    pub async fn replay_next(&self, r: &mut Replay) -> Result<Option<Vec<Event>>> {
+        if r.done() {
+            return Ok(None);
+        }
+        let hi = r.to.min(r.next.saturating_add(r.window - 1));
+        let events = self.events_in(&r.range, r.next, hi, r.prev_kv).await?;
+        r.next = hi + 1;
+        if events.len() < REPLAY_CHUNK_EVENTS / 2 {
+            r.window = r.window.saturating_mul(2);
+        } else if events.len() > REPLAY_CHUNK_EVENTS * 2 {
+            r.window = (r.window / 2).max(1);
+        }
+        Ok(Some(events))
+    }
+
+    async fn events_in(
+        &self,
+        range: &KeyRange,
+        from: i64,
+        to: i64,
+        prev_kv: bool,
+    ) -> Result<Vec<Event>> {
         let st = self.core.state();
         if from < st.compact() {
             return Err(Error::Compacted);
@@ -60,10 +128,9 @@ impl Engine {
         if to < from {
             return Ok(Vec::new());
         }
-        let range = KeyRange::new(key, range_end);
         let mut items: Vec<Visible> = Vec::new();
         let mut prevs: Vec<Option<Visible>> = Vec::new();
-        st.index.versions_between(&range, from, to, |k, v, p| {
+        st.index.versions_between(range, from, to, |k, v, p| {
             items.push(Visible {
                 key: Bytes::copy_from_slice(k),
                 version: v.clone(),

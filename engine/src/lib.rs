@@ -46,7 +46,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
 pub use error::{Error, Result};
-pub use events::{event_of, kv_of};
+pub use events::{REPLAY_CHUNK_EVENTS, Replay, event_of, kv_of};
 pub use exec::{Change, compare_kv, txn_has_put, txn_is_read_only};
 pub use pgetcd_partitioning::DEFAULT_PARTITION_REVISIONS;
 pub use pgtls::{PgConnect, PgTls, PgTlsConnect, PgTlsStream, PgUrlError, SslMode};

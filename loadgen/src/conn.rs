@@ -87,8 +87,14 @@ impl Target {
     /// Connection `i` (endpoints taken round-robin).
     pub async fn channel(&self, i: usize) -> Result<Channel> {
         let url = &self.urls[i % self.urls.len()];
-        let mut ep =
-            Endpoint::from_shared(url.clone()).with_context(|| format!("bad URL {url}"))?;
+        // Large windows, as grpc-go's BDP estimation reaches: with the 64 KiB defaults a
+        // busy client's h2 ends its connection with GOAWAY "too_many_data_frames" when
+        // many small responses queue up unread (seen under 1,000 watchers), which
+        // would measure the client, not the server.
+        let mut ep = Endpoint::from_shared(url.clone())
+            .with_context(|| format!("bad URL {url}"))?
+            .initial_connection_window_size(4 << 20)
+            .initial_stream_window_size(1 << 20);
         if let Some(tls) = &self.tls {
             ep = ep
                 .tls_config(tls.clone())

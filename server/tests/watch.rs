@@ -774,3 +774,78 @@ async fn a_dropped_slot_is_recreated_and_the_gap_served_from_history() {
     );
     srv.stop().await;
 }
+
+/// A watcher starting far back replays its history in chunks of revisions: every
+/// event once, in order, with prev_kv, and no revision split across two responses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_history_replays_in_chunks_without_splitting_revisions() {
+    let ours = TestServer::start(test_config()).await;
+    let mut c = Clients::connect(&ours.url()).await;
+    let mut expected = 0usize;
+    let mut last = 0;
+    for i in 0..2500 {
+        let w = if i % 50 == 0 {
+            // A revision with many events: 40 keys in one txn.
+            Write::Txn(TxnRequest {
+                success: (0..40)
+                    .map(|k| RequestOp {
+                        request: Some(Request::RequestPut(put(&format!("h/{k:02}"), "t"))),
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+        } else {
+            Write::Put(put(&format!("h/{:02}", i % 40), &format!("v{i}")))
+        };
+        expected += if i % 50 == 0 { 40 } else { 1 };
+        last = apply(&mut c, &w).await;
+    }
+    let w = TestWatch::open(&ours.url()).await;
+    w.create(WatchCreateRequest {
+        key: b("h/"),
+        range_end: prefix_end("h/"),
+        start_revision: 2,
+        prev_kv: true,
+        ..Default::default()
+    })
+    .await;
+    w.wait_progress(last).await;
+    let responses: Vec<WatchResponse> = w
+        .responses()
+        .into_iter()
+        .filter(|r| !r.events.is_empty())
+        .collect();
+    assert!(responses.len() > 2, "one chunk only: {}", responses.len());
+    let mut seen_revisions = std::collections::HashSet::new();
+    let mut events = Vec::new();
+    for r in &responses {
+        let revs: std::collections::BTreeSet<i64> = r.events.iter().map(|e| rev_of(e).0).collect();
+        for rev in revs {
+            assert!(
+                seen_revisions.insert(rev),
+                "revision {rev} split across responses"
+            );
+        }
+        events.extend(r.events.iter().cloned());
+    }
+    assert_eq!(events.len(), expected);
+    assert!(
+        events
+            .windows(2)
+            .all(|p| rev_of(&p[0]).0 <= rev_of(&p[1]).0)
+    );
+    // prev_kv of each event is the key's previous event in the stream.
+    let mut latest: HashMap<Bytes, i64> = HashMap::new();
+    for e in &events {
+        let kv = e.kv.as_ref().unwrap();
+        let prev = e.prev_kv.as_ref().map(|p| p.mod_revision);
+        assert_eq!(
+            prev,
+            latest.get(&kv.key).copied(),
+            "prev_kv of {:?}",
+            kv.key
+        );
+        latest.insert(kv.key.clone(), kv.mod_revision);
+    }
+    ours.stop().await;
+}

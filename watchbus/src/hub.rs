@@ -52,13 +52,77 @@ pub struct WatcherSpec {
     pub no_delete: bool,
 }
 
-/// Events for one watcher, in revision order, never splitting a revision.
+/// Events for one watcher, in revision order, never splitting a revision: its
+/// matches in one committed batch. The batch is shared by every watcher it reaches (no
+/// per-watcher copy of the events is made on the dispatcher).
 #[derive(Debug)]
 pub struct Delivery {
     /// The watcher.
     pub watch_id: i64,
-    /// Its events.
-    pub events: Vec<Event>,
+    batch: Arc<Batch>,
+    /// Indices of the matching events in the batch; `None` when all of them match.
+    picks: Option<Vec<u32>>,
+}
+
+impl Delivery {
+    /// The events, in order.
+    pub fn events(&self) -> DeliveryEvents<'_> {
+        DeliveryEvents {
+            all: &self.batch.events,
+            picks: self.picks.as_deref().map(|p| p.iter()),
+            next: 0,
+        }
+    }
+
+    /// How many events.
+    pub fn len(&self) -> usize {
+        self.picks
+            .as_ref()
+            .map_or(self.batch.events.len(), |p| p.len())
+    }
+
+    /// Whether there are none (never true for a delivery from the bus).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The last event.
+    pub fn last(&self) -> Option<&Event> {
+        match &self.picks {
+            Some(p) => p.last().map(|&i| &self.batch.events[i as usize]),
+            None => self.batch.events.last(),
+        }
+    }
+}
+
+/// Iterator over a delivery's events.
+pub struct DeliveryEvents<'a> {
+    all: &'a [Event],
+    picks: Option<std::slice::Iter<'a, u32>>,
+    next: usize,
+}
+
+impl<'a> Iterator for DeliveryEvents<'a> {
+    type Item = &'a Event;
+
+    fn next(&mut self) -> Option<&'a Event> {
+        match &mut self.picks {
+            Some(p) => p.next().map(|&i| &self.all[i as usize]),
+            None => {
+                let e = self.all.get(self.next);
+                self.next += 1;
+                e
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = match &self.picks {
+            Some(p) => p.len(),
+            None => self.all.len().saturating_sub(self.next),
+        };
+        (n, Some(n))
+    }
 }
 
 struct StreamShared {
@@ -148,7 +212,8 @@ impl Hub {
             ring: ring.clone(),
             cmds: rx,
             dispatched: dispatched.clone(),
-            watchers: HashMap::new(),
+            watchers: Watchers::default(),
+            touched: Vec::new(),
             index: WatcherIndex::default(),
         };
         tokio::spawn(d.run());
@@ -280,14 +345,22 @@ impl SlowSignal {
 struct Watcher {
     spec: WatcherSpec,
     stream: Arc<StreamShared>,
+    /// Indices of the events of the batch being dispatched that match (scratch).
+    pending: Vec<u32>,
 }
+
+/// Registered watchers by id, with a fast keyed hash: dispatch looks a watcher up once
+/// per matching (event, watcher) pair.
+type Watchers = HashMap<WatcherId, Watcher, foldhash::fast::RandomState>;
 
 struct Dispatcher {
     ring: Arc<Ring>,
     cmds: mpsc::UnboundedReceiver<Cmd>,
     dispatched: Arc<AtomicI64>,
-    watchers: HashMap<WatcherId, Watcher>,
+    watchers: Watchers,
     index: WatcherIndex,
+    /// Watchers with pending matches in the batch being dispatched (scratch).
+    touched: Vec<WatcherId>,
     stats: Arc<HubStats>,
 }
 
@@ -328,6 +401,7 @@ impl Dispatcher {
                     Watcher {
                         spec,
                         stream: shared,
+                        pending: Vec::new(),
                     },
                 ) {
                     self.index.remove(id, &old.spec.span);
@@ -378,31 +452,46 @@ impl Dispatcher {
         }
     }
 
-    fn dispatch(&mut self, batch: &Batch) {
+    fn dispatch(&mut self, batch: &Arc<Batch>) {
         self.index.prepare();
-        let mut per: HashMap<WatcherId, Vec<Event>> = HashMap::new();
-        for ev in &batch.events {
+        let watchers = &mut self.watchers;
+        let touched = &mut self.touched;
+        for (i, ev) in batch.events.iter().enumerate() {
             let Some(kv) = &ev.kv else { continue };
             let rev = kv.mod_revision;
             self.index.for_each_match(&kv.key, |id| {
-                if let Some(w) = self.watchers.get(&id)
+                if let Some(w) = watchers.get_mut(&id)
                     && rev >= w.spec.start_revision
                     && passes_filters(ev, w.spec.no_put, w.spec.no_delete)
                 {
-                    per.entry(id).or_default().push(ev.clone());
+                    if w.pending.is_empty() {
+                        touched.push(id);
+                    }
+                    w.pending.push(i as u32);
                 }
             });
         }
+        let all = batch.events.len();
         let mut slow = Vec::new();
-        for (id, events) in per {
-            let Some(w) = self.watchers.get(&id) else {
+        for id in std::mem::take(&mut self.touched) {
+            let Some(w) = self.watchers.get_mut(&id) else {
                 continue;
             };
-            let first = events[0].kv.as_ref().map_or(0, |kv| kv.mod_revision);
-            let n = events.len() as u64;
+            let first = batch.events[w.pending[0] as usize]
+                .kv
+                .as_ref()
+                .map_or(0, |kv| kv.mod_revision);
+            let n = w.pending.len() as u64;
+            let picks = if w.pending.len() == all {
+                w.pending.clear();
+                None
+            } else {
+                Some(std::mem::take(&mut w.pending))
+            };
             match w.stream.tx.try_send(Delivery {
                 watch_id: id.1,
-                events,
+                batch: batch.clone(),
+                picks,
             }) {
                 Ok(()) => {
                     self.stats.events_total.fetch_add(n, Ordering::Relaxed);
@@ -477,8 +566,8 @@ mod tests {
         let mut got: Vec<(i64, i64)> = Vec::new();
         while got.len() < 4 {
             let d = s.rx.recv().await.unwrap();
-            for e in d.events {
-                got.push((d.watch_id, e.kv.unwrap().mod_revision));
+            for e in d.events() {
+                got.push((d.watch_id, e.kv.as_ref().unwrap().mod_revision));
             }
         }
         got.sort();
@@ -506,7 +595,7 @@ mod tests {
             });
             // The fast stream keeps up; the other never reads.
             let d = fast.rx.recv().await.unwrap();
-            assert_eq!(d.events[0].kv.as_ref().unwrap().mod_revision, rev);
+            assert_eq!(d.last().unwrap().kv.as_ref().unwrap().mod_revision, rev);
         }
         // Two deliveries fit; the third turned the watcher slow from revision 3, and
         // nothing more was queued for it.

@@ -80,7 +80,7 @@ impl Watch for WatchService {
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
         let inbound = req.into_inner();
-        let (out, rx) = mpsc::channel(64);
+        let (out, rx) = mpsc::channel(16);
         let task = StreamTask {
             engine: self.engine.clone(),
             bus: self.hub.stream(),
@@ -277,22 +277,26 @@ impl StreamTask {
             return Err(Gone);
         };
         if from <= d {
-            let (key, range_end, prev_kv) = (w.key.clone(), w.range_end.clone(), w.prev_kv);
-            match self
-                .engine
-                .events_between(&key, &range_end, from, d, prev_kv)
-                .await
-            {
-                Ok(events) => self.send_events(id, d, events).await?,
-                Err(Error::Compacted) => {
-                    self.bus.unregister(id);
-                    let compact = self.engine.stats().compact_revision;
-                    return self.cancel_compacted(id, compact).await;
+            // Replayed in chunks of revisions: a watcher far behind holds one chunk of
+            // events at a time, and each chunk is sent before the next is read.
+            let mut replay = self.engine.replay(&w.key, &w.range_end, from, d, w.prev_kv);
+            loop {
+                match self.engine.replay_next(&mut replay).await {
+                    Ok(Some(events)) => self.send_events(id, d, events.iter()).await?,
+                    Ok(None) => break,
+                    Err(Error::Compacted) => {
+                        self.bus.unregister(id);
+                        let compact = self.engine.stats().compact_revision;
+                        return self.cancel_compacted(id, compact).await;
+                    }
+                    Err(e) => {
+                        self.bus.unregister(id);
+                        self.watchers.remove(&id);
+                        return self.out.send(Err(to_status(e))).await.map_err(|_| Gone);
+                    }
                 }
-                Err(e) => {
-                    self.bus.unregister(id);
-                    self.watchers.remove(&id);
-                    return self.out.send(Err(to_status(e))).await.map_err(|_| Gone);
+                if !self.watchers.contains_key(&id) {
+                    return Ok(());
                 }
             }
         }
@@ -319,26 +323,28 @@ impl StreamTask {
     }
 
     /// Sends `events` (revision order) to watcher `id` after its filters, dropping what
-    /// it already got; splits large responses when the watcher allows fragments.
-    async fn send_events(
+    /// it already got; splits large responses when the watcher allows fragments. The
+    /// events are copied: the bus shares one batch among all its watchers.
+    async fn send_events<'a>(
         &mut self,
         id: i64,
         header_rev: i64,
-        events: Vec<Event>,
+        events: impl Iterator<Item = &'a Event>,
     ) -> Result<(), Gone> {
         let Some(w) = self.watchers.get_mut(&id) else {
             return Ok(());
         };
-        let mut out: Vec<Event> = Vec::with_capacity(events.len());
-        for mut ev in events {
+        let mut out: Vec<Event> = Vec::with_capacity(events.size_hint().0);
+        for ev in events {
             let rev = ev.kv.as_ref().map_or(0, |kv| kv.mod_revision);
-            if rev < w.next_rev || !passes_filters(&ev, w.no_put, w.no_delete) {
+            if rev < w.next_rev || !passes_filters(ev, w.no_put, w.no_delete) {
                 continue;
             }
-            if !w.prev_kv {
-                ev.prev_kv = None;
-            }
-            out.push(ev);
+            out.push(Event {
+                r#type: ev.r#type,
+                kv: ev.kv.clone(),
+                prev_kv: if w.prev_kv { ev.prev_kv.clone() } else { None },
+            });
         }
         let Some(last) = out
             .last()
@@ -389,11 +395,10 @@ impl StreamTask {
 
     async fn deliver(&mut self, d: Delivery) -> Result<(), Gone> {
         let rev = d
-            .events
             .last()
             .and_then(|e| e.kv.as_ref())
             .map_or(0, |kv| kv.mod_revision);
-        self.send_events(d.watch_id, rev, d.events).await
+        self.send_events(d.watch_id, rev, d.events()).await
     }
 
     async fn resync(&mut self) -> Result<(), Gone> {
