@@ -413,6 +413,7 @@ impl Writer {
             .max(floor);
         let started = std::time::Instant::now();
         let pruned = st.index.compact(rev, floor, drop_below);
+        let pruned_in = started.elapsed();
         let epoch = self.epoch;
         let store = self.core.store.clone();
         let result = match self.conn().await {
@@ -435,6 +436,8 @@ impl Writer {
                     dropped_partitions = drop.len(),
                     retained = pruned.to_retain.len(),
                     keys_removed = pruned.keys_removed,
+                    index_ms = pruned_in.as_millis() as u64,
+                    postgres_ms = (started.elapsed() - pruned_in).as_millis() as u64,
                     "compacted"
                 );
                 let _ = reply.send(Ok(Reply::Compact(CompactionResponse {
