@@ -601,26 +601,17 @@ impl PgStore {
             .collect())
     }
 
-    /// Compaction in one transaction: records the compact revision (fenced), copies the
-    /// versions still visible out of the partitions being dropped, deletes retained
-    /// versions no longer visible, and drops the partitions.
-    pub async fn compact(
+    /// Records a compaction: the fenced update of `meta.compact_revision`, one
+    /// statement on the writer's connection (the data is pruned later by
+    /// [`physical_compaction`](Self::physical_compaction)).
+    pub async fn record_compaction(
         &self,
-        client: &mut Client,
+        client: &Client,
         epoch: i64,
         compact: i64,
-        pruned: &Pruned,
-        drop: &[i64],
     ) -> Result<(), CommitError> {
         let s = self.layout.schema();
-        let determinate = |e| {
-            CommitError::Determinate(Error::Postgres {
-                context: "compaction",
-                source: e,
-            })
-        };
-        let tx = client.transaction().await.map_err(determinate)?;
-        let n = tx
+        let n = client
             .execute(
                 &format!(
                     "UPDATE {s}.meta SET compact_revision = $1 WHERE id = 1 AND leader_epoch = $2"
@@ -628,8 +619,53 @@ impl PgStore {
                 &[&compact, &epoch],
             )
             .await
-            .map_err(determinate)?;
+            .map_err(|e| {
+                let determinate = e.as_db_error().is_some();
+                let err = Error::Postgres {
+                    context: "recording compaction",
+                    source: e,
+                };
+                if determinate {
+                    CommitError::Determinate(err)
+                } else {
+                    CommitError::Indeterminate(err)
+                }
+            })?;
         if n != 1 {
+            return Err(CommitError::Fenced);
+        }
+        Ok(())
+    }
+
+    /// The data half of a compaction, in one transaction on its own connection while
+    /// the writer goes on: copies the versions still visible out of the partitions about
+    /// to be dropped into `history_retained`, deletes retained versions no longer
+    /// visible, then drops the partitions (last, so the drop's lock on `history` is held
+    /// only until the commit right after it). Idempotent, so a failed or uncertain
+    /// attempt is simply run again. Fenced when another instance took the keyspace.
+    pub async fn physical_compaction(
+        &self,
+        client: &mut Client,
+        epoch: i64,
+        pruned: &Pruned,
+        drop: &[i64],
+    ) -> Result<(), CommitError> {
+        let s = self.layout.schema();
+        let failed = |e| {
+            CommitError::Determinate(Error::Postgres {
+                context: "compaction",
+                source: e,
+            })
+        };
+        let tx = client.transaction().await.map_err(failed)?;
+        let row = tx
+            .query_one(
+                &format!("SELECT leader_epoch FROM {s}.meta WHERE id = 1"),
+                &[],
+            )
+            .await
+            .map_err(failed)?;
+        if row.get::<_, i64>(0) != epoch {
             return Err(CommitError::Fenced);
         }
         let split = |ids: &[(i64, u32)]| -> (Vec<i64>, Vec<i32>) {
@@ -643,12 +679,12 @@ impl PgStore {
             tx.execute(
                 &format!(
                     "INSERT INTO {s}.history_retained SELECT h.* FROM unnest($1::int8[], $2::int4[]) AS t(r, s) \
-                     JOIN {s}.history h ON h.revision = t.r AND h.sub = t.s"
+                     JOIN {s}.history h ON h.revision = t.r AND h.sub = t.s ON CONFLICT DO NOTHING"
                 ),
                 &[&r, &sb],
             )
             .await
-            .map_err(determinate)?;
+            .map_err(failed)?;
         }
         if !pruned.removed_retained.is_empty() {
             let (r, sb) = split(&pruned.removed_retained);
@@ -660,23 +696,14 @@ impl PgStore {
                 &[&r, &sb],
             )
             .await
-            .map_err(determinate)?;
+            .map_err(failed)?;
         }
         for &start in drop {
             tx.batch_execute(&self.layout.drop_partition_ddl(start))
                 .await
-                .map_err(determinate)?;
+                .map_err(failed)?;
         }
-        tx.commit().await.map_err(|e| {
-            if e.as_db_error().is_some() {
-                determinate(e)
-            } else {
-                CommitError::Indeterminate(Error::Postgres {
-                    context: "compaction",
-                    source: e,
-                })
-            }
-        })
+        tx.commit().await.map_err(failed)
     }
 
     /// A connection from the read pool.

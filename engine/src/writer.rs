@@ -34,6 +34,7 @@ use crate::metrics::EngineMetrics;
 
 /// Commit times kept for the watch feed's delay histogram.
 const COMMIT_TIMES: usize = 4096;
+use crate::index::Pruned;
 use crate::store::{CommitError, LeaseOp, LeaseOps, WriterConn};
 
 /// A write request.
@@ -69,6 +70,88 @@ pub(crate) struct Writer {
     epoch: i64,
     partitions: Vec<i64>,
     stash: Option<Job>,
+    /// The data halves of compactions, done in order by [`run_physical`].
+    physical: mpsc::UnboundedSender<PhysicalJob>,
+}
+
+/// The Postgres data work of one compaction (see [`Writer::compact`]).
+struct PhysicalJob {
+    epoch: i64,
+    rev: i64,
+    pruned: Pruned,
+    drop: Vec<i64>,
+    started: std::time::Instant,
+    index_time: Duration,
+    /// Answered once the data is pruned (`physical: true`), with the header revision.
+    reply: Option<(oneshot::Sender<Result<Reply>>, i64)>,
+}
+
+/// Runs compactions' data work one after the other on its own connection, so writes go
+/// on meanwhile. A failed attempt is retried (the work is idempotent) before any later
+/// compaction's: their versions-to-copy lists assume the earlier drops happened. Stops
+/// when fenced.
+async fn run_physical(core: Arc<Core>, mut jobs: mpsc::UnboundedReceiver<PhysicalJob>) {
+    let mut conn: Option<tokio_postgres::Client> = None;
+    while let Some(job) = jobs.recv().await {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if conn.as_ref().is_none_or(|c| c.is_closed()) {
+                conn = match core.store.connect().await {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        warn!(error = %e, revision = job.rev, "compaction: connecting, will retry");
+                        None
+                    }
+                };
+            }
+            let result = match conn.as_mut() {
+                Some(c) => {
+                    core.store
+                        .physical_compaction(c, job.epoch, &job.pruned, &job.drop)
+                        .await
+                }
+                None => Err(CommitError::Determinate(Error::Timeout)),
+            };
+            match result {
+                Ok(()) => {
+                    let m = &core.metrics;
+                    m.compaction_seconds
+                        .observe(job.started.elapsed().as_secs_f64());
+                    EngineMetrics::inc(&m.compactions, 1);
+                    info!(
+                        compact_revision = job.rev,
+                        dropped_partitions = job.drop.len(),
+                        retained = job.pruned.to_retain.len(),
+                        keys_removed = job.pruned.keys_removed,
+                        index_ms = job.index_time.as_millis() as u64,
+                        total_ms = job.started.elapsed().as_millis() as u64,
+                        "compacted"
+                    );
+                    if let Some((reply, rev)) = job.reply {
+                        let _ = reply.send(Ok(Reply::Compact(CompactionResponse {
+                            header: header(rev),
+                        })));
+                    }
+                    break;
+                }
+                Err(CommitError::Fenced) => {
+                    if let Some((reply, _)) = job.reply {
+                        let _ = reply.send(Err(Error::Fenced {
+                            schema: core.config.schema.clone(),
+                        }));
+                    }
+                    warn!("compaction stopped: this keyspace is now written by another instance");
+                    return;
+                }
+                Err(CommitError::Determinate(e) | CommitError::Indeterminate(e)) => {
+                    warn!(error = %e, revision = job.rev, "compaction: pruning postgres failed, will retry");
+                    conn = None;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
 }
 
 enum Outcome {
@@ -85,6 +168,8 @@ impl Writer {
         epoch: i64,
         partitions: Vec<i64>,
     ) -> Self {
+        let (physical, jobs) = mpsc::unbounded_channel();
+        tokio::spawn(run_physical(core.clone(), jobs));
         Self {
             core,
             rx,
@@ -92,6 +177,7 @@ impl Writer {
             epoch,
             partitions,
             stash: None,
+            physical,
         }
     }
 
@@ -379,9 +465,9 @@ impl Writer {
         }
     }
 
-    /// Compaction: validate, prune the index, then one Postgres transaction that records
-    /// the compact revision, keeps what is still visible and drops whole partitions.
-    /// Returns false when fenced.
+    /// Compaction: validate, prune the index, record the compact revision in `meta`
+    /// (one statement), then hand the data work (keep what is still visible, drop whole
+    /// partitions) to the compaction task. Returns false when fenced.
     async fn compact(
         &mut self,
         req: CompactionRequest,
@@ -413,36 +499,36 @@ impl Writer {
             .max(floor);
         let started = std::time::Instant::now();
         let pruned = st.index.compact(rev, floor, drop_below);
-        let pruned_in = started.elapsed();
+        let index_time = started.elapsed();
         let epoch = self.epoch;
         let store = self.core.store.clone();
         let result = match self.conn().await {
-            Ok(conn) => {
-                store
-                    .compact(&mut conn.client, epoch, rev, &pruned, &drop)
-                    .await
-            }
+            Ok(conn) => store.record_compaction(&conn.client, epoch, rev).await,
             Err(e) => Err(CommitError::Determinate(e)),
         };
         match result {
             Ok(()) => {
-                let m = &self.core.metrics;
-                m.compaction_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                EngineMetrics::inc(&m.compactions, 1);
+                // The index is pruned and the compact revision durable: answer (unless
+                // the client asked to wait for the data) and leave copying and
+                // dropping to the compaction task, off the write path.
                 self.partitions.retain(|s| !drop.contains(s));
-                info!(
-                    compact_revision = rev,
-                    dropped_partitions = drop.len(),
-                    retained = pruned.to_retain.len(),
-                    keys_removed = pruned.keys_removed,
-                    index_ms = pruned_in.as_millis() as u64,
-                    postgres_ms = (started.elapsed() - pruned_in).as_millis() as u64,
-                    "compacted"
-                );
-                let _ = reply.send(Ok(Reply::Compact(CompactionResponse {
-                    header: header(cur),
-                })));
+                let reply = if req.physical {
+                    Some((reply, cur))
+                } else {
+                    let _ = reply.send(Ok(Reply::Compact(CompactionResponse {
+                        header: header(cur),
+                    })));
+                    None
+                };
+                let _ = self.physical.send(PhysicalJob {
+                    epoch,
+                    rev,
+                    pruned,
+                    drop,
+                    started,
+                    index_time,
+                    reply,
+                });
                 true
             }
             Err(CommitError::Fenced) => {

@@ -393,6 +393,93 @@ async fn physical_compaction_drops_partitions_and_keeps_visible_versions() {
     srv.stop().await;
 }
 
+/// A compaction records its revision in `meta` first and prunes Postgres afterwards,
+/// off the write path. Stopped in between (here: the record made by hand while the
+/// server is down, as a crash would leave it), the restarted server serves exactly the
+/// state at and above that revision, refuses below it, and its next compaction prunes
+/// the rest (deleted keys stay deleted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_recorded_but_not_pruned_is_finished_after_restart() {
+    let mut config = test_config();
+    config.history_partition_revisions = 10;
+    config.cache_bytes = 0;
+    let keyspace = config.keyspace.clone();
+    let srv = TestServer::start(config).await;
+    let mut c = Clients::connect(&srv.url()).await;
+    for i in 0..45 {
+        c.kv.put(put(&format!("k{}", i % 7), &format!("v{i}")))
+            .await
+            .unwrap();
+        if i % 9 == 4 {
+            c.kv.delete_range(DeleteRangeRequest {
+                key: Bytes::from(format!("k{}", (i + 2) % 7)),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+    }
+    let cur =
+        c.kv.range(get("k0"))
+            .await
+            .unwrap()
+            .into_inner()
+            .header
+            .unwrap()
+            .revision;
+    let mut before = BTreeMap::new();
+    for r in [30, 40, cur] {
+        before.insert(r, snapshot(&mut c, r).await);
+    }
+    let config = srv.stop().await;
+    admin_client()
+        .await
+        .execute(
+            &format!("UPDATE {keyspace}.meta SET compact_revision = 30 WHERE id = 1"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(
+        partitions(&keyspace)
+            .await
+            .contains(&"history_p0".to_owned())
+    );
+
+    let srv = TestServer::start(config).await;
+    let mut c = Clients::connect(&srv.url()).await;
+    for (r, want) in &before {
+        assert_eq!(
+            &snapshot(&mut c, *r).await,
+            want,
+            "state at {r} after restart"
+        );
+    }
+    let mut old = all();
+    old.revision = 29;
+    assert_eq!(c.kv.range(old).await.unwrap_err().code(), Code::OutOfRange);
+    c.kv.compact(CompactionRequest {
+        revision: 40,
+        physical: true,
+    })
+    .await
+    .unwrap();
+    let after = partitions(&keyspace).await;
+    assert!(!after.contains(&"history_p0".to_owned()), "{after:?}");
+    assert!(!after.contains(&"history_p30".to_owned()), "{after:?}");
+    let config = srv.stop().await;
+    let srv = TestServer::start(config).await;
+    let mut c = Clients::connect(&srv.url()).await;
+    for r in [40, cur] {
+        assert_eq!(
+            &snapshot(&mut c, r).await,
+            &before[&r],
+            "state at {r} after pruning"
+        );
+    }
+    srv.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_writer_connection_loses_no_acknowledged_write() {
     let config = test_config();
