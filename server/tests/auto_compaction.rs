@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgetcd_proto::etcdserverpb::{PutRequest, RangeRequest};
+use pgetcd_proto::etcdserverpb::RangeRequest;
 use pgetcd_server::auto_compaction::{self, AutoCompaction};
 use pgetcd_testkit::{Clients, RealEtcd, TestServer, test_config};
 
@@ -52,18 +52,7 @@ async fn periodic_retention_compacts_like_etcd() {
     let end = Instant::now() + Duration::from_secs(5);
     while Instant::now() < end {
         for (c, made) in clients.iter_mut().zip(made.iter_mut()) {
-            let rev =
-                c.kv.put(PutRequest {
-                    key: "k".into(),
-                    value: "v".into(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .header
-                .unwrap()
-                .revision;
+            let rev = c.put("k", "v").await;
             made.push((rev, Instant::now()));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -104,18 +93,7 @@ async fn revision_retention_keeps_that_many_revisions() {
     let mut c = Clients::connect(&ours.url()).await;
     let mut last = 0;
     for i in 0..30 {
-        last =
-            c.kv.put(PutRequest {
-                key: "k".into(),
-                value: format!("v{i}").into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .header
-            .unwrap()
-            .revision;
+        last = c.put("k", &format!("v{i}")).await;
     }
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(auto_compaction::run(

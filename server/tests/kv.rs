@@ -193,7 +193,47 @@ async fn bad_input_gets_etcd_errors_and_server_keeps_serving() {
     srv.stop().await;
 }
 
-async fn snapshot(c: &mut Clients, revision: i64) -> Vec<(Bytes, i64, i64, i64, Bytes)> {
+/// `n` writes over `keys` keys `key/<i>`: a put each, and every `delete_every`-th
+/// write also deletes another key.
+async fn churn(c: &mut Clients, n: usize, keys: usize, delete_every: usize) {
+    for i in 0..n {
+        c.kv.put(put(&format!("key/{}", i % keys), &format!("value {i}")))
+            .await
+            .unwrap();
+        if i % delete_every == 0 {
+            c.kv.delete_range(DeleteRangeRequest {
+                key: Bytes::from(format!("key/{}", (i + 3) % keys)),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+    }
+}
+
+/// Every snapshot in `before` is served identically, and the revision below `compacted`
+/// is refused as compacted.
+async fn assert_state_after_restart(
+    c: &mut Clients,
+    before: &BTreeMap<i64, Snapshot>,
+    compacted: i64,
+) {
+    for (r, want) in before {
+        assert_eq!(
+            &snapshot(c, *r).await,
+            want,
+            "state at revision {r} after restart"
+        );
+    }
+    let mut old = all();
+    old.revision = compacted - 1;
+    assert_eq!(c.kv.range(old).await.unwrap_err().code(), Code::OutOfRange);
+}
+
+/// Every key at a revision: (key, create, mod, version, value).
+type Snapshot = Vec<(Bytes, i64, i64, i64, Bytes)>;
+
+async fn snapshot(c: &mut Clients, revision: i64) -> Snapshot {
     let mut r = all();
     r.revision = revision;
     c.kv.range(r)
@@ -224,33 +264,14 @@ async fn managed_postgres_restart_keeps_keys_revisions_and_compaction() {
     config.history_partition_revisions = 10;
     let srv = TestServer::start(config).await;
     let mut c = Clients::connect(&srv.url()).await;
-    for i in 0..40 {
-        c.kv.put(put(&format!("key/{}", i % 13), &format!("value {i}")))
-            .await
-            .unwrap();
-        if i % 7 == 0 {
-            c.kv.delete_range(DeleteRangeRequest {
-                key: Bytes::from(format!("key/{}", (i + 3) % 13)),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        }
-    }
+    churn(&mut c, 40, 13, 7).await;
     c.kv.compact(CompactionRequest {
         revision: 25,
         physical: true,
     })
     .await
     .unwrap();
-    let rev =
-        c.kv.range(get("x"))
-            .await
-            .unwrap()
-            .into_inner()
-            .header
-            .unwrap()
-            .revision;
+    let rev = c.revision().await;
     let mut before = BTreeMap::new();
     for r in [25, 30, rev] {
         before.insert(r, snapshot(&mut c, r).await);
@@ -259,16 +280,7 @@ async fn managed_postgres_restart_keeps_keys_revisions_and_compaction() {
 
     let srv = TestServer::start(config).await;
     let mut c = Clients::connect(&srv.url()).await;
-    for (r, want) in &before {
-        assert_eq!(
-            &snapshot(&mut c, *r).await,
-            want,
-            "state at revision {r} after restart"
-        );
-    }
-    let mut old = all();
-    old.revision = 24;
-    assert_eq!(c.kv.range(old).await.unwrap_err().code(), Code::OutOfRange);
+    assert_state_after_restart(&mut c, &before, 25).await;
     let next =
         c.kv.put(put("after", "restart"))
             .await
@@ -406,27 +418,8 @@ async fn a_compaction_recorded_but_not_pruned_is_finished_after_restart() {
     let keyspace = config.keyspace.clone();
     let srv = TestServer::start(config).await;
     let mut c = Clients::connect(&srv.url()).await;
-    for i in 0..45 {
-        c.kv.put(put(&format!("k{}", i % 7), &format!("v{i}")))
-            .await
-            .unwrap();
-        if i % 9 == 4 {
-            c.kv.delete_range(DeleteRangeRequest {
-                key: Bytes::from(format!("k{}", (i + 2) % 7)),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        }
-    }
-    let cur =
-        c.kv.range(get("k0"))
-            .await
-            .unwrap()
-            .into_inner()
-            .header
-            .unwrap()
-            .revision;
+    churn(&mut c, 45, 7, 9).await;
+    let cur = c.revision().await;
     let mut before = BTreeMap::new();
     for r in [30, 40, cur] {
         before.insert(r, snapshot(&mut c, r).await);
@@ -448,16 +441,7 @@ async fn a_compaction_recorded_but_not_pruned_is_finished_after_restart() {
 
     let srv = TestServer::start(config).await;
     let mut c = Clients::connect(&srv.url()).await;
-    for (r, want) in &before {
-        assert_eq!(
-            &snapshot(&mut c, *r).await,
-            want,
-            "state at {r} after restart"
-        );
-    }
-    let mut old = all();
-    old.revision = 29;
-    assert_eq!(c.kv.range(old).await.unwrap_err().code(), Code::OutOfRange);
+    assert_state_after_restart(&mut c, &before, 30).await;
     c.kv.compact(CompactionRequest {
         revision: 40,
         physical: true,

@@ -217,6 +217,37 @@ impl Clients {
             cluster: ClusterClient::new(ch),
         }
     }
+
+    /// Puts `key` = `value`; the revision it made.
+    pub async fn put(&mut self, key: &str, value: &str) -> i64 {
+        self.kv
+            .put(pgetcd_proto::etcdserverpb::PutRequest {
+                key: key.to_owned().into(),
+                value: value.to_owned().into(),
+                ..Default::default()
+            })
+            .await
+            .expect("put")
+            .into_inner()
+            .header
+            .expect("header")
+            .revision
+    }
+
+    /// The current revision (the header of a range).
+    pub async fn revision(&mut self) -> i64 {
+        self.kv
+            .range(RangeRequest {
+                key: "\0".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("range")
+            .into_inner()
+            .header
+            .expect("header")
+            .revision
+    }
 }
 
 /// Where the reference etcd binary is: `$PGETCD_REF_ETCD`, else etcd 3.5 from the
