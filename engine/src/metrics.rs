@@ -110,6 +110,11 @@ pub struct EngineMetrics {
     pub compactions: AtomicU64,
     /// pgetcd_compaction_duration_seconds.
     pub compaction_seconds: Histogram,
+    /// pgetcd_compactions_pending: compactions recorded whose Postgres work (copy,
+    /// delete, partition drops) has not finished.
+    pub compactions_pending: AtomicU64,
+    /// pgetcd_compaction_retries_total: failed attempts at that work (each retried).
+    pub compaction_retries: AtomicU64,
 }
 
 impl Default for EngineMetrics {
@@ -127,6 +132,8 @@ impl Default for EngineMetrics {
             publish_delay_seconds: Histogram::new(SECONDS_BOUNDS),
             compactions: AtomicU64::new(0),
             compaction_seconds: Histogram::new(SECONDS_BOUNDS),
+            compactions_pending: AtomicU64::new(0),
+            compaction_retries: AtomicU64::new(0),
         }
     }
 }

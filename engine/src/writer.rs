@@ -118,6 +118,7 @@ async fn run_physical(core: Arc<Core>, mut jobs: mpsc::UnboundedReceiver<Physica
                     m.compaction_seconds
                         .observe(job.started.elapsed().as_secs_f64());
                     EngineMetrics::inc(&m.compactions, 1);
+                    m.compactions_pending.fetch_sub(1, Ordering::Relaxed);
                     info!(
                         compact_revision = job.rev,
                         dropped_partitions = job.drop.len(),
@@ -144,6 +145,7 @@ async fn run_physical(core: Arc<Core>, mut jobs: mpsc::UnboundedReceiver<Physica
                     return;
                 }
                 Err(CommitError::Determinate(e) | CommitError::Indeterminate(e)) => {
+                    EngineMetrics::inc(&core.metrics.compaction_retries, 1);
                     warn!(error = %e, revision = job.rev, "compaction: pruning postgres failed, will retry");
                     conn = None;
                     tokio::time::sleep(backoff).await;
@@ -520,6 +522,7 @@ impl Writer {
                     })));
                     None
                 };
+                EngineMetrics::inc(&self.core.metrics.compactions_pending, 1);
                 let _ = self.physical.send(PhysicalJob {
                     epoch,
                     rev,

@@ -514,8 +514,18 @@ async fn engine_series(out: &mut Out, src: &Sources) {
     );
     out.histogram(
         "pgetcd_compaction_duration_seconds",
-        "Time of one compaction (index prune and Postgres transaction).",
+        "Time of one compaction, from the index prune to the end of its Postgres work.",
         &em.compaction_seconds,
+    );
+    out.gauge(
+        "pgetcd_compactions_pending",
+        "Compactions recorded whose Postgres work (copy, delete, partition drops) has not finished.",
+        em.compactions_pending.load(Ordering::Relaxed) as f64,
+    );
+    out.counter(
+        "pgetcd_compaction_retries_total",
+        "Failed attempts at a compaction's Postgres work (each is retried).",
+        &em.compaction_retries,
     );
     let (size, idle, max, waiting) = engine.pool_status();
     out.gauge(

@@ -135,6 +135,8 @@ async fn metrics_exist_and_move_under_load() {
         "pgetcd_commit_failures_total",
         "pgetcd_compactions_total",
         "pgetcd_compaction_duration_seconds",
+        "pgetcd_compactions_pending",
+        "pgetcd_compaction_retries_total",
         "pgetcd_value_cache_hits_total",
         "pgetcd_value_cache_misses_total",
         "pgetcd_value_cache_bytes",
