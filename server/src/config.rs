@@ -561,6 +561,24 @@ mod tests {
         );
     }
 
+    /// Every visible flag is documented in docs/operations.md.
+    #[test]
+    fn every_flag_is_in_operations_md() {
+        use clap::CommandFactory;
+        let operations = include_str!("../../docs/operations.md");
+        for arg in Config::command().get_arguments() {
+            if arg.is_hide_set() {
+                continue;
+            }
+            if let Some(long) = arg.get_long() {
+                assert!(
+                    operations.contains(&format!("`--{long}`")),
+                    "--{long} is not in docs/operations.md"
+                );
+            }
+        }
+    }
+
     #[test]
     fn defaults_validate() {
         assert!(Config::defaults().validate().is_ok());

@@ -110,6 +110,18 @@ async fn metrics_exist_and_move_under_load() {
     let addr = srv.running.metrics_addrs[0];
     let scrape = || http_get(addr, "/metrics");
     let (_, before) = scrape().await;
+    // Every series family served is documented in docs/operations.md.
+    let operations = include_str!("../../docs/operations.md");
+    let undocumented: Vec<&str> = before
+        .lines()
+        .filter(|l| l.starts_with("# TYPE "))
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .filter(|family| !operations.contains(&format!("`{family}")))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "metrics missing from docs/operations.md: {undocumented:?}"
+    );
     for name in [
         "grpc_server_started_total",
         "grpc_server_handled_total",
