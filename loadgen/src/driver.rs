@@ -14,7 +14,7 @@ use crate::cpu;
 use crate::pace::{Budget, Epoch};
 use crate::progress::Progress;
 use crate::report;
-use crate::stats::{KindReport, Stats};
+use crate::stats::{KindReport, Latency, Stats};
 use crate::workloads::{self, Prepared, RoundCtx, Spec};
 
 /// One round's figures; the top-level latency and throughput are the primary kind's.
@@ -29,11 +29,8 @@ pub struct RoundResult {
     pub errors: u64,
     pub seconds: f64,
     pub ops_per_sec: f64,
-    pub p50_ms: f64,
-    pub p90_ms: f64,
-    pub p99_ms: f64,
-    pub p999_ms: f64,
-    pub max_ms: f64,
+    #[serde(flatten)]
+    pub latency: Latency,
     pub server_cpu_us_per_op: Option<f64>,
     pub kinds: Vec<KindReport>,
     pub notes: Vec<String>,
@@ -151,11 +148,7 @@ async fn round(cli: &Cli, p: &Params, spec: &Spec, side: &Side, idx: usize) -> R
         errors: primary.errors,
         seconds,
         ops_per_sec: outcome.ops_per_sec.unwrap_or(primary.ops_per_sec),
-        p50_ms: primary.p50_ms,
-        p90_ms: primary.p90_ms,
-        p99_ms: primary.p99_ms,
-        p999_ms: primary.p999_ms,
-        max_ms: primary.max_ms,
+        latency: primary.latency,
         server_cpu_us_per_op: cpu::cpu_per_op(cpu_before, cpu_after, cpu_ops),
         kinds,
         notes: outcome.notes,
@@ -173,11 +166,11 @@ fn print(cli: &Cli, r: &RoundResult) -> Result<()> {
         r.endpoint,
         r.round,
         r.ops_per_sec,
-        r.p50_ms,
-        r.p90_ms,
-        r.p99_ms,
-        r.p999_ms,
-        r.max_ms,
+        r.latency.p50_ms,
+        r.latency.p90_ms,
+        r.latency.p99_ms,
+        r.latency.p999_ms,
+        r.latency.max_ms,
         r.errors,
         r.server_cpu_us_per_op
             .map(|c| format!("{c:.0} us/op"))
@@ -188,7 +181,13 @@ fn print(cli: &Cli, r: &RoundResult) -> Result<()> {
         for k in &r.kinds {
             let mut line = format!(
                 "    {:<12} {:>8} ok {:>9.1}/s  p50 {:>7.2} ms  p99 {:>7.2}  max {:>7.2}  errors {}",
-                k.kind, k.ops, k.ops_per_sec, k.p50_ms, k.p99_ms, k.max_ms, k.errors
+                k.kind,
+                k.ops,
+                k.ops_per_sec,
+                k.latency.p50_ms,
+                k.latency.p99_ms,
+                k.latency.max_ms,
+                k.errors
             );
             if k.items > 0 {
                 line += &format!("  items {} ({:.0}/s)", k.items, k.items_per_sec);
@@ -239,14 +238,14 @@ fn print_ratios(results: &[RoundResult]) {
         "median throughput ratio A/B: {:.2}",
         ratio(&|r| r.ops_per_sec)
     );
-    println!("median p99 ratio A/B: {:.2}", ratio(&|r| r.p99_ms));
+    println!("median p99 ratio A/B: {:.2}", ratio(&|r| r.latency.p99_ms));
     let Some((first, _)) = pairs.first() else {
         return;
     };
     if first.kinds.len() > 1 {
         for (i, k) in first.kinds.iter().enumerate() {
             let t = ratio(&|r| r.kinds[i].ops_per_sec);
-            let p = ratio(&|r| r.kinds[i].p99_ms);
+            let p = ratio(&|r| r.kinds[i].latency.p99_ms);
             if t.is_finite() || p.is_finite() {
                 println!("    {:<12} throughput {t:.2}  p99 {p:.2}", k.kind);
             }

@@ -137,10 +137,10 @@ fn summary_table(out: &mut String, results: &[RoundResult]) {
                 esc(k.kind),
                 k.ops,
                 ops_per_sec,
-                k.p50_ms,
-                k.p90_ms,
-                k.p99_ms,
-                k.max_ms,
+                k.latency.p50_ms,
+                k.latency.p90_ms,
+                k.latency.p99_ms,
+                k.latency.max_ms,
                 k.errors,
                 if k.items > 0 {
                     format!("{:.0}", k.items_per_sec)

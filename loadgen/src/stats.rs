@@ -174,11 +174,13 @@ impl Kind {
             ops: ok,
             errors: self.error_count(),
             ops_per_sec: ok as f64 / secs_pos,
-            p50_ms: ms(&inner.hist, 0.5),
-            p90_ms: ms(&inner.hist, 0.9),
-            p99_ms: ms(&inner.hist, 0.99),
-            p999_ms: ms(&inner.hist, 0.999),
-            max_ms: inner.hist.max() as f64 / 1000.0,
+            latency: Latency {
+                p50_ms: ms(&inner.hist, 0.5),
+                p90_ms: ms(&inner.hist, 0.9),
+                p99_ms: ms(&inner.hist, 0.99),
+                p999_ms: ms(&inner.hist, 0.999),
+                max_ms: inner.hist.max() as f64 / 1000.0,
+            },
             mean_ms: if inner.hist.is_empty() {
                 0.0
             } else {
@@ -206,6 +208,17 @@ impl Inner {
     }
 }
 
+/// Latency quantiles of a set of operations, in milliseconds (flattened into the JSON
+/// of rounds and kinds).
+#[derive(Serialize, Clone, Copy, Debug)]
+pub struct Latency {
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
 /// One kind's figures for a round.
 #[derive(Serialize, Clone, Debug)]
 pub struct KindReport {
@@ -214,11 +227,8 @@ pub struct KindReport {
     pub ops: u64,
     pub errors: u64,
     pub ops_per_sec: f64,
-    pub p50_ms: f64,
-    pub p90_ms: f64,
-    pub p99_ms: f64,
-    pub p999_ms: f64,
-    pub max_ms: f64,
+    #[serde(flatten)]
+    pub latency: Latency,
     pub mean_ms: f64,
     /// Keys listed / events received.
     pub items: u64,
@@ -257,8 +267,8 @@ mod tests {
         assert_eq!(r[0].ops_per_sec, 1.0);
         assert_eq!(r[0].timeline.len(), 1);
         assert_eq!(r[0].timeline[0].ok, 2);
-        assert!((r[0].max_ms - 4.0).abs() < 0.01);
+        assert!((r[0].latency.max_ms - 4.0).abs() < 0.01);
         assert_eq!(r[1].ops, 0);
-        assert_eq!(r[1].p99_ms, 0.0);
+        assert_eq!(r[1].latency.p99_ms, 0.0);
     }
 }
