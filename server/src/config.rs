@@ -208,9 +208,10 @@ pub struct Config {
     #[arg(long, env = "PGETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
     pub auto_compaction_retention: String,
 
-    /// Log filter (tracing's env-filter syntax), e.g. info or pgetcd_engine=debug.
-    #[arg(long, env = "PGETCD_LOG", default_value = "info")]
-    pub log: String,
+    /// Log filter (tracing's env-filter syntax), e.g. info or pgetcd_engine=debug
+    /// (default: --log-level's, else info).
+    #[arg(long, env = "PGETCD_LOG")]
+    pub log: Option<String>,
 
     /// etcd's --log-level (debug, info, warn, error, panic, fatal): the log filter when
     /// --log is not given.
@@ -391,9 +392,10 @@ impl Config {
 
     /// The log filter: --log when given, else --log-level's, else info.
     pub fn log_filter(&self) -> String {
-        match (&self.log_level, self.log.as_str()) {
-            (Some(level), "info") => log_filter_of_level(level).unwrap_or_else(|_| "info".into()),
-            _ => self.log.clone(),
+        match (&self.log, &self.log_level) {
+            (Some(filter), _) => filter.clone(),
+            (None, Some(level)) => log_filter_of_level(level).unwrap_or_else(|_| "info".into()),
+            (None, None) => "info".into(),
         }
     }
 

@@ -295,9 +295,6 @@ impl StreamTask {
                         return self.out.send(Err(to_status(e))).await.map_err(|_| Gone);
                     }
                 }
-                if !self.watchers.contains_key(&id) {
-                    return Ok(());
-                }
             }
         }
         if let Some(w) = self.watchers.get_mut(&id) {
