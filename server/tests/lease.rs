@@ -194,14 +194,7 @@ async fn expiry_deletes_every_key_in_one_revision_with_events() {
         c.kv.put(put(&format!("ev/{i:02}"), id.id)).await.unwrap();
     }
     c.kv.put(put("ev/kept", 0)).await.unwrap();
-    let before =
-        c.kv.range(all())
-            .await
-            .unwrap()
-            .into_inner()
-            .header
-            .unwrap()
-            .revision;
+    let before = c.revision().await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let r = c.kv.range(all()).await.unwrap().into_inner();

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use pgetcd_localpg::{LocalPostgres, free_port, postgres_user};
-use pgetcd_proto::etcdserverpb::{PutRequest, RangeRequest, WatchCreateRequest};
+use pgetcd_proto::etcdserverpb::{RangeRequest, WatchCreateRequest};
 use pgetcd_server::ServerError;
 use pgetcd_testkit::watch::TestWatch;
 use pgetcd_testkit::{Clients, TestServer, test_config};
@@ -194,18 +194,7 @@ async fn kv_and_watch(server: &TestServer, admin: tokio_postgres::Client, tls: b
             ..Default::default()
         })
         .await;
-    let rev =
-        c.kv.put(PutRequest {
-            key: "k".into(),
-            value: "v".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
+    let rev = c.put("k", "v").await;
     let got =
         c.kv.range(RangeRequest {
             key: "k".into(),

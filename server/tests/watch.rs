@@ -502,19 +502,7 @@ async fn writers_and_watchers(source: WatchSource, cache_bytes: Option<usize>) {
     for t in tasks {
         t.await.unwrap();
     }
-    let mut c2 = c.clone();
-    let final_rev = c2
-        .kv
-        .range(pgetcd_proto::etcdserverpb::RangeRequest {
-            key: b("x"),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
+    let final_rev = c.clone().revision().await;
     // A progress answer promises every event up to its revision was sent.
     for w in &watches {
         w.wait_progress(final_rev).await;
