@@ -61,8 +61,8 @@ pub struct WriterConn {
 pub enum LeaseOp {
     /// Granted (id, ttl).
     Grant(i64, i64),
-    /// Revoked id.
-    Revoke(i64),
+    /// Revoked id, with the TTL it had (restored if the batch does not commit).
+    Revoke { id: i64, ttl: i64 },
 }
 
 /// Lease rows a batch writes.
@@ -82,7 +82,7 @@ impl LeaseOps {
     /// Revoked ids, in order.
     pub fn revokes(&self) -> impl Iterator<Item = i64> + '_ {
         self.ops.iter().filter_map(|op| match op {
-            LeaseOp::Revoke(id) => Some(*id),
+            LeaseOp::Revoke { id, .. } => Some(*id),
             LeaseOp::Grant(..) => None,
         })
     }
@@ -94,7 +94,7 @@ impl LeaseOps {
         for op in &self.ops {
             match *op {
                 LeaseOp::Grant(id, ttl) => last.insert(id, Some(ttl)),
-                LeaseOp::Revoke(id) => last.insert(id, None),
+                LeaseOp::Revoke { id, .. } => last.insert(id, None),
             };
         }
         let (mut ids, mut ttls, mut gone) = (Vec::new(), Vec::new(), Vec::new());
@@ -769,8 +769,8 @@ mod tests {
         let ops = LeaseOps {
             ops: vec![
                 LeaseOp::Grant(1, 10),
-                LeaseOp::Revoke(1),
-                LeaseOp::Revoke(2),
+                LeaseOp::Revoke { id: 1, ttl: 10 },
+                LeaseOp::Revoke { id: 2, ttl: 20 },
                 LeaseOp::Grant(2, 20),
                 LeaseOp::Grant(3, 30),
             ],

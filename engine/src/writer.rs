@@ -95,22 +95,20 @@ async fn run_physical(core: Arc<Core>, mut jobs: mpsc::UnboundedReceiver<Physica
     while let Some(job) = jobs.recv().await {
         let mut backoff = Duration::from_millis(50);
         loop {
-            if conn.as_ref().is_none_or(|c| c.is_closed()) {
-                conn = match core.store.connect().await {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        warn!(error = %e, revision = job.rev, "compaction: connecting, will retry");
-                        None
-                    }
-                };
-            }
-            let result = match conn.as_mut() {
-                Some(c) => {
-                    core.store
-                        .physical_compaction(c, job.epoch, &job.pruned, &job.drop)
-                        .await
+            let ready = match conn.take().filter(|c| !c.is_closed()) {
+                Some(c) => Ok(c),
+                None => core.store.connect().await,
+            };
+            let result = match ready {
+                Ok(mut c) => {
+                    let r = core
+                        .store
+                        .physical_compaction(&mut c, job.epoch, &job.pruned, &job.drop)
+                        .await;
+                    conn = Some(c);
+                    r
                 }
-                None => Err(CommitError::Determinate(Error::Timeout)),
+                Err(e) => Err(CommitError::Determinate(e)),
             };
             match result {
                 Ok(()) => {
@@ -247,8 +245,6 @@ impl Writer {
         let mut rev = published;
         let mut changes: Vec<Change> = Vec::new();
         let mut lease_ops = LeaseOps::default();
-        // Revoked leases' TTLs, to restore them if the batch does not commit.
-        let mut revoked_ttls: Vec<(i64, i64)> = Vec::new();
         let mut results: Vec<(oneshot::Sender<Result<Reply>>, Result<Reply>)> =
             Vec::with_capacity(jobs.len());
         for job in jobs {
@@ -275,8 +271,7 @@ impl Writer {
                 Op::LeaseRevoke(r) => match st.leases.remove(r.id) {
                     None => Err(Error::LeaseNotFound),
                     Some(ttl) => {
-                        revoked_ttls.push((r.id, ttl));
-                        lease_ops.ops.push(LeaseOp::Revoke(r.id));
+                        lease_ops.ops.push(LeaseOp::Revoke { id: r.id, ttl });
                         // Attached keys, plus keys attached earlier in this batch (the
                         // attachments are updated only after commit).
                         let mut keys = st.leases.keys_of(r.id);
@@ -368,17 +363,12 @@ impl Writer {
         st.index.rollback(&keys, published);
         // Undo the lease table's changes newest first (a lease revoked and granted
         // again in this batch ends with its old TTL).
-        let mut ttls = revoked_ttls.into_iter().rev();
         for op in lease_ops.ops.iter().rev() {
             match *op {
                 LeaseOp::Grant(id, _) => {
                     st.leases.remove(id);
                 }
-                LeaseOp::Revoke(id) => {
-                    if let Some((_, ttl)) = ttls.next() {
-                        st.leases.insert(id, ttl);
-                    }
-                }
+                LeaseOp::Revoke { id, ttl } => st.leases.insert(id, ttl),
             }
         }
         let fenced = matches!(failure, Error::Fenced { .. });
