@@ -282,7 +282,7 @@ impl StreamTask {
             let mut replay = self.engine.replay(&w.key, &w.range_end, from, d, w.prev_kv);
             loop {
                 match self.engine.replay_next(&mut replay).await {
-                    Ok(Some(events)) => self.send_events(id, d, events.iter()).await?,
+                    Ok(Some(events)) => self.send_events(id, d, events.into_iter()).await?,
                     Ok(None) => break,
                     Err(Error::Compacted) => {
                         self.bus.unregister(id);
@@ -320,28 +320,24 @@ impl StreamTask {
     }
 
     /// Sends `events` (revision order) to watcher `id` after its filters, dropping what
-    /// it already got; splits large responses when the watcher allows fragments. The
-    /// events are copied: the bus shares one batch among all its watchers.
-    async fn send_events<'a>(
+    /// it already got; splits large responses when the watcher allows fragments.
+    async fn send_events<E: OutEvent>(
         &mut self,
         id: i64,
         header_rev: i64,
-        events: impl Iterator<Item = &'a Event>,
+        events: impl Iterator<Item = E>,
     ) -> Result<(), Gone> {
         let Some(w) = self.watchers.get_mut(&id) else {
             return Ok(());
         };
         let mut out: Vec<Event> = Vec::with_capacity(events.size_hint().0);
         for ev in events {
-            let rev = ev.kv.as_ref().map_or(0, |kv| kv.mod_revision);
-            if rev < w.next_rev || !passes_filters(ev, w.no_put, w.no_delete) {
+            let e = ev.event();
+            let rev = e.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+            if rev < w.next_rev || !passes_filters(e, w.no_put, w.no_delete) {
                 continue;
             }
-            out.push(Event {
-                r#type: ev.r#type,
-                kv: ev.kv.clone(),
-                prev_kv: if w.prev_kv { ev.prev_kv.clone() } else { None },
-            });
+            out.push(ev.into_event(w.prev_kv));
         }
         let Some(last) = out
             .last()
@@ -471,5 +467,44 @@ impl StreamTask {
             .await?;
         }
         Ok(())
+    }
+}
+
+/// An event on its way to one watcher: owned (a history replay, moved as is) or shared
+/// with other watchers (a bus delivery, copied).
+trait OutEvent {
+    fn event(&self) -> &Event;
+    /// The event as sent: `prev_kv` only when the watcher asked for it.
+    fn into_event(self, with_prev_kv: bool) -> Event;
+}
+
+impl OutEvent for Event {
+    fn event(&self) -> &Event {
+        self
+    }
+
+    fn into_event(mut self, with_prev_kv: bool) -> Event {
+        if !with_prev_kv {
+            self.prev_kv = None;
+        }
+        self
+    }
+}
+
+impl OutEvent for &Event {
+    fn event(&self) -> &Event {
+        self
+    }
+
+    fn into_event(self, with_prev_kv: bool) -> Event {
+        Event {
+            r#type: self.r#type,
+            kv: self.kv.clone(),
+            prev_kv: if with_prev_kv {
+                self.prev_kv.clone()
+            } else {
+                None
+            },
+        }
     }
 }
