@@ -5,9 +5,13 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use hyper_util::rt::TokioIo;
+use pgetcd_coalesce::CoalescedWrites;
 use pgetcd_proto::etcdserverpb::{
     kv_client::KvClient, lease_client::LeaseClient, watch_client::WatchClient,
 };
+use tokio::net::TcpStream;
+use tonic::codegen::http::Uri;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::cli::Cli;
@@ -100,7 +104,7 @@ impl Target {
                 .tls_config(tls.clone())
                 .with_context(|| format!("TLS for {url}"))?;
         }
-        ep.connect()
+        ep.connect_with_connector(tower::service_fn(connect_coalesced))
             .await
             .with_context(|| format!("connecting to {url}"))
     }
@@ -113,6 +117,24 @@ impl Target {
         }
         Ok(out)
     }
+}
+
+/// A TCP connection (no Nagle, as tonic's own connector) whose small writes are
+/// coalesced: the client's HTTP/2 connection task otherwise makes about two `writev`
+/// per call, and the CPU they cost on a shared machine is CPU the server under test does
+/// not get (range, 1,000 clients: the loadgen's system time fell from 2.1 to 0.8 s per
+/// 300k calls). TLS, when configured, runs on top of it (tonic wraps the connector).
+async fn connect_coalesced(uri: Uri) -> std::io::Result<TokioIo<CoalescedWrites<TcpStream>>> {
+    let host = uri.host().unwrap_or("127.0.0.1");
+    // A bracketed IPv6 literal comes with its brackets.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    });
+    let stream = TcpStream::connect((host, port)).await?;
+    stream.set_nodelay(true)?;
+    Ok(TokioIo::new(CoalescedWrites::new(stream)))
 }
 
 /// A KV client without message size limits (lists and prefills are large).

@@ -6,8 +6,9 @@
 //! every client URL; serve until [`Running::stop`]. Shutdown stops accepting, lets
 //! in-flight RPCs finish, then stops the managed Postgres.
 
-/// Command-line flags and their environment twins.
+/// etcd's periodic and revision auto-compaction schedules.
 pub mod auto_compaction;
+/// Command-line flags and their environment twins.
 pub mod config;
 mod grpc_errors;
 mod http;

@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use pgetcd_coalesce::CoalescedWrites;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
@@ -376,7 +377,10 @@ pub async fn serve<S, B>(
             let result = match tls {
                 None => {
                     let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .serve_connection_with_upgrades(
+                            TokioIo::new(CoalescedWrites::new(stream)),
+                            service,
+                        )
                         .into_owned();
                     watcher.watch(conn).await
                 }
@@ -398,7 +402,10 @@ pub async fn serve<S, B>(
                         }
                     };
                     let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
+                        .serve_connection_with_upgrades(
+                            TokioIo::new(CoalescedWrites::new(tls_stream)),
+                            service,
+                        )
                         .into_owned();
                     watcher.watch(conn).await
                 }
