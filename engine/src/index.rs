@@ -656,7 +656,41 @@ impl Index {
     /// `drop_below` sit in partitions about to be dropped (writer only).
     pub fn compact(&self, compact: i64, retained_below: i64, drop_below: i64) -> Pruned {
         let mut pruned = Pruned::default();
-        for entry in self.map.iter() {
+        let mut from = None;
+        loop {
+            from = self.compact_slice(
+                compact,
+                retained_below,
+                drop_below,
+                from.as_deref(),
+                usize::MAX,
+                &mut pruned,
+            );
+            if from.is_none() {
+                return pruned;
+            }
+        }
+    }
+
+    /// [`compact`](Self::compact) for at most `max_keys` keys, from key `from` (None:
+    /// the first key) on, adding to `pruned`. Returns the key to go on from, or None when
+    /// the index is done. Keys written meanwhile need nothing: their new versions are
+    /// above `compact` (writer only, between batches).
+    pub fn compact_slice(
+        &self,
+        compact: i64,
+        retained_below: i64,
+        drop_below: i64,
+        from: Option<&[u8]>,
+        max_keys: usize,
+        pruned: &mut Pruned,
+    ) -> Option<Box<[u8]>> {
+        let lower = from.map_or(Bound::Unbounded, Bound::Included);
+        let keys = self.map.range::<[u8], _>((lower, Bound::Unbounded));
+        for (done, entry) in keys.enumerate() {
+            if done == max_keys {
+                return Some(entry.key().clone());
+            }
             let empty = {
                 let mut versions = entry.value().versions.write();
                 let upto = versions.partition_point(|v| v.mod_revision <= compact);
@@ -688,7 +722,7 @@ impl Index {
                 entry.remove();
             }
         }
-        pruned
+        None
     }
 }
 
@@ -880,6 +914,64 @@ pub(crate) mod tests {
         assert_eq!(ix.get(b"a", 5).unwrap().version.version, 2);
         assert_eq!(pruned.to_retain, vec![(3, 0)]);
         assert!(pruned.removed_retained.is_empty());
+    }
+
+    #[test]
+    fn compaction_in_slices_with_writes_between_equals_one_pass() {
+        // 40 keys: every third ends in a tombstone at or below the compact revision,
+        // every fifth has its newest version above it; some versions sit below
+        // `retained_below` (3) and some in partitions about to be dropped (below 8).
+        let build = || {
+            let ix = Index::new(usize::MAX);
+            for i in 0..40i64 {
+                let k = Bytes::from(format!("k{i:02}"));
+                ix.append(&k, put(2, 2, 1, "a"));
+                ix.append(&k, put(4 + i % 3, 2, 2, "b"));
+                if i % 3 == 0 {
+                    ix.append(&k, tomb(9));
+                }
+                if i % 5 == 0 {
+                    ix.append(&k, put(20, 20, 1, "c"));
+                }
+            }
+            ix
+        };
+        let whole = build();
+        let expected = whole.compact(10, 3, 8);
+
+        let sliced = build();
+        let mut pruned = Pruned::default();
+        let mut from = None;
+        let mut slices = 0;
+        loop {
+            from = sliced.compact_slice(10, 3, 8, from.as_deref(), 7, &mut pruned);
+            slices += 1;
+            // A write between slices, to a key already pruned and one not yet reached:
+            // versions above the compact revision are never touched.
+            sliced.append(&b("k00"), put(30 + slices, 30 + slices, 1, "w"));
+            sliced.append(&b("k39"), put(60 + slices, 20, 9, "w"));
+            if from.is_none() {
+                break;
+            }
+        }
+        assert_eq!(slices, 6, "40 keys in slices of 7");
+        assert_eq!(pruned.to_retain, expected.to_retain);
+        assert_eq!(pruned.removed_retained, expected.removed_retained);
+        // k39 ends in a tombstone at 9, so one pass removes it; here writes between
+        // slices gave it versions above 10 before its slice came, so it stays.
+        assert_eq!(pruned.keys_removed, expected.keys_removed - 1);
+        for i in 1..39 {
+            let k = format!("k{i:02}");
+            for rev in [10, 20, 40] {
+                assert_eq!(
+                    sliced.get(k.as_bytes(), rev).map(|v| v.version),
+                    whole.get(k.as_bytes(), rev).map(|v| v.version),
+                    "{k} at {rev}"
+                );
+            }
+        }
+        assert_eq!(sliced.get(b"k39", 70).unwrap().version.version, 9);
+        assert_eq!(sliced.get(b"k00", 10), None);
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //!   committed: roll back and answer `Timeout`. Nobody is answered before that.
 //! - Fenced (another instance raised the leader epoch): roll back, answer `Fenced`,
 //!   and stop; later requests get `Stopped`.
-//! - Compaction failure: the index was already pruned, so it is reloaded from
-//!   Postgres, which still holds the uncompacted state.
+//! - Compaction failure (recording the compact revision failed): the index is
+//!   reloaded from Postgres, which still holds the uncompacted state. The index is
+//!   pruned only after the compact revision is durable, a slice between batches.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -27,10 +28,10 @@ use pgetcd_proto::etcdserverpb::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::Core;
 use crate::error::{Error, Result};
 use crate::exec::{Change, Exec, header};
 use crate::metrics::EngineMetrics;
+use crate::{Core, State};
 
 /// Commit times kept for the watch feed's delay histogram.
 const COMMIT_TIMES: usize = 4096;
@@ -72,6 +73,26 @@ pub(crate) struct Writer {
     stash: Option<Job>,
     /// The data halves of compactions, done in order by [`run_physical`].
     physical: mpsc::UnboundedSender<PhysicalJob>,
+    /// The index prune of the last recorded compaction, while it is going on.
+    prune: Option<Prune>,
+}
+
+/// Keys pruned per slice of a compaction's index prune (about 3 ms at 160 ns per key).
+const PRUNE_SLICE_KEYS: usize = 16 * 1024;
+
+/// A compaction's index prune, done a slice of [`PRUNE_SLICE_KEYS`] keys at a time
+/// between batches, so writes never wait for a walk over the whole index (200 ms at
+/// 1.26M keys). Reads are unaffected: revisions below the compact revision are refused
+/// from the moment it is recorded, and pruning only removes versions no other revision
+/// can see. Its data work goes to [`run_physical`] once the whole index is done.
+struct Prune {
+    /// The index being pruned (the state current when the compaction was recorded).
+    state: Arc<State>,
+    retained_below: i64,
+    drop_below: i64,
+    /// Where the next slice starts (None: at the first key).
+    from: Option<Box<[u8]>>,
+    job: PhysicalJob,
 }
 
 /// The Postgres data work of one compaction (see [`Writer::compact`]).
@@ -178,19 +199,33 @@ impl Writer {
             partitions,
             stash: None,
             physical,
+            prune: None,
         }
     }
 
     pub(crate) async fn run(mut self) {
         loop {
+            if self.prune.is_some() {
+                self.prune_slice();
+            }
             let first = match self.stash.take() {
                 Some(job) => job,
+                None if self.prune.is_some() => match self.rx.try_recv() {
+                    Ok(job) => job,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        // Nothing queued: prune on, letting other tasks run between slices.
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                },
                 None => match self.rx.recv().await {
                     Some(job) => job,
                     None => break,
                 },
             };
             let keep_going = if let Op::Compact(req) = first.op {
+                self.finish_prune();
                 self.compact(req, first.reply).await
             } else {
                 let mut batch = vec![first];
@@ -218,7 +253,39 @@ impl Writer {
                 return;
             }
         }
+        self.finish_prune();
         info!("writer finished");
+    }
+
+    /// Prunes the next slice of keys of the compaction in progress; once the index is
+    /// done, hands the compaction's data work to [`run_physical`].
+    fn prune_slice(&mut self) {
+        let Some(p) = self.prune.as_mut() else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        p.from = p.state.index.compact_slice(
+            p.job.rev,
+            p.retained_below,
+            p.drop_below,
+            p.from.as_deref(),
+            PRUNE_SLICE_KEYS,
+            &mut p.job.pruned,
+        );
+        p.job.index_time += started.elapsed();
+        if p.from.is_none()
+            && let Some(p) = self.prune.take()
+        {
+            let _ = self.physical.send(p.job);
+        }
+    }
+
+    /// Prunes what is left of the compaction in progress at once (before the next
+    /// compaction, whose data work must follow this one's, and before a reload).
+    fn finish_prune(&mut self) {
+        while self.prune.is_some() {
+            self.prune_slice();
+        }
     }
 
     /// The writer's connection, reconnected (and statements prepared) when lost.
@@ -457,9 +524,10 @@ impl Writer {
         }
     }
 
-    /// Compaction: validate, prune the index, record the compact revision in `meta`
-    /// (one statement), then hand the data work (keep what is still visible, drop whole
-    /// partitions) to the compaction task. Returns false when fenced.
+    /// Compaction: validate, record the compact revision in `meta` (one statement),
+    /// then prune the index a slice at a time between batches ([`Prune`]), and hand the
+    /// data work (keep what is still visible, drop whole partitions) to the compaction
+    /// task. Returns false when fenced.
     async fn compact(
         &mut self,
         req: CompactionRequest,
@@ -490,8 +558,6 @@ impl Writer {
             .unwrap_or(floor)
             .max(floor);
         let started = std::time::Instant::now();
-        let pruned = st.index.compact(rev, floor, drop_below);
-        let index_time = started.elapsed();
         let epoch = self.epoch;
         let store = self.core.store.clone();
         let result = match self.conn().await {
@@ -500,9 +566,9 @@ impl Writer {
         };
         match result {
             Ok(()) => {
-                // The index is pruned and the compact revision durable: answer (unless
-                // the client asked to wait for the data) and leave copying and
-                // dropping to the compaction task, off the write path.
+                // The compact revision is durable: answer (unless the client asked to
+                // wait for the data), prune the index between the next batches, and
+                // leave copying and dropping to the compaction task, off the write path.
                 self.partitions.retain(|s| !drop.contains(s));
                 let reply = if req.physical {
                     Some((reply, cur))
@@ -513,15 +579,22 @@ impl Writer {
                     None
                 };
                 EngineMetrics::inc(&self.core.metrics.compactions_pending, 1);
-                let _ = self.physical.send(PhysicalJob {
-                    epoch,
-                    rev,
-                    pruned,
-                    drop,
-                    started,
-                    index_time,
-                    reply,
+                self.prune = Some(Prune {
+                    state: st,
+                    retained_below: floor,
+                    drop_below,
+                    from: None,
+                    job: PhysicalJob {
+                        epoch,
+                        rev,
+                        pruned: Pruned::default(),
+                        drop,
+                        started,
+                        index_time: Duration::ZERO,
+                        reply,
+                    },
                 });
+                self.prune_slice();
                 true
             }
             Err(CommitError::Fenced) => {
@@ -539,6 +612,7 @@ impl Writer {
 
     /// Replaces the in-memory state with what Postgres holds, retrying until it works.
     async fn reload(&mut self) {
+        self.finish_prune();
         let mut backoff = Duration::from_millis(50);
         loop {
             self.conn = None;
