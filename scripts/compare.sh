@@ -160,9 +160,9 @@ log "both servers are up"
 
 # --- the comparison set ------------------------------------------------------------
 case "$SCALE" in
-full) N_BIG=40000 N_ONE=3000 N_K8S=40000 LIST_KEYS=100000 LIST_N=20 COUNT_KEYS=1000000 COUNT_N=100 WATCH_N=2000 MIX_DUR=30s ;;
-small) N_BIG=20000 N_ONE=1000 N_K8S=10000 LIST_KEYS=100000 LIST_N=5 COUNT_KEYS=100000 COUNT_N=200 WATCH_N=1000 MIX_DUR=20s ;;
-smoke) N_BIG=2000 N_ONE=200 N_K8S=1000 LIST_KEYS=10000 LIST_N=2 COUNT_KEYS=10000 COUNT_N=20 WATCH_N=200 MIX_DUR=5s ;;
+full) N_BIG=40000 N_ONE=3000 N_K8S=40000 LIST_KEYS=100000 LIST_N=20 COUNT_KEYS=1000000 COUNT_N=100 WATCH_N=2000 WATCH_10K_N=10000 MIX_DUR=30s ;;
+small) N_BIG=20000 N_ONE=1000 N_K8S=10000 LIST_KEYS=100000 LIST_N=5 COUNT_KEYS=100000 COUNT_N=200 WATCH_N=1000 WATCH_10K_N=5000 MIX_DUR=20s ;;
+smoke) N_BIG=2000 N_ONE=200 N_K8S=1000 LIST_KEYS=10000 LIST_N=2 COUNT_KEYS=10000 COUNT_N=20 WATCH_N=200 WATCH_10K_N=500 MIX_DUR=5s ;;
 esac
 # name|loadgen arguments (global flags, subcommand, its flags)
 WORKLOADS=(
@@ -175,6 +175,7 @@ WORKLOADS=(
     "update|--conns 10 --clients 100 --total $N_K8S update --key-space-size 10000"
     "watch-latency|--total $WATCH_N watch-latency --watchers 100 --streams 10 --rate 1000"
     "watch-1000w|--total $WATCH_N --conns 4 --clients 16 watch-latency --watchers 1000 --streams 100 --rate 1000"
+    "watch-10k|--total $WATCH_10K_N --conns 4 --clients 16 watch-latency --watchers 1000 --streams 100 --rate 10000"
     "k8s|--duration $MIX_DUR --conns 4 --clients 32 --key-space-size 20000 k8s --create-rate 200 --update-rate 1000 --event-rate 500 --list-rate 1 --watchers 7 --compact-interval 10s"
     "list|--total $LIST_N list --key-space-size $LIST_KEYS --val-size 1024"
     "count|--clients 10 --total $COUNT_N count --key-space-size $COUNT_KEYS --val-size 256"
