@@ -30,6 +30,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
@@ -374,21 +375,13 @@ pub async fn serve<S, B>(
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let _open = open;
-            let result = match tls {
-                None => {
-                    let conn = builder
-                        .serve_connection_with_upgrades(
-                            TokioIo::new(CoalescedWrites::new(stream)),
-                            service,
-                        )
-                        .into_owned();
-                    watcher.watch(conn).await
-                }
+            let io = match tls {
+                None => Either::Left(stream),
                 Some(acceptor) => {
                     let handshake =
                         tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
-                    let tls_stream = match handshake {
-                        Ok(Ok(s)) => s,
+                    match handshake {
+                        Ok(Ok(s)) => Either::Right(s),
                         failed => {
                             metrics
                                 .tls_handshake_failures
@@ -400,16 +393,13 @@ pub async fn serve<S, B>(
                             warn!(%peer, %error, "tls handshake failed");
                             return;
                         }
-                    };
-                    let conn = builder
-                        .serve_connection_with_upgrades(
-                            TokioIo::new(CoalescedWrites::new(tls_stream)),
-                            service,
-                        )
-                        .into_owned();
-                    watcher.watch(conn).await
+                    }
                 }
             };
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(CoalescedWrites::new(io)), service)
+                .into_owned();
+            let result = watcher.watch(conn).await;
             if let Err(e) = result {
                 debug!(%peer, error = %e, "client connection ended with an error");
             }
