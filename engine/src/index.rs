@@ -653,29 +653,10 @@ impl Index {
     /// Drops versions made unreachable by compacting at `compact`: every version at or
     /// below it except each key's newest one, and that one too when it is a tombstone.
     /// Versions below `retained_below` live in `history_retained`; survivors at or below
-    /// `drop_below` sit in partitions about to be dropped (writer only).
-    pub fn compact(&self, compact: i64, retained_below: i64, drop_below: i64) -> Pruned {
-        let mut pruned = Pruned::default();
-        let mut from = None;
-        loop {
-            from = self.compact_slice(
-                compact,
-                retained_below,
-                drop_below,
-                from.as_deref(),
-                usize::MAX,
-                &mut pruned,
-            );
-            if from.is_none() {
-                return pruned;
-            }
-        }
-    }
-
-    /// [`compact`](Self::compact) for at most `max_keys` keys, from key `from` (None:
-    /// the first key) on, adding to `pruned`. Returns the key to go on from, or None when
-    /// the index is done. Keys written meanwhile need nothing: their new versions are
-    /// above `compact` (writer only, between batches).
+    /// `drop_below` sit in partitions about to be dropped. Does at most `max_keys` keys,
+    /// from key `from` (None: the first key) on, adding to `pruned`, and returns the key
+    /// to go on from, or None when the index is done. Keys written between slices need
+    /// nothing: their new versions are above `compact` (writer only, between batches).
     pub fn compact_slice(
         &self,
         compact: i64,
@@ -900,6 +881,21 @@ pub(crate) mod tests {
         assert!(ix.page_counts.lock().len() >= 19);
     }
 
+    /// The whole index in one slice.
+    fn compact(ix: &Index, compact: i64, retained_below: i64, drop_below: i64) -> Pruned {
+        let mut pruned = Pruned::default();
+        let rest = ix.compact_slice(
+            compact,
+            retained_below,
+            drop_below,
+            None,
+            usize::MAX,
+            &mut pruned,
+        );
+        assert!(rest.is_none());
+        pruned
+    }
+
     #[test]
     fn compaction_keeps_newest_live_version() {
         let ix = Index::new(usize::MAX);
@@ -908,7 +904,7 @@ pub(crate) mod tests {
         ix.append(&b("a"), put(6, 2, 3, "z"));
         ix.append(&b("d"), put(4, 4, 1, "x"));
         ix.append(&b("d"), tomb(5));
-        let pruned = ix.compact(5, 0, 6);
+        let pruned = compact(&ix, 5, 0, 6);
         assert_eq!(ix.key_count(), 1);
         assert_eq!(pruned.keys_removed, 1);
         assert_eq!(ix.get(b"a", 5).unwrap().version.version, 2);
@@ -937,7 +933,7 @@ pub(crate) mod tests {
             ix
         };
         let whole = build();
-        let expected = whole.compact(10, 3, 8);
+        let expected = compact(&whole, 10, 3, 8);
 
         let sliced = build();
         let mut pruned = Pruned::default();
