@@ -77,7 +77,8 @@ pub(crate) struct Writer {
     prune: Option<Prune>,
 }
 
-/// Keys pruned per slice of a compaction's index prune (about 3 ms at 160 ns per key).
+/// Keys pruned per slice of a compaction's index prune (about 1 ms per slice measured
+/// at 1.2M keys).
 const PRUNE_SLICE_KEYS: usize = 16 * 1024;
 
 /// A compaction's index prune, done a slice of [`PRUNE_SLICE_KEYS`] keys at a time
@@ -205,9 +206,7 @@ impl Writer {
 
     pub(crate) async fn run(mut self) {
         loop {
-            if self.prune.is_some() {
-                self.prune_slice();
-            }
+            self.prune_slice();
             let first = match self.stash.take() {
                 Some(job) => job,
                 None if self.prune.is_some() => match self.rx.try_recv() {
@@ -594,7 +593,6 @@ impl Writer {
                         reply,
                     },
                 });
-                self.prune_slice();
                 true
             }
             Err(CommitError::Fenced) => {
