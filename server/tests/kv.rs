@@ -154,12 +154,7 @@ async fn bad_input_gets_etcd_errors_and_server_keeps_serving() {
     );
 
     c.kv.put(put("k", "v2")).await.unwrap();
-    c.kv.compact(CompactionRequest {
-        revision: 3,
-        physical: false,
-    })
-    .await
-    .unwrap();
+    c.compact(3, false).await;
     let mut old = get("k");
     old.revision = 2;
     assert_status(
@@ -265,12 +260,7 @@ async fn managed_postgres_restart_keeps_keys_revisions_and_compaction() {
     let srv = TestServer::start(config).await;
     let mut c = Clients::connect(&srv.url()).await;
     churn(&mut c, 40, 13, 7).await;
-    c.kv.compact(CompactionRequest {
-        revision: 25,
-        physical: true,
-    })
-    .await
-    .unwrap();
+    c.compact(25, true).await;
     let rev = c.revision().await;
     let mut before = BTreeMap::new();
     for r in [25, 30, rev] {
@@ -363,12 +353,7 @@ async fn physical_compaction_drops_partitions_and_keeps_visible_versions() {
     }
     let before = partitions(&keyspace).await;
     assert!(before.contains(&"history_p0".to_owned()), "{before:?}");
-    c.kv.compact(CompactionRequest {
-        revision: 35,
-        physical: true,
-    })
-    .await
-    .unwrap();
+    c.compact(35, true).await;
     let after = partitions(&keyspace).await;
     assert!(!after.contains(&"history_p0".to_owned()), "{after:?}");
     assert!(!after.contains(&"history_p20".to_owned()), "{after:?}");
@@ -442,12 +427,7 @@ async fn a_compaction_recorded_but_not_pruned_is_finished_after_restart() {
     let srv = TestServer::start(config).await;
     let mut c = Clients::connect(&srv.url()).await;
     assert_state_after_restart(&mut c, &before, 30).await;
-    c.kv.compact(CompactionRequest {
-        revision: 40,
-        physical: true,
-    })
-    .await
-    .unwrap();
+    c.compact(40, true).await;
     let after = partitions(&keyspace).await;
     assert!(!after.contains(&"history_p0".to_owned()), "{after:?}");
     assert!(!after.contains(&"history_p30".to_owned()), "{after:?}");
@@ -612,12 +592,7 @@ async fn quota_raises_nospace_and_only_writes_that_add_data_fail() {
     })
     .await
     .unwrap();
-    c.kv.compact(CompactionRequest {
-        revision: 1,
-        physical: false,
-    })
-    .await
-    .unwrap();
+    c.compact(1, false).await;
     let status = c
         .maintenance
         .status(pgetcd_proto::etcdserverpb::StatusRequest {})

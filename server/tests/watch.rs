@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pgetcd_proto::etcdserverpb::{
-    CompactionRequest, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest, WatchCreateRequest,
-    WatchResponse, request_op::Request,
+    DeleteRangeRequest, PutRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchResponse,
+    request_op::Request,
 };
 use pgetcd_proto::mvccpb::{Event, event::EventType};
 use pgetcd_testkit::watch::TestWatch;
@@ -267,12 +267,7 @@ async fn watch_differential(source: WatchSource) {
             }
             compact = cur - 15;
             for c in clients.iter_mut() {
-                c.kv.compact(CompactionRequest {
-                    revision: compact,
-                    physical: true,
-                })
-                .await
-                .unwrap();
+                c.compact(compact, true).await;
             }
         }
         let w = g.write();
@@ -648,12 +643,7 @@ async fn compaction_cancels_watches_from_compacted_revisions() {
     for i in 0..10 {
         c.kv.put(put("k", &format!("{i}"))).await.unwrap();
     }
-    c.kv.compact(CompactionRequest {
-        revision: 8,
-        physical: false,
-    })
-    .await
-    .unwrap();
+    c.compact(8, false).await;
     let w = TestWatch::open(&srv.url()).await;
     let created = w
         .create(WatchCreateRequest {

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use pgetcd_localpg::{LocalPostgres, Options, free_port};
 use pgetcd_proto::etcdserverpb::{
-    RangeRequest, cluster_client::ClusterClient, kv_client::KvClient,
+    CompactionRequest, RangeRequest, cluster_client::ClusterClient, kv_client::KvClient,
     maintenance_client::MaintenanceClient,
 };
 use pgetcd_server::{Config, Running};
@@ -232,6 +232,14 @@ impl Clients {
             .header
             .expect("header")
             .revision
+    }
+
+    /// Compacts at `revision`; with `physical`, the answer waits for the data work.
+    pub async fn compact(&mut self, revision: i64, physical: bool) {
+        self.kv
+            .compact(CompactionRequest { revision, physical })
+            .await
+            .expect("compact");
     }
 
     /// The current revision (the header of a range).
