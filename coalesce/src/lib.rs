@@ -1,13 +1,13 @@
 //! Write coalescing for HTTP/2 connections (pgetcd's client listeners and the loadgen's
 //! connections).
 //!
-//! hyper's HTTP/2 connection task (server and client alike) writes its queued frames and flushes whenever it runs
-//! out of other work, and every call task that hands it a frame wakes it. A unary
-//! response even takes two flushes: its HEADERS go out first, and its DATA and trailers
-//! only after the connection task granted the stream send capacity. Measured under
-//! Range load (1,000 clients over 100 connections): 1.85 `writev` per call, and on
-//! loopback each one also runs the peer's TCP receive path, so 44% of pgetcd's CPU was
-//! the kernel's send path.
+//! hyper's HTTP/2 connection task (server and client alike) writes its queued frames
+//! and flushes whenever it runs out of other work, and every call task that hands it a
+//! frame wakes it. A unary response even takes two flushes: its HEADERS go out first,
+//! its DATA and trailers only after the connection task granted the stream send
+//! capacity. Measured under Range load (1,000 clients over 100 connections): 1.85
+//! `writev` per call, and on loopback each one also runs the peer's TCP receive path,
+//! so 44% of pgetcd's CPU was the kernel's send path.
 //!
 //! [`CoalescedWrites`] keeps small writes in its own buffer and, when asked to flush,
 //! first yields once to the runtime: the call tasks already runnable (the rest of the
