@@ -15,7 +15,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -104,13 +104,20 @@ pub struct LocalPostgres {
     stopped: bool,
 }
 
-/// uid and gid Postgres runs as when we are root (None when we are not: then it runs
-/// as us). Files Postgres must own, such as a TLS key, go to this user.
-pub fn postgres_user() -> Result<Option<(u32, u32)>, Error> {
+/// Whether this process runs with effective uid 0, the case where Postgres must run
+/// as another user. Decided by the effective uid, never by `USER` (often unset in
+/// containers, and wrong under sudo or setuid).
+pub fn running_as_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     #[allow(unsafe_code)]
     let euid = unsafe { libc::geteuid() };
-    if euid != 0 {
+    euid == 0
+}
+
+/// uid and gid Postgres runs as when we are root (None when we are not: then it runs
+/// as us). Files Postgres must own, such as a TLS key, go to this user.
+pub fn postgres_user() -> Result<Option<(u32, u32)>, Error> {
+    if !running_as_root() {
         return Ok(None);
     }
     let passwd = fs::read_to_string("/etc/passwd").map_err(io_err("reading /etc/passwd"))?;
@@ -163,15 +170,13 @@ fn hand_over(path: &Path, user: Option<(u32, u32)>) -> Result<(), Error> {
     Ok(())
 }
 
-/// Whether a process running as `uid` can traverse every ancestor of `path`.
+/// Whether a user other than the owner can traverse every ancestor of `path`
+/// (each has the others-execute bit).
 pub fn traversable_by_others(path: &Path) -> bool {
     let mut p = path;
     while let Some(parent) = p.parent() {
         match fs::metadata(parent) {
             Ok(m) => {
-                if m.permissions().mode() & 0o001 == 0 && m.uid() != 0 {
-                    return false;
-                }
                 if m.permissions().mode() & 0o001 == 0 {
                     return false;
                 }

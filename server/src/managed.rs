@@ -30,8 +30,7 @@ pub fn start(data_dir: &Path) -> Result<LocalPostgres, ServerError> {
     // As root, Postgres runs as the `postgres` user, which must reach the cluster
     // directory. When an ancestor is closed to it (e.g. /root), the cluster lives in
     // /var/lib/pgetcd instead, keyed by the data directory.
-    let as_root = std::env::var("USER").map(|u| u == "root").unwrap_or(false)
-        || data_dir.starts_with("/root");
+    let as_root = pgetcd_localpg::running_as_root();
     let cluster_dir =
         if as_root && !pgetcd_localpg::traversable_by_others(&data_dir.join("postgres")) {
             PathBuf::from("/var/lib/pgetcd")

@@ -281,6 +281,71 @@ async fn managed_postgres_restart_keeps_keys_revisions_and_compaction() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// As root (the usual case in containers, where `USER` is often unset), the managed
+/// Postgres runs as the `postgres` user: the `pgetcd` binary, started without `USER`
+/// and with its data directory under a parent closed to others (mode 0700), must
+/// still start, its cluster placed where that user can reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_postgres_starts_without_user_under_a_closed_parent_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = std::env::temp_dir().join(format!("pgetcd-test-{}-closed", std::process::id()));
+    let _ = std::fs::remove_dir_all(&parent);
+    std::fs::create_dir_all(&parent).unwrap();
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // Where root's managed clusters go when the data directory is closed to others.
+    let elsewhere = std::path::Path::new("/var/lib/pgetcd");
+    let entries = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(elsewhere)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let before = entries();
+    let port = pgetcd_localpg::free_port().unwrap();
+    let metrics = pgetcd_localpg::free_port().unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgetcd"))
+        .env_remove("USER")
+        .arg("--data-dir")
+        .arg(parent.join("data"))
+        .args(["--listen-client-urls", &url])
+        .args([
+            "--listen-metrics-urls",
+            &format!("http://127.0.0.1:{metrics}"),
+        ])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut listening = false;
+    for _ in 0..600 {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("pgetcd exited before serving: {status}");
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            listening = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let revision = if listening {
+        Some(Clients::connect(&url).await.put("k", "v").await)
+    } else {
+        None
+    };
+    // SIGTERM (kill's default) lets pgetcd stop its Postgres before the cleanup.
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&parent);
+    for made in entries().into_iter().filter(|e| !before.contains(e)) {
+        let _ = std::fs::remove_dir_all(made);
+    }
+    assert_eq!(revision, Some(2), "pgetcd did not serve a put within 60 s");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_get_unique_revisions_and_read_their_writes() {
     let srv = TestServer::start_default().await;
