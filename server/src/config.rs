@@ -13,6 +13,12 @@ use pgetcd_engine::{
 pub const DEFAULT_LISTEN_CLIENT_URLS: &str = "http://127.0.0.1:2379";
 /// Default HTTP URL for health and metrics, like etcd's (kubeadm probes it).
 pub const DEFAULT_LISTEN_METRICS_URLS: &str = "http://127.0.0.1:2381";
+/// Default peer URL reported by MemberList, etcd's default.
+pub const DEFAULT_INITIAL_ADVERTISE_PEER_URLS: &str = "http://localhost:2380";
+/// etcd's default interval of watch progress notifications.
+pub const DEFAULT_WATCH_PROGRESS_NOTIFY_INTERVAL: Duration = Duration::from_secs(600);
+/// etcd's floor for the interval of watch progress notifications.
+pub const MIN_WATCH_PROGRESS_NOTIFY_INTERVAL: Duration = Duration::from_millis(100);
 /// Default data directory of managed mode.
 pub const DEFAULT_DATA_DIR: &str = "./pgetcd-data";
 /// Default keyspace (Postgres schema).
@@ -50,6 +56,16 @@ pub struct Config {
     /// with the ports actually bound).
     #[arg(long, env = "PGETCD_ADVERTISE_CLIENT_URLS", value_delimiter = ',')]
     pub advertise_client_urls: Vec<String>,
+
+    /// Comma-separated peer URLs that MemberList reports for this member, as etcd
+    /// does. pgetcd has no peer traffic: nothing listens on them.
+    #[arg(
+        long,
+        env = "PGETCD_INITIAL_ADVERTISE_PEER_URLS",
+        default_value = DEFAULT_INITIAL_ADVERTISE_PEER_URLS,
+        value_delimiter = ','
+    )]
+    pub initial_advertise_peer_urls: Vec<String>,
 
     /// PostgreSQL connection string (postgres://user@host:port/db or key=value form).
     /// Without it, pgetcd runs its own local PostgreSQL under --data-dir.
@@ -100,13 +116,14 @@ pub struct Config {
     pub read_pool_size: usize,
 
     /// Interval of watch progress notifications, e.g. 10m, 5s, 500ms (etcd's
-    /// --experimental-watch-progress-notify-interval, accepted as an alias).
+    /// --experimental-watch-progress-notify-interval, accepted as an alias). As in
+    /// etcd, 0 keeps the default and anything below 100ms is raised to 100ms.
     #[arg(
         long,
         alias = "experimental-watch-progress-notify-interval",
         env = "PGETCD_WATCH_PROGRESS_NOTIFY_INTERVAL",
         default_value = "10m",
-        value_parser = parse_duration
+        value_parser = parse_go_duration
     )]
     pub watch_progress_notify_interval: Duration,
 
@@ -234,8 +251,6 @@ pub struct IgnoredEtcdFlags {
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
     initial_cluster_token: Option<String>,
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
-    initial_advertise_peer_urls: Option<String>,
-    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
     listen_peer_urls: Option<String>,
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
     peer_cert_file: Option<String>,
@@ -275,7 +290,7 @@ impl IgnoredEtcdFlags {
         const RAFT: &str = "there is no raft log; Postgres keeps the data";
         const CORRUPT: &str = "Postgres checks its own pages; HashKV compares keyspaces";
         const LOG: &str = "pgetcd logs to stderr; see --log and --log-level";
-        let all: [(&'static str, &Option<String>, &'static str); 19] = [
+        let all: [(&'static str, &Option<String>, &'static str); 18] = [
             ("--initial-cluster", &self.initial_cluster, CLUSTER),
             (
                 "--initial-cluster-state",
@@ -285,11 +300,6 @@ impl IgnoredEtcdFlags {
             (
                 "--initial-cluster-token",
                 &self.initial_cluster_token,
-                CLUSTER,
-            ),
-            (
-                "--initial-advertise-peer-urls",
-                &self.initial_advertise_peer_urls,
                 CLUSTER,
             ),
             ("--listen-peer-urls", &self.listen_peer_urls, CLUSTER),
@@ -342,6 +352,15 @@ impl Config {
     /// The defaults, as `pgetcd` with no flags would use them.
     pub fn defaults() -> Self {
         Config::parse_from(["pgetcd"])
+    }
+
+    /// The progress notification interval in force, with etcd's rules: 0 means the
+    /// default, and the floor is 100ms.
+    pub fn progress_notify_interval(&self) -> Duration {
+        match self.watch_progress_notify_interval {
+            Duration::ZERO => DEFAULT_WATCH_PROGRESS_NOTIFY_INTERVAL,
+            d => d.max(MIN_WATCH_PROGRESS_NOTIFY_INTERVAL),
+        }
     }
 
     /// Checks values that clap cannot.
@@ -529,10 +548,25 @@ mod tests {
         .unwrap();
         assert!(c.validate().is_ok());
         assert!(c.client_cert_auth);
-        assert_eq!(c.watch_progress_notify_interval, Duration::from_secs(5));
+        assert_eq!(c.progress_notify_interval(), Duration::from_secs(5));
+        for (flag, interval) in [
+            ("0s", 600_000),
+            ("0", 600_000),
+            ("10ms", 100),
+            ("2s", 2_000),
+        ] {
+            let c =
+                Config::try_parse_from(["etcd", "--watch-progress-notify-interval", flag]).unwrap();
+            assert_eq!(
+                c.progress_notify_interval(),
+                Duration::from_millis(interval),
+                "{flag}"
+            );
+        }
         assert_eq!(c.listen_client_urls.len(), 2);
         let ignored: Vec<&str> = c.ignored.given().iter().map(|g| g.0).collect();
-        assert_eq!(ignored.len(), 9, "{ignored:?}");
+        assert_eq!(ignored.len(), 8, "{ignored:?}");
+        assert_eq!(c.initial_advertise_peer_urls, ["https://10.0.0.1:2380"]);
         assert!(ignored.contains(&"--snapshot-count"));
         let c = Config::try_parse_from(["etcd", "--client-cert-auth=false", "--auto-tls"]).unwrap();
         assert!(!c.client_cert_auth);

@@ -219,7 +219,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         )));
     }
     let watch_settings = services::WatchSettings {
-        progress_interval: config.watch_progress_notify_interval,
+        progress_interval: config.progress_notify_interval(),
         max_response_bytes: config.max_request_bytes,
     };
     let limit = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
@@ -243,6 +243,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         ClusterServer::new(services::ClusterService::new(
             engine.clone(),
             config.name.clone(),
+            config.initial_advertise_peer_urls.clone(),
             advertise.clone(),
         ))
         .max_decoding_message_size(limit),

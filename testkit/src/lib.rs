@@ -295,6 +295,8 @@ pub struct RealEtcd {
     child: Child,
     /// Its client URL.
     pub url: String,
+    /// The peer URL it advertises.
+    pub peer_url: String,
     dir: PathBuf,
 }
 
@@ -336,7 +338,12 @@ impl RealEtcd {
                     bin.display()
                 )
             });
-        let etcd = RealEtcd { child, url, dir };
+        let etcd = RealEtcd {
+            child,
+            url,
+            peer_url,
+            dir,
+        };
         let mut kv = KvClient::new(channel(&etcd.url).await);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
