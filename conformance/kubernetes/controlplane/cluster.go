@@ -1,0 +1,297 @@
+package main
+
+import (
+	"context"
+	_ "embed"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+)
+
+// kwokStages is the node and pod lifecycle kwok plays.
+//
+//go:embed kwok-stages.yaml
+var kwokStages []byte
+
+// options say which storage server the control plane runs on and where the
+// binaries are.
+type options struct {
+	backend    string // pgetcd, etcd or kine
+	dir        string // the run's working directory (wiped at start)
+	bin        string // kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, kine
+	pgetcd     string
+	etcd       string
+	testPG     string // pgetcd-test-postgres, for kine's Postgres
+	compaction time.Duration
+	eventTTL   time.Duration
+	apiArgs    []string // more kube-apiserver flags
+}
+
+// cluster is a running control plane: a storage server, kube-apiserver over
+// mutual TLS to it, kube-controller-manager, kube-scheduler and kwok.
+type cluster struct {
+	opts       options
+	pki        *pki
+	storage    *proc
+	postgres   *proc // kine's Postgres
+	storageURL string
+	metricsURL string // the storage server's /metrics
+	dataDir    string // what "size on disk" measures
+
+	apiserver, controllers, scheduler, kwok *proc
+	apiURL                                  string
+	kubeconfig                              string
+	config                                  *rest.Config
+	client                                  kubernetes.Interface
+}
+
+func (c *cluster) path(name string) string { return filepath.Join(c.opts.dir, name) }
+
+func startCluster(ctx context.Context, o options) (*cluster, error) {
+	if err := os.RemoveAll(o.dir); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(o.dir, 0o755); err != nil {
+		return nil, err
+	}
+	c := &cluster{opts: o}
+	var err error
+	if c.pki, err = newPKI(c.path("pki")); err != nil {
+		return nil, err
+	}
+	for _, cert := range [][]string{
+		{"storage", "storage"},
+		{"apiserver-etcd-client", "kube-apiserver-etcd-client"},
+		{"apiserver", "kube-apiserver"},
+		{"admin", "admin", "system:masters"},
+	} {
+		if err := c.pki.issue(cert[0], cert[1], cert[2:]...); err != nil {
+			return nil, err
+		}
+	}
+	if err := c.startStorage(ctx); err != nil {
+		return nil, err
+	}
+	if err := c.startKubernetes(ctx); err != nil {
+		c.stop()
+		return nil, err
+	}
+	return c, nil
+}
+
+// startStorage starts the storage server of the chosen backend on fresh
+// ports and waits until it serves.
+func (c *cluster) startStorage(ctx context.Context) error {
+	port, mport := freePort(), freePort()
+	c.storageURL = "https://127.0.0.1:" + strconv.Itoa(port)
+	c.metricsURL = "http://127.0.0.1:" + strconv.Itoa(mport) + "/metrics"
+	p := c.pki.path
+	var args []string
+	switch c.opts.backend {
+	case "pgetcd":
+		c.dataDir = c.path("pgetcd")
+		args = []string{c.opts.pgetcd,
+			"--data-dir", c.dataDir,
+			"--listen-client-urls", c.storageURL, "--advertise-client-urls", c.storageURL,
+			"--listen-metrics-urls", "http://127.0.0.1:" + strconv.Itoa(mport),
+			"--cert-file", p("storage.crt"), "--key-file", p("storage.key"),
+			"--trusted-ca-file", p("ca.crt"), "--client-cert-auth",
+		}
+	case "etcd":
+		c.dataDir = c.path("etcd")
+		peer := "http://127.0.0.1:" + strconv.Itoa(freePort())
+		args = []string{c.opts.etcd,
+			"--data-dir", c.dataDir,
+			"--listen-client-urls", c.storageURL, "--advertise-client-urls", c.storageURL,
+			"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+			"--initial-cluster", "default=" + peer,
+			"--listen-metrics-urls", "http://127.0.0.1:" + strconv.Itoa(mport),
+			"--cert-file", p("storage.crt"), "--key-file", p("storage.key"),
+			"--trusted-ca-file", p("ca.crt"), "--client-cert-auth",
+			"--quota-backend-bytes", strconv.Itoa(8 << 30),
+		}
+	case "kine":
+		url, err := c.startPostgres()
+		if err != nil {
+			return err
+		}
+		args = []string{filepath.Join(c.opts.bin, "kine"),
+			"--endpoint", url + "?sslmode=disable",
+			"--listen-address", strings.TrimPrefix(c.storageURL, "https://"),
+			"--metrics-bind-address", "127.0.0.1:" + strconv.Itoa(mport),
+			"--server-cert-file", p("storage.crt"), "--server-key-file", p("storage.key"),
+			"--trusted-ca-file", p("ca.crt"),
+		}
+	default:
+		return fmt.Errorf("unknown backend %q (pgetcd, etcd or kine)", c.opts.backend)
+	}
+	var err error
+	if c.storage, err = startProc(c.opts.dir, c.opts.backend, args...); err != nil {
+		return err
+	}
+	return c.waitStorage(ctx)
+}
+
+// waitStorage waits until the storage server answers a read.
+func (c *cluster) waitStorage(ctx context.Context) error {
+	return waitFor(ctx, c.opts.backend+" serving", 60*time.Second, func() error {
+		if !c.storage.running() {
+			return fmt.Errorf("%s exited:\n%s", c.opts.backend, c.storage.tail(20))
+		}
+		return c.storageHealthy(ctx)
+	})
+}
+
+// startPostgres starts the Postgres kine runs on: the same durable throwaway
+// cluster settings pgetcd's harnesses use, the same server version.
+func (c *cluster) startPostgres() (string, error) {
+	c.dataDir = c.path("postgres")
+	var err error
+	c.postgres, err = startProc(c.opts.dir, "postgres", c.opts.testPG, c.dataDir, "--durable")
+	if err != nil {
+		return "", err
+	}
+	var url string
+	err = waitFor(context.Background(), "kine's postgres", 60*time.Second, func() error {
+		data, _ := os.ReadFile(c.postgres.log)
+		for _, line := range strings.Split(string(data), "\n") {
+			if strings.HasPrefix(line, "postgres://") {
+				url = line
+				return nil
+			}
+		}
+		if !c.postgres.running() {
+			return fmt.Errorf("exited:\n%s", c.postgres.tail(20))
+		}
+		return fmt.Errorf("no URL yet")
+	})
+	return url, err
+}
+
+// restartStorage stops the storage server (SIGTERM) and starts it again with
+// the same command line (ports and data), under the running apiserver.
+func (c *cluster) restartStorage(ctx context.Context) error {
+	c.storage.stop()
+	if err := c.storage.start(); err != nil {
+		return err
+	}
+	return c.waitStorage(ctx)
+}
+
+func (c *cluster) startKubernetes(ctx context.Context) error {
+	p := c.pki.path
+	aport := freePort()
+	c.apiURL = "https://127.0.0.1:" + strconv.Itoa(aport)
+	c.kubeconfig = c.path("admin.kubeconfig")
+	kubeconfig := fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters:
+- name: harness
+  cluster: {server: %q, certificate-authority: %q}
+users:
+- name: admin
+  user: {client-certificate: %q, client-key: %q}
+contexts:
+- name: harness
+  context: {cluster: harness, user: admin}
+current-context: harness
+`, c.apiURL, p("ca.crt"), p("admin.crt"), p("admin.key"))
+	if err := os.WriteFile(c.kubeconfig, []byte(kubeconfig), 0o600); err != nil {
+		return err
+	}
+	bin := func(name string) string { return filepath.Join(c.opts.bin, name) }
+	var err error
+	c.apiserver, err = startProc(c.opts.dir, "kube-apiserver", append([]string{bin("kube-apiserver"),
+		"--etcd-servers", c.storageURL,
+		"--etcd-cafile", p("ca.crt"),
+		"--etcd-certfile", p("apiserver-etcd-client.crt"),
+		"--etcd-keyfile", p("apiserver-etcd-client.key"),
+		"--etcd-compaction-interval", c.opts.compaction.String(),
+		"--event-ttl", c.opts.eventTTL.String(),
+		"--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+		"--secure-port", strconv.Itoa(aport),
+		"--cert-dir", c.path("apiserver-certs"),
+		"--tls-cert-file", p("apiserver.crt"), "--tls-private-key-file", p("apiserver.key"),
+		"--client-ca-file", p("ca.crt"),
+		"--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
+		"--service-account-key-file", p("sa.pub"),
+		"--service-account-signing-key-file", p("sa.key"),
+		"--service-cluster-ip-range", "10.96.0.0/16",
+		"--authorization-mode", "Node,RBAC",
+		"--max-requests-inflight", "800", "--max-mutating-requests-inflight", "400",
+	}, c.opts.apiArgs...)...)
+	if err != nil {
+		return err
+	}
+	if err := waitFor(ctx, "kube-apiserver ready", 120*time.Second, func() error {
+		if !c.apiserver.running() {
+			return fmt.Errorf("kube-apiserver exited:\n%s", c.apiserver.tail(30))
+		}
+		_, err := httpsGet(c.pki, c.apiURL+"/readyz")
+		return err
+	}); err != nil {
+		return err
+	}
+	if c.config, err = clientcmd.BuildConfigFromFlags("", c.kubeconfig); err != nil {
+		return err
+	}
+	c.config.QPS, c.config.Burst = 500, 1000
+	if c.client, err = kubernetes.NewForConfig(c.config); err != nil {
+		return err
+	}
+	c.controllers, err = startProc(c.opts.dir, "kube-controller-manager", bin("kube-controller-manager"),
+		"--kubeconfig", c.kubeconfig,
+		"--authentication-kubeconfig", c.kubeconfig, "--authorization-kubeconfig", c.kubeconfig,
+		"--bind-address", "127.0.0.1", "--secure-port", strconv.Itoa(freePort()),
+		"--leader-elect=false",
+		"--service-account-private-key-file", p("sa.key"),
+		"--root-ca-file", p("ca.crt"),
+		"--cluster-signing-cert-file", p("ca.crt"),
+		"--use-service-account-credentials=false",
+		"--controllers", "*",
+		"--kube-api-qps", "200", "--kube-api-burst", "400",
+		"--concurrent-deployment-syncs", "20", "--concurrent-replicaset-syncs", "20",
+		"--concurrent-gc-syncs", "40",
+	)
+	if err != nil {
+		return err
+	}
+	c.scheduler, err = startProc(c.opts.dir, "kube-scheduler", bin("kube-scheduler"),
+		"--kubeconfig", c.kubeconfig,
+		"--authentication-kubeconfig", c.kubeconfig, "--authorization-kubeconfig", c.kubeconfig,
+		"--bind-address", "127.0.0.1", "--secure-port", strconv.Itoa(freePort()),
+		"--leader-elect=false",
+		"--kube-api-qps", "200", "--kube-api-burst", "400",
+	)
+	if err != nil {
+		return err
+	}
+	stages := c.path("kwok-stages.yaml")
+	if err := os.WriteFile(stages, kwokStages, 0o644); err != nil {
+		return err
+	}
+	c.kwok, err = startProc(c.opts.dir, "kwok", bin("kwok"),
+		"--kubeconfig", c.kubeconfig,
+		"--config", stages,
+		"--cidr", "10.128.0.0/10",
+		"--node-lease-duration-seconds", "40",
+		"--manage-all-nodes=false",
+		"--manage-nodes-with-annotation-selector", kwokAnnotation+"=fake",
+		"--server-address", "127.0.0.1:"+strconv.Itoa(freePort()),
+	)
+	return err
+}
+
+// stop ends every process, the apiserver's clients first.
+func (c *cluster) stop() {
+	for _, p := range []*proc{c.kwok, c.scheduler, c.controllers, c.apiserver, c.storage, c.postgres} {
+		p.stop()
+	}
+}

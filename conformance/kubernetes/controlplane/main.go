@@ -1,0 +1,148 @@
+// Command controlplane runs a real Kubernetes control plane on a storage
+// server and checks that it works: kube-apiserver (mutual TLS to the storage
+// server), kube-controller-manager, kube-scheduler and kwok simulating nodes.
+// The storage server is pgetcd, real etcd or kine (-backend).
+//
+// It creates the nodes, then checks namespaces, Deployments down to Running
+// pods, Services and EndpointSlices, ConfigMaps and Secrets, a CRD with custom
+// objects, watches (client-go and `kubectl get -w`), consistent lists served
+// from the watch cache, events that expire with their lease, cascading
+// deletion, compaction driven by kube-apiserver, and a restart of the storage
+// server under the running apiserver. It prints one line per check and a
+// closing "N passed, N failed" line, and exits 1 when a check failed.
+//
+// With -bench it runs the benchmark workload of bench.go instead.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+)
+
+func logf(format string, args ...any) {
+	fmt.Printf("%s "+format+"\n", append([]any{time.Now().Format("15:04:05")}, args...)...)
+}
+
+func main() {
+	var o options
+	var nodes int
+	var bench benchOptions
+	flag.StringVar(&o.backend, "backend", "pgetcd", "storage server: pgetcd, etcd or kine")
+	flag.StringVar(&o.dir, "dir", "", "working directory of the run (wiped first)")
+	flag.StringVar(&o.bin, "bin", "", "directory of kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok and kine")
+	flag.StringVar(&o.pgetcd, "pgetcd", "", "the pgetcd binary")
+	flag.StringVar(&o.etcd, "etcd", "", "the etcd binary")
+	flag.StringVar(&o.testPG, "test-postgres", "", "the pgetcd-test-postgres binary (kine's Postgres)")
+	flag.DurationVar(&o.compaction, "compaction-interval", 15*time.Second, "kube-apiserver --etcd-compaction-interval")
+	flag.DurationVar(&o.eventTTL, "event-ttl", 15*time.Second, "kube-apiserver --event-ttl")
+	flag.IntVar(&nodes, "nodes", 1000, "kwok nodes to create")
+	flag.BoolVar(&bench.enabled, "bench", false, "run the benchmark workload instead of the checks")
+	flag.IntVar(&bench.namespaces, "bench-namespaces", 20, "cluster-density namespaces")
+	flag.IntVar(&bench.podsPerNode, "bench-pods-per-node", 10, "node-density pods per kwok node")
+	flag.IntVar(&bench.listObjects, "bench-list-objects", 10000, "objects of one resource for the LIST latency phase")
+	flag.StringVar(&bench.report, "bench-report", "", "where the benchmark writes its JSON report")
+	flag.IntVar(&bench.listRounds, "bench-list-rounds", 30, "LISTs timed in the LIST phase, full and paged each")
+	flag.Parse()
+	if bench.enabled {
+		// LISTs of the benchmark's PodTemplates go to storage, not the watch cache.
+		o.apiArgs = append(o.apiArgs, "--watch-cache-sizes=podtemplates#0")
+	}
+	for name, v := range map[string]string{"-dir": o.dir, "-bin": o.bin} {
+		if v == "" {
+			fmt.Fprintf(os.Stderr, "%s is required\n", name)
+			os.Exit(2)
+		}
+	}
+	var err error
+	if o.dir, err = filepath.Abs(o.dir); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer cancel()
+
+	logf("starting the control plane on %s in %s", o.backend, o.dir)
+	c, err := startCluster(ctx, o)
+	if err != nil {
+		fmt.Printf("control plane did not start: %v\n0 passed, 1 failed\n", err)
+		os.Exit(1)
+	}
+	defer c.stop()
+	logf("kube-apiserver at %s on %s at %s", c.apiURL, o.backend, c.storageURL)
+
+	if bench.enabled {
+		if err := c.runBench(ctx, nodes, bench); err != nil {
+			fmt.Printf("benchmark failed: %v\n", err)
+			c.stop()
+			os.Exit(1)
+		}
+		return
+	}
+	if !runChecks(ctx, c, nodes) {
+		c.stop()
+		os.Exit(1)
+	}
+}
+
+// runChecks runs every check in order and reports whether all passed. A
+// failed check does not stop the ones after it unless they depend on it.
+func runChecks(ctx context.Context, c *cluster, nodes int) bool {
+	passed, failed := 0, 0
+	run := func(name string, f func() error) bool {
+		t0 := time.Now()
+		err := f()
+		if err != nil {
+			failed++
+			logf("FAIL %-28s %s: %v", name, time.Since(t0).Round(time.Millisecond), err)
+			return false
+		}
+		passed++
+		logf("ok   %-28s %s", name, time.Since(t0).Round(time.Millisecond))
+		return true
+	}
+	skip := func(name, why string) {
+		failed++
+		logf("FAIL %-28s skipped: %s", name, why)
+	}
+	run(fmt.Sprintf("%d kwok nodes Ready", nodes), func() error { return c.checkNodes(ctx, nodes) })
+	if run("namespace", func() error { return c.checkNamespace(ctx) }) {
+		deployed := run("deployment to running pods", func() error { return c.checkDeployment(ctx) })
+		if deployed {
+			run("service and endpointslice", func() error { return c.checkService(ctx) })
+		} else {
+			skip("service and endpointslice", "no running pods")
+		}
+		run("configmaps and secrets", func() error { return c.checkConfigMapsAndSecrets(ctx) })
+		run("crd and custom objects", func() error { return c.checkCRD(ctx) })
+		kw, err := c.startKubectlWatch(ctx)
+		if err != nil {
+			skip("watches", err.Error())
+		} else {
+			defer func() { _ = kw.cmd.Process.Kill() }()
+			run("watches", func() error { return c.checkWatch(ctx, kw) })
+		}
+		run("consistent list from cache", func() error { return c.checkConsistentListFromCache(ctx) })
+		run("events expire with leases", func() error { return c.checkEventTTL(ctx) })
+		if deployed {
+			run("cascading deletion", func() error { return c.checkGarbageCollection(ctx) })
+		} else {
+			skip("cascading deletion", "no deployment")
+		}
+		run("compaction by kube-apiserver", func() error { return c.checkCompaction(ctx) })
+		if kw != nil {
+			run("storage restart", func() error { return c.checkStorageRestart(ctx, kw) })
+		} else {
+			skip("storage restart", "no kubectl watch")
+		}
+		run("watch cache consistent", func() error { return c.checkCacheConsistency(ctx) })
+	}
+	logf("controlplane on %s", c.opts.backend)
+	fmt.Printf("controlplane: %d passed, %d failed\n", passed, failed)
+	return failed == 0
+}
