@@ -400,6 +400,17 @@ func (w *kubectlWatch) saw(ctx context.Context, timeout time.Duration, words ...
 	})
 }
 
+// watchConfigMaps lists the harness's ConfigMaps and watches them from the
+// list's resourceVersion.
+func (c *cluster) watchConfigMaps(ctx context.Context) (watch.Interface, error) {
+	cms := c.client.CoreV1().ConfigMaps(harnessNS)
+	list, err := cms.List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, err
+	}
+	return cms.Watch(ctx, metav1.ListOptions{ResourceVersion: list.ResourceVersion})
+}
+
 func (c *cluster) checkWatch(ctx context.Context, kw *kubectlWatch) error {
 	// kubectl lists first, then watches: wait for its list (the ConfigMap
 	// "settings" exists), so what follows reaches it as watch events.
@@ -407,11 +418,7 @@ func (c *cluster) checkWatch(ctx context.Context, kw *kubectlWatch) error {
 		return err
 	}
 	cms := c.client.CoreV1().ConfigMaps(harnessNS)
-	list, err := cms.List(ctx, metav1.ListOptions{})
-	if err != nil {
-		return err
-	}
-	w, err := cms.Watch(ctx, metav1.ListOptions{ResourceVersion: list.ResourceVersion})
+	w, err := c.watchConfigMaps(ctx)
 	if err != nil {
 		return err
 	}
@@ -611,11 +618,7 @@ func (c *cluster) checkStorageRestart(ctx context.Context, kw *kubectlWatch) err
 		return err
 	}
 	cms := c.client.CoreV1().ConfigMaps(harnessNS)
-	list, err := cms.List(ctx, metav1.ListOptions{})
-	if err != nil {
-		return err
-	}
-	w, err := cms.Watch(ctx, metav1.ListOptions{ResourceVersion: list.ResourceVersion})
+	w, err := c.watchConfigMaps(ctx)
 	if err != nil {
 		return err
 	}

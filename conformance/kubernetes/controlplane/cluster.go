@@ -246,30 +246,30 @@ current-context: harness
 	if c.client, err = kubernetes.NewForConfig(c.config); err != nil {
 		return err
 	}
-	c.controllers, err = startProc(c.opts.dir, "kube-controller-manager", bin("kube-controller-manager"),
-		"--kubeconfig", c.kubeconfig,
-		"--authentication-kubeconfig", c.kubeconfig, "--authorization-kubeconfig", c.kubeconfig,
-		"--bind-address", "127.0.0.1", "--secure-port", strconv.Itoa(freePort()),
-		"--leader-elect=false",
+	// What the controller manager and the scheduler share: the admin
+	// kubeconfig, loopback serving, no leader election, a high client rate.
+	component := func(name string, args ...string) []string {
+		return append([]string{bin(name),
+			"--kubeconfig", c.kubeconfig,
+			"--authentication-kubeconfig", c.kubeconfig, "--authorization-kubeconfig", c.kubeconfig,
+			"--bind-address", "127.0.0.1", "--secure-port", strconv.Itoa(freePort()),
+			"--leader-elect=false",
+			"--kube-api-qps", "200", "--kube-api-burst", "400",
+		}, args...)
+	}
+	c.controllers, err = startProc(c.opts.dir, "kube-controller-manager", component("kube-controller-manager",
 		"--service-account-private-key-file", p("sa.key"),
 		"--root-ca-file", p("ca.crt"),
 		"--cluster-signing-cert-file", p("ca.crt"),
 		"--use-service-account-credentials=false",
 		"--controllers", "*",
-		"--kube-api-qps", "200", "--kube-api-burst", "400",
 		"--concurrent-deployment-syncs", "20", "--concurrent-replicaset-syncs", "20",
 		"--concurrent-gc-syncs", "40",
-	)
+	)...)
 	if err != nil {
 		return err
 	}
-	c.scheduler, err = startProc(c.opts.dir, "kube-scheduler", bin("kube-scheduler"),
-		"--kubeconfig", c.kubeconfig,
-		"--authentication-kubeconfig", c.kubeconfig, "--authorization-kubeconfig", c.kubeconfig,
-		"--bind-address", "127.0.0.1", "--secure-port", strconv.Itoa(freePort()),
-		"--leader-elect=false",
-		"--kube-api-qps", "200", "--kube-api-burst", "400",
-	)
+	c.scheduler, err = startProc(c.opts.dir, "kube-scheduler", component("kube-scheduler")...)
 	if err != nil {
 		return err
 	}
