@@ -225,7 +225,7 @@ func main() {
 // for the request latency p99s and for the job durations.
 func writePlots(dir string, backends []string, medians map[string]map[string]float64) error {
 	charts := map[string][]string{
-		"k8s-bench-latency-p99.svg": {"apiserver POST * p99", "apiserver PUT * p99", "apiserver PATCH * p99", "apiserver DELETE * p99", "apiserver LIST podtemplates p99", "client LIST full p99"},
+		"k8s-bench-latency-p99.svg": {"apiserver POST pods p99", "apiserver POST configmaps p99", "apiserver PUT * p99", "apiserver PATCH * p99", "apiserver DELETE * p99", "apiserver LIST pods p99", "apiserver LIST podtemplates p99", "client LIST full p99"},
 		"k8s-bench-jobs.svg":        {"job nodes", "job cluster-density", "job node-density", "job churn-1", "job churn-2", "job list-objects"},
 	}
 	colors := map[string]string{"etcd": "#4e79a7", "pgetcd": "#59a14f", "kine": "#e15759"}

@@ -27,7 +27,7 @@ type histQuantiles struct {
 // The series read, and the labels that make their keys.
 var histogramKeys = map[string][]string{
 	"apiserver_request_duration_seconds": {"verb", "resource"},
-	"etcd_request_duration_seconds":      {"operation", "type"},
+	"etcd_request_duration_seconds":      {"operation", "resource"},
 }
 
 func (c *cluster) apiHistograms() (histograms, error) {
