@@ -351,9 +351,10 @@ func (c *cluster) checkCRD(ctx context.Context) error {
 
 // kubectlWatch is `kubectl get configmaps -w` running in the background.
 type kubectlWatch struct {
-	cmd   *exec.Cmd
-	mu    sync.Mutex
-	lines []string
+	cmd    *exec.Cmd
+	mu     sync.Mutex
+	lines  []string
+	closed bool // kubectl closed its output (it exited)
 }
 
 func (c *cluster) startKubectlWatch(ctx context.Context) (*kubectlWatch, error) {
@@ -373,6 +374,9 @@ func (c *cluster) startKubectlWatch(ctx context.Context) (*kubectlWatch, error) 
 			w.lines = append(w.lines, sc.Text())
 			w.mu.Unlock()
 		}
+		w.mu.Lock()
+		w.closed = true
+		w.mu.Unlock()
 	}()
 	return w, nil
 }
@@ -393,8 +397,8 @@ func (w *kubectlWatch) saw(ctx context.Context, timeout time.Duration, words ...
 				return nil
 			}
 		}
-		if w.cmd.ProcessState != nil {
-			return fmt.Errorf("kubectl exited: %v", w.cmd.ProcessState)
+		if w.closed {
+			return fmt.Errorf("kubectl exited after printing %q", w.lines)
 		}
 		return fmt.Errorf("printed %q", w.lines)
 	})
