@@ -69,42 +69,9 @@ pub enum Error {
         /// The keyspace.
         schema: String,
     },
-    /// The keyspace's schema is newer than this build understands.
-    #[error(
-        "keyspace {schema:?} has schema version {found}, newer than this pgetcd build supports ({supported}); upgrade pgetcd"
-    )]
-    SchemaTooNew {
-        /// The keyspace.
-        schema: String,
-        /// Version found in `meta`.
-        found: i32,
-        /// Version this build writes.
-        supported: i32,
-    },
-    /// The Postgres server is not configured as pgetcd needs.
-    #[error("PostgreSQL is misconfigured: {0}")]
-    Misconfigured(String),
-    /// Postgres failed.
-    #[error("postgres: {context}")]
-    Postgres {
-        /// What we were doing.
-        context: &'static str,
-        /// The cause.
-        #[source]
-        source: tokio_postgres::Error,
-    },
-    /// Getting a connection from the read pool failed.
-    #[error("postgres connection pool: {0}")]
-    Pool(String),
-    /// Bad configuration.
+    /// The store failed (Postgres unreachable, misconfigured, schema too new, ...).
     #[error(transparent)]
-    Layout(#[from] pgetcd_partitioning::LayoutError),
-}
-
-impl Error {
-    pub(crate) fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
-        move |source| Error::Postgres { context, source }
-    }
+    Storage(#[from] pgetcd_storage::StoreError),
 }
 
 /// Result of an engine operation.

@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use pgetcd_proto::mvccpb::{Event, KeyValue, event::EventType};
+use pgetcd_storage::{ChangeFeed, FeedPrepared};
 
 use crate::Engine;
 use crate::error::{Error, Result};
@@ -185,19 +186,23 @@ impl Engine {
         Ok(())
     }
 
-    /// The Postgres connection settings with their TLS connector (for the WAL stream,
-    /// so that it honours the same `sslmode` and certificates).
-    pub fn postgres_config(&self) -> crate::PgConnect {
-        self.core.store.target().clone()
-    }
-
-    /// The keyspace (Postgres schema).
+    /// The keyspace's name.
     pub fn keyspace(&self) -> &str {
-        self.core.store.layout().schema()
+        self.core.store.keyspace()
     }
 
-    /// A new plain connection to the keyspace's database.
-    pub async fn admin_connection(&self) -> Result<tokio_postgres::Client> {
-        self.core.store.connect().await
+    /// Makes sure the store's change feed exists (call before serving writes).
+    pub async fn prepare_feed(&self) -> Result<FeedPrepared> {
+        Ok(self.core.store.prepare_feed().await?)
+    }
+
+    /// Opens the store's change feed after its last confirmed position.
+    pub async fn open_feed(&self) -> Result<Box<dyn ChangeFeed>> {
+        Ok(self.core.store.open_feed().await?)
+    }
+
+    /// Bytes of history the store keeps for the feed's unconfirmed part, when known.
+    pub async fn feed_retained_bytes(&self) -> Result<Option<i64>> {
+        Ok(self.core.store.feed_retained_bytes().await?)
     }
 }

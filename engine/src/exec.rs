@@ -20,21 +20,11 @@ use pgetcd_proto::etcdserverpb::{
 };
 use pgetcd_proto::mvccpb::KeyValue;
 
-use crate::State as Shared;
 use crate::error::{Error, Result};
 use crate::index::{KeyRange, Version, Visible};
+use crate::state::State as Shared;
 
-/// One row change made by a write: the version appended for `key`.
-#[derive(Debug, Clone)]
-pub struct Change {
-    /// The key.
-    pub key: Bytes,
-    /// The new version (a tombstone for deletes).
-    pub version: Version,
-    /// The key's live version just before this change (None: absent or deleted); its
-    /// value may have been evicted. Saves the lease table and the watch feed a lookup.
-    pub prev: Option<Version>,
-}
+pub use pgetcd_storage::Change;
 
 /// Which branches a txn and its nested txns take, decided before any op runs.
 #[derive(Debug)]

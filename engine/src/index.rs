@@ -24,41 +24,8 @@ use crossbeam_skiplist::SkipMap;
 use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
 
-/// One version of a key: a put (`version >= 1`) or a tombstone (`version == 0`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Version {
-    /// Main revision of the change.
-    pub mod_revision: i64,
-    /// Sub-revision inside the main revision.
-    pub sub: u32,
-    /// Revision of the key's (re)creation; 0 for tombstones.
-    pub create_revision: i64,
-    /// 1 on create, +1 per put; 0 marks a tombstone.
-    pub version: i64,
-    /// Attached lease, 0 for none.
-    pub lease: i64,
-    /// The value, `None` when evicted from the cache (or a tombstone).
-    pub value: Option<Bytes>,
-}
-
-impl Version {
-    /// A tombstone; its revision is set when it is appended.
-    pub fn tombstone() -> Version {
-        Version {
-            mod_revision: 0,
-            sub: 0,
-            create_revision: 0,
-            version: 0,
-            lease: 0,
-            value: None,
-        }
-    }
-
-    /// Whether this version deletes the key.
-    pub fn is_tombstone(&self) -> bool {
-        self.version == 0
-    }
-}
+use pgetcd_storage::CompactionPlan;
+pub use pgetcd_storage::{Pruned, Version};
 
 /// A key's value as visible at some revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,18 +140,6 @@ struct CacheEntry {
     mod_revision: i64,
     sub: u32,
     len: usize,
-}
-
-/// What compaction removed and kept, for the physical step in Postgres.
-#[derive(Debug, Default)]
-pub struct Pruned {
-    /// (revision, sub) of removed versions below `retained_below`.
-    pub removed_retained: Vec<(i64, u32)>,
-    /// (revision, sub) of surviving versions at or below the compact revision that are
-    /// in partitions about to be dropped: they must be copied to `history_retained`.
-    pub to_retain: Vec<(i64, u32)>,
-    /// Keys removed from the index altogether.
-    pub keys_removed: usize,
 }
 
 /// Counts of key ranges at fixed revisions, remembered for the next page of a
@@ -650,22 +605,22 @@ impl Index {
         }
     }
 
-    /// Drops versions made unreachable by compacting at `compact`: every version at or
-    /// below it except each key's newest one, and that one too when it is a tombstone.
-    /// Versions below `retained_below` live in `history_retained`; survivors at or below
-    /// `drop_below` sit in partitions about to be dropped. Does at most `max_keys` keys,
+    /// Drops versions made unreachable by compacting at the plan's revision: every
+    /// version at or below it except each key's newest one, and that one too when it is
+    /// a tombstone. Lists what the store asked for in `plan`: removed versions below
+    /// `list_removed_below`, survivors in `list_survivors`. Does at most `max_keys` keys,
     /// from key `from` (None: the first key) on, adding to `pruned`, and returns the key
     /// to go on from, or None when the index is done. Keys written between slices need
-    /// nothing: their new versions are above `compact` (writer only, between batches).
+    /// nothing: their new versions are above the compact revision (writer only, between
+    /// batches).
     pub fn compact_slice(
         &self,
-        compact: i64,
-        retained_below: i64,
-        drop_below: i64,
+        plan: &CompactionPlan,
         from: Option<&[u8]>,
         max_keys: usize,
         pruned: &mut Pruned,
     ) -> Option<Box<[u8]>> {
+        let compact = plan.revision;
         let lower = from.map_or(Bound::Unbounded, Bound::Included);
         let keys = self.map.range::<[u8], _>((lower, Bound::Unbounded));
         for (done, entry) in keys.enumerate() {
@@ -685,14 +640,14 @@ impl Index {
                     upto - 1
                 };
                 for v in &versions[..cut] {
-                    if v.mod_revision < retained_below {
-                        pruned.removed_retained.push((v.mod_revision, v.sub));
+                    if v.mod_revision < plan.list_removed_below {
+                        pruned.removed.push((v.mod_revision, v.sub));
                     }
                 }
                 if cut < upto {
                     let kept = &versions[upto - 1];
-                    if kept.mod_revision >= retained_below && kept.mod_revision < drop_below {
-                        pruned.to_retain.push((kept.mod_revision, kept.sub));
+                    if plan.list_survivors.contains(&kept.mod_revision) {
+                        pruned.survivors.push((kept.mod_revision, kept.sub));
                     }
                 }
                 versions.drain(..cut);
@@ -884,14 +839,13 @@ pub(crate) mod tests {
     /// The whole index in one slice.
     fn compact(ix: &Index, compact: i64, retained_below: i64, drop_below: i64) -> Pruned {
         let mut pruned = Pruned::default();
-        let rest = ix.compact_slice(
-            compact,
-            retained_below,
-            drop_below,
-            None,
-            usize::MAX,
-            &mut pruned,
-        );
+        let plan = CompactionPlan {
+            revision: compact,
+            list_removed_below: retained_below,
+            list_survivors: retained_below..drop_below,
+            segments: Vec::new(),
+        };
+        let rest = ix.compact_slice(&plan, None, usize::MAX, &mut pruned);
         assert!(rest.is_none());
         pruned
     }
@@ -908,8 +862,8 @@ pub(crate) mod tests {
         assert_eq!(ix.key_count(), 1);
         assert_eq!(pruned.keys_removed, 1);
         assert_eq!(ix.get(b"a", 5).unwrap().version.version, 2);
-        assert_eq!(pruned.to_retain, vec![(3, 0)]);
-        assert!(pruned.removed_retained.is_empty());
+        assert_eq!(pruned.survivors, vec![(3, 0)]);
+        assert!(pruned.removed.is_empty());
     }
 
     #[test]
@@ -940,7 +894,13 @@ pub(crate) mod tests {
         let mut from = None;
         let mut slices = 0;
         loop {
-            from = sliced.compact_slice(10, 3, 8, from.as_deref(), 7, &mut pruned);
+            let plan = CompactionPlan {
+                revision: 10,
+                list_removed_below: 3,
+                list_survivors: 3..8,
+                segments: Vec::new(),
+            };
+            from = sliced.compact_slice(&plan, from.as_deref(), 7, &mut pruned);
             slices += 1;
             // A write between slices, to a key already pruned and one not yet reached:
             // versions above the compact revision are never touched.
@@ -951,8 +911,8 @@ pub(crate) mod tests {
             }
         }
         assert_eq!(slices, 6, "40 keys in slices of 7");
-        assert_eq!(pruned.to_retain, expected.to_retain);
-        assert_eq!(pruned.removed_retained, expected.removed_retained);
+        assert_eq!(pruned.survivors, expected.survivors);
+        assert_eq!(pruned.removed, expected.removed);
         // k39 ends in a tombstone at 9, so one pass removes it; here writes between
         // slices gave it versions above 10 before its slice came, so it stays.
         assert_eq!(pruned.keys_removed, expected.keys_removed - 1);

@@ -15,8 +15,8 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use crate::exec::Change;
 use crate::index::{Index, KeyRange};
+use pgetcd_storage::Change;
 
 /// etcd's minimum lease TTL in seconds (with default election settings).
 pub const MIN_LEASE_TTL: i64 = 2;

@@ -97,7 +97,7 @@ pub struct Config {
     #[arg(
         long,
         env = "PGETCD_HISTORY_PARTITION_REVISIONS",
-        default_value_t = pgetcd_engine::DEFAULT_PARTITION_REVISIONS
+        default_value_t = pgetcd_storage_postgres::DEFAULT_PARTITION_REVISIONS
     )]
     pub history_partition_revisions: i64,
 

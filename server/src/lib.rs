@@ -32,6 +32,7 @@ use pgetcd_proto::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
     lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
+use pgetcd_storage_postgres::{PgStore, PgStoreConfig};
 use std::sync::Arc;
 use thiserror::Error;
 
@@ -156,21 +157,29 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
             (Some(pg), url)
         }
     };
-    let engine = Engine::open(EngineConfig {
-        postgres_url: url,
+    let store = PgStore::new(&PgStoreConfig {
+        url,
         schema: config.keyspace.clone(),
         partition_revisions: config.history_partition_revisions,
-        cache_bytes: config.cache_bytes,
-        max_request_bytes: config.max_request_bytes,
-        max_txn_ops: config.max_txn_ops,
-        max_batch: config.max_batch,
         read_pool_size: config.read_pool_size,
-        quota_backend_bytes: config.quota_backend_bytes,
     })
+    .map_err(pgetcd_engine::Error::from)?;
+    let engine = Engine::open(
+        EngineConfig {
+            cache_bytes: config.cache_bytes,
+            max_request_bytes: config.max_request_bytes,
+            max_txn_ops: config.max_txn_ops,
+            max_batch: config.max_batch,
+            quota_backend_bytes: config.quota_backend_bytes,
+            ..EngineConfig::default()
+        },
+        Arc::new(store),
+    )
     .await?;
-    watch_feed::prepare(&engine)
+    engine
+        .prepare_feed()
         .await
-        .map_err(ServerError::Start)?;
+        .map_err(|e| ServerError::Start(format!("preparing the change feed: {e}")))?;
     let hub = pgetcd_watchbus::Hub::start(
         pgetcd_watchbus::HubConfig {
             ring_capacity: config.watch_ring_capacity,

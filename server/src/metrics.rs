@@ -527,7 +527,8 @@ async fn engine_series(out: &mut Out, src: &Sources) {
         "Failed attempts at a compaction's Postgres work (each is retried).",
         &em.compaction_retries,
     );
-    let (size, idle, max, waiting) = engine.pool_status();
+    let pool = engine.pool_status();
+    let (size, idle, max, waiting) = (pool.open, pool.idle, pool.max, pool.waiting);
     out.gauge(
         "pgetcd_postgres_read_pool_connections",
         "Connections open in the read pool.",
@@ -554,12 +555,10 @@ async fn engine_series(out: &mut Out, src: &Sources) {
         "Leases granted and not yet revoked or expired.",
         leases as f64,
     );
-    let lag = match engine.pooled_connection().await {
-        Ok(client) => pgetcd_wal::retained_bytes(&client, &src.keyspace)
-            .await
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
+    let lag = engine
+        .feed_retained_bytes()
+        .await
+        .map_err(|e| e.to_string());
     match lag {
         Ok(Some(lag)) => out.gauge(
             "pgetcd_replication_lag_bytes",

@@ -1,7 +1,7 @@
 //! The one mapping from engine errors to gRPC statuses, with etcd's exact codes and
 //! messages (clients such as kube-apiserver match the messages byte for byte).
 
-use pgetcd_engine::Error;
+use pgetcd_engine::{Error, StoreError};
 use tonic::{Code, Status};
 
 /// etcd's code and message for an engine error.
@@ -40,14 +40,17 @@ pub fn code_and_message(e: &Error) -> (Code, String) {
         Error::Timeout => etcd(Code::Unavailable, "etcdserver: request timed out"),
         Error::Stopped => etcd(Code::Unavailable, "etcdserver: server stopped"),
         Error::Fenced { .. } => etcd(Code::Unavailable, "etcdserver: not leader"),
-        Error::Postgres { .. } | Error::Pool(_) => (
-            Code::Unavailable,
-            format!("pgetcd: postgres unavailable: {e}"),
-        ),
+        Error::Storage(s) => match s {
+            StoreError::Fenced(_) => etcd(Code::Unavailable, "etcdserver: not leader"),
+            StoreError::Misconfigured(_) | StoreError::SchemaTooNew { .. } => {
+                (Code::FailedPrecondition, format!("pgetcd: {e}"))
+            }
+            StoreError::Determinate { .. } | StoreError::Indeterminate { .. } => (
+                Code::Unavailable,
+                format!("pgetcd: postgres unavailable: {e}"),
+            ),
+        },
         Error::MissingValue { .. } => (Code::Internal, format!("pgetcd: {e}")),
-        Error::SchemaTooNew { .. } | Error::Misconfigured(_) | Error::Layout(_) => {
-            (Code::FailedPrecondition, format!("pgetcd: {e}"))
-        }
     }
 }
 

@@ -20,33 +20,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pgetcd_engine::{Engine, event_of, index::Version, kv_of};
-use pgetcd_wal::{WalError, WalStream, drop_slot, ensure_slot};
+use pgetcd_engine::{Engine, StoreError, event_of, index::Version, kv_of};
 use pgetcd_watchbus::{Batch, Hub};
 use tokio::sync::watch;
 use tracing::{info, warn};
-
-/// Creates the slot and publication when missing (call before serving writes).
-pub async fn prepare(engine: &Engine) -> Result<(), String> {
-    let client = engine
-        .admin_connection()
-        .await
-        .map_err(|e| format!("connecting for replication set-up: {e}"))?;
-    match ensure_slot(&client, engine.keyspace()).await {
-        Ok(_) => Ok(()),
-        Err(WalError::SlotLost(slot)) => {
-            warn!(%slot, "replication slot lost WAL; recreating it");
-            drop_slot(&client, engine.keyspace())
-                .await
-                .map_err(|e| e.to_string())?;
-            ensure_slot(&client, engine.keyspace())
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        }
-        Err(e) => Err(e.to_string()),
-    }
-}
 
 /// Where watch events come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -100,8 +77,8 @@ pub async fn run(
                     warn!(error = %e, "watch feed stream failed; reconnecting");
                     // The slot may have been dropped or lost its WAL: make sure it
                     // exists again (the gap, if any, is filled from the index).
-                    if let Err(e) = prepare(&engine).await {
-                        warn!(error = %e, "checking the replication slot");
+                    if let Err(e) = engine.prepare_feed().await {
+                        warn!(error = %e, "checking the change feed");
                     }
                 }
             }
@@ -115,9 +92,13 @@ pub async fn run(
     }
 }
 
-/// One replication connection's life: stream, apply, confirm, until an error.
-async fn stream_session(engine: &Engine, hub: &Hub, last: &Published) -> Result<(), WalError> {
-    let mut stream = WalStream::start(&engine.postgres_config(), engine.keyspace()).await?;
+/// One change feed connection's life: stream, apply, confirm, until an error.
+async fn stream_session(engine: &Engine, hub: &Hub, last: &Published) -> Result<(), String> {
+    let fail = |e: pgetcd_engine::Error| match e {
+        pgetcd_engine::Error::Storage(s) => s.with_causes(),
+        e => e.to_string(),
+    };
+    let mut stream = engine.open_feed().await.map_err(fail)?;
     let from = *last.lock().await;
     info!(
         keyspace = engine.keyspace(),
@@ -125,25 +106,17 @@ async fn stream_session(engine: &Engine, hub: &Hub, last: &Published) -> Result<
         "watch feed streaming"
     );
     loop {
-        let commit = stream.next().await?;
-        let end_lsn = commit.end_lsn;
+        let commit = stream
+            .next()
+            .await
+            .map_err(|e: StoreError| e.with_causes())?;
         let changes = commit
-            .rows
+            .changes
             .into_iter()
-            .map(|r| {
-                let version = Version {
-                    mod_revision: r.revision,
-                    sub: r.sub,
-                    create_revision: r.create_revision,
-                    version: r.version,
-                    lease: r.lease,
-                    value: (r.kind == 0).then(|| r.value.clone()),
-                };
-                (r.key, version, Prev::Unknown)
-            })
+            .map(|(key, version)| (key, version, Prev::Unknown))
             .collect();
         publish(engine, hub, &mut *last.lock().await, changes).await;
-        stream.confirm(end_lsn);
+        stream.confirm(commit.position);
     }
 }
 

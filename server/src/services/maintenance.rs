@@ -92,7 +92,7 @@ impl Maintenance for MaintenanceService {
         &self,
         _req: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
-        self.engine.vacuum().await.map_err(to_status)?;
+        self.engine.defragment().await.map_err(to_status)?;
         Ok(Response::new(DefragmentResponse {
             header: Some(self.engine.header()),
         }))

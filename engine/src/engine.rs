@@ -1,0 +1,282 @@
+//! The engine's handle: opening a keyspace, response headers, figures, alarms and
+//! maintenance. Requests are in `kv.rs` and `lease_requests.rs`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+use pgetcd_proto::etcdserverpb::ResponseHeader;
+use pgetcd_storage::{PoolStatus, Store};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{EngineConfig, REQUEST_ENVELOPE_BYTES};
+use crate::error::{Error, Result};
+use crate::lease::LeaseTable;
+use crate::metrics::EngineMetrics;
+use crate::state::{Committed, Core};
+use crate::writer::{Job, Op, Reply, Writer};
+use crate::{hash, index, tasks};
+
+/// A running engine for one keyspace. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) core: Arc<Core>,
+    pub(crate) jobs: mpsc::Sender<Job>,
+}
+
+/// Point-in-time figures for Status and metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    /// Current (published) revision.
+    pub revision: i64,
+    /// Compact revision (-1 before the first compaction).
+    pub compact_revision: i64,
+    /// Keys in the index (live or with retained history).
+    pub index_keys: usize,
+    /// Bytes of cached values.
+    pub cached_bytes: usize,
+}
+
+impl Engine {
+    /// Sets up the keyspace in `store` (creating or checking its schema), takes it for
+    /// writing (raising the fencing epoch, so any earlier writer is fenced), loads the
+    /// index and starts the writer and the engine's background tasks.
+    pub async fn open(config: EngineConfig, store: Arc<dyn Store>) -> Result<Engine> {
+        store.setup().await?;
+        let (fence, meta) = store.fence().await?;
+        let leases = Arc::new(LeaseTable::default());
+        let metrics = Arc::new(EngineMetrics::default());
+        let state =
+            Core::load_state(&store, config.cache_bytes, leases.clone(), metrics.clone()).await?;
+        let core = Arc::new(Core {
+            state: RwLock::new(Arc::new(state)),
+            store,
+            cluster_id: meta.cluster_id,
+            member_id: meta.member_id,
+            raft_term: fence.epoch as u64,
+            config: config.clone(),
+            writer_failed: AtomicBool::new(false),
+            leases,
+            nospace: AtomicBool::new(false),
+            metrics,
+            commit_times: Mutex::new(VecDeque::new()),
+            commits: Mutex::new(None),
+            handoff_skipped: AtomicU64::new(0),
+        });
+        let (jobs, rx) = mpsc::channel(config.max_batch * 4);
+        let writer = Writer::new(core.clone(), rx, fence);
+        tokio::spawn(writer.run());
+        let engine = Engine { core, jobs };
+        tokio::spawn(tasks::expire_leases(
+            engine.core.leases.clone(),
+            engine.jobs.downgrade(),
+        ));
+        if config.quota_backend_bytes > 0 {
+            tokio::spawn(tasks::watch_quota(Arc::downgrade(&engine.core)));
+        }
+        Ok(engine)
+    }
+
+    /// Fills the header's ids and term (and revision when unset), like etcd's
+    /// header filler.
+    pub fn fill_header(&self, header: &mut Option<ResponseHeader>) {
+        let h = header.get_or_insert_with(Default::default);
+        h.cluster_id = self.core.cluster_id;
+        h.member_id = self.core.member_id;
+        h.raft_term = self.core.raft_term;
+        if h.revision == 0 {
+            h.revision = self.core.state().published();
+        }
+    }
+
+    /// A header for responses that are not produced by the engine.
+    pub fn header(&self) -> ResponseHeader {
+        let mut h = None;
+        self.fill_header(&mut h);
+        h.unwrap_or_default()
+    }
+
+    /// etcd cluster id of this keyspace.
+    pub fn cluster_id(&self) -> u64 {
+        self.core.cluster_id
+    }
+
+    /// etcd member id of this server.
+    pub fn member_id(&self) -> u64 {
+        self.core.member_id
+    }
+
+    /// Raft term stand-in: the leader epoch of this instance.
+    pub fn raft_term(&self) -> u64 {
+        self.core.raft_term
+    }
+
+    /// Current figures.
+    pub fn stats(&self) -> Stats {
+        let st = self.core.state();
+        Stats {
+            revision: st.published(),
+            compact_revision: st.compact(),
+            index_keys: st.index.key_count(),
+            cached_bytes: st.index.cached_bytes(),
+        }
+    }
+
+    /// `--quota-backend-bytes` (0: none).
+    pub fn quota_backend_bytes(&self) -> i64 {
+        self.core.config.quota_backend_bytes
+    }
+
+    /// Committed batches from now on, straight from the writer (replaces an earlier
+    /// subscriber). Batches that changed no revision are not sent.
+    ///
+    /// The queue holds `commit_handoff` batches. The writer never waits for it: a batch
+    /// that finds it full is not handed over (counted by [`Engine::handoff_skipped`]), so
+    /// the subscriber sees a gap before the next batch it gets and must fill it from the
+    /// index ([`Engine::events_between`]) or the store's change feed.
+    pub fn subscribe_commits(&self) -> mpsc::Receiver<Committed> {
+        let (tx, rx) = mpsc::channel(self.core.config.commit_handoff.max(1));
+        *self.core.commits.lock() = Some(tx);
+        rx
+    }
+
+    /// Records, for every batch committed up to `revision`, the delay until its events
+    /// reached the watch bus (called by the watch feed after publishing).
+    pub fn note_published(&self, revision: i64) {
+        let now = std::time::Instant::now();
+        let mut times = self.core.commit_times.lock();
+        while let Some(&(rev, at)) = times.front() {
+            if rev > revision {
+                break;
+            }
+            times.pop_front();
+            self.core
+                .metrics
+                .publish_delay_seconds
+                .observe(now.duration_since(at).as_secs_f64());
+        }
+    }
+
+    /// The engine's counters and histograms.
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.core.metrics
+    }
+
+    /// Keys with a live version at the current revision (etcd's keys gauge); counts the
+    /// index, so it costs O(keys).
+    pub fn live_keys(&self) -> usize {
+        let st = self.core.state();
+        let all = index::KeyRange::Span {
+            start: bytes::Bytes::from_static(b"\0"),
+            end: None,
+        };
+        st.index.count(&all, st.published())
+    }
+
+    /// Whether the writer stopped for good (fenced by another instance).
+    pub fn writer_failed(&self) -> bool {
+        self.core.writer_failed.load(Ordering::Relaxed)
+    }
+
+    /// Whether the NOSPACE alarm is raised.
+    pub fn nospace(&self) -> bool {
+        self.core.nospace.load(Ordering::SeqCst)
+    }
+
+    /// Raises or clears the NOSPACE alarm (Alarm ACTIVATE / DEACTIVATE). A cleared
+    /// alarm is raised again at the next check while the keyspace is over quota.
+    pub fn set_nospace(&self, on: bool) {
+        self.core.nospace.store(on, Ordering::SeqCst);
+    }
+
+    pub(crate) fn check_space(&self) -> Result<()> {
+        if self.nospace() {
+            Err(Error::NoSpace)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Committed batches not handed to the watch feed because its queue was full.
+    pub fn handoff_skipped(&self) -> u64 {
+        self.core.handoff_skipped.load(Ordering::Relaxed)
+    }
+
+    /// Size of the keyspace in its store.
+    pub async fn db_size(&self) -> Result<i64> {
+        Ok(self.core.store.size().await?)
+    }
+
+    /// Whether the store answers.
+    pub async fn ping(&self) -> Result<()> {
+        Ok(self.core.store.ping().await?)
+    }
+
+    /// etcd's HashKV at `revision` (0: current): (hash, current revision, compact
+    /// revision), bit-for-bit what etcd computes for the same history (see `hash.rs`).
+    pub async fn hash_kv(&self, revision: i64) -> Result<(u32, i64, i64)> {
+        let st = self.core.state();
+        let current = st.published();
+        let compact = st.compact();
+        if revision > 0 && revision <= compact {
+            return Err(Error::Compacted);
+        }
+        if revision > current {
+            return Err(Error::FutureRevision);
+        }
+        let at = if revision == 0 { current } else { revision };
+        let mut keys: Vec<(bytes::Bytes, Vec<index::Version>)> = Vec::new();
+        st.index.for_each_key(|k, versions| {
+            keys.push((bytes::Bytes::copy_from_slice(k), versions.to_vec()))
+        });
+        let mut items = hash::select(keys.iter().map(|(k, v)| (k, v.as_slice())), at, compact);
+        drop(keys);
+        const CHUNK: usize = 4096;
+        let missing: Vec<usize> = (0..items.len())
+            .filter(|&i| items[i].version.value.is_none() && !items[i].version.is_tombstone())
+            .collect();
+        for chunk in missing.chunks(CHUNK) {
+            let ids: Vec<(i64, u32)> = chunk
+                .iter()
+                .map(|&i| (items[i].version.mod_revision, items[i].version.sub))
+                .collect();
+            let got = self.core.store.values(&ids).await?;
+            for (&i, id) in chunk.iter().zip(&ids) {
+                match got.get(id) {
+                    Some(v) => items[i].version.value = Some(v.clone()),
+                    // Compaction removed it while the hash ran.
+                    None => return Err(Error::Compacted),
+                }
+            }
+        }
+        Ok((hash::hash(&items)?, current, compact))
+    }
+
+    /// Makes freed space reusable (Maintenance.Defragment; VACUUM on Postgres).
+    pub async fn defragment(&self) -> Result<()> {
+        Ok(self.core.store.defragment().await?)
+    }
+
+    /// The store's read pool figures.
+    pub fn pool_status(&self) -> PoolStatus {
+        self.core.store.pool_status()
+    }
+
+    pub(crate) fn check_size(&self, len: usize) -> Result<()> {
+        if len + REQUEST_ENVELOPE_BYTES > self.core.config.max_request_bytes {
+            Err(Error::RequestTooLarge)
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) async fn submit(&self, op: Op) -> Result<Reply> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job { op, reply })
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+}

@@ -1,0 +1,184 @@
+//! What the engine's request paths and its writer share: the published state (index,
+//! revisions, leases) and the core (store, ids, config, alarms, the hand-off to the
+//! watch feed).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use pgetcd_storage::{Change, Store};
+use tokio::sync::mpsc;
+use tracing::info;
+
+use crate::config::EngineConfig;
+use crate::error::{Error, Result};
+use crate::index::{Index, Visible};
+use crate::lease::LeaseTable;
+use crate::metrics::EngineMetrics;
+
+/// The index plus the revisions it is published at. Replaced whole when the writer
+/// reloads from the store.
+pub(crate) struct State {
+    pub(crate) index: Index,
+    pub(crate) published: AtomicI64,
+    pub(crate) compact: AtomicI64,
+    store: Arc<dyn Store>,
+    pub(crate) leases: Arc<LeaseTable>,
+    metrics: Arc<EngineMetrics>,
+}
+
+impl State {
+    pub(crate) fn published(&self) -> i64 {
+        self.published.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn compact(&self) -> i64 {
+        self.compact.load(Ordering::SeqCst)
+    }
+
+    /// Fails a read at `at` if compaction passed it while the read ran.
+    pub(crate) fn check_not_compacted(&self, at: i64) -> Result<()> {
+        if at < self.compact() {
+            Err(Error::Compacted)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether a lease exists (granted, including by an earlier request of the batch
+    /// being evaluated).
+    pub(crate) fn lease_exists(&self, id: i64) -> bool {
+        self.leases.exists(id)
+    }
+
+    /// Makes sure every entry of `kvs` has its value, reading misses from the store
+    /// (tombstones have none to read).
+    pub(crate) async fn fill_values(&self, kvs: &mut [Visible], at: i64) -> Result<()> {
+        let missing: Vec<usize> = (0..kvs.len())
+            .filter(|&i| kvs[i].version.value.is_none() && !kvs[i].version.is_tombstone())
+            .collect();
+        let hits = kvs.iter().filter(|kv| kv.version.value.is_some()).count();
+        EngineMetrics::inc(&self.metrics.cache_hits, hits as u64);
+        EngineMetrics::inc(&self.metrics.cache_misses, missing.len() as u64);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<(i64, u32)> = missing.iter().map(|&i| kvs[i].version.id()).collect();
+        let got = self.store.values(&ids).await?;
+        for (&i, id) in missing.iter().zip(ids.iter()) {
+            match got.get(id) {
+                Some(v) => {
+                    self.index.fill(&kvs[i].key, id.0, id.1, v);
+                    kvs[i].version.value = Some(v.clone());
+                }
+                None => {
+                    self.check_not_compacted(at)?;
+                    return Err(Error::MissingValue {
+                        revision: id.0,
+                        sub: id.1,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A batch the writer committed: its changes in revision order.
+#[derive(Debug)]
+pub struct Committed {
+    /// The newest revision of the batch.
+    pub last_revision: i64,
+    /// Every change, in (revision, sub) order.
+    pub changes: Vec<Change>,
+}
+
+/// What the engine and its writer share.
+pub(crate) struct Core {
+    pub(crate) state: RwLock<Arc<State>>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) cluster_id: u64,
+    pub(crate) member_id: u64,
+    pub(crate) raft_term: u64,
+    pub(crate) config: EngineConfig,
+    pub(crate) writer_failed: AtomicBool,
+    pub(crate) leases: Arc<LeaseTable>,
+    /// The NOSPACE alarm.
+    pub(crate) nospace: AtomicBool,
+    pub(crate) metrics: Arc<EngineMetrics>,
+    /// (last revision, commit time) of recent batches, until the watch feed publishes
+    /// them (for `publish_delay_seconds`).
+    pub(crate) commit_times: Mutex<VecDeque<(i64, Instant)>>,
+    /// Where the writer hands committed batches to the watch feed, if subscribed.
+    pub(crate) commits: Mutex<Option<mpsc::Sender<Committed>>>,
+    /// Batches not handed over because the feed's queue was full.
+    pub(crate) handoff_skipped: AtomicU64,
+}
+
+impl Core {
+    pub(crate) fn state(&self) -> Arc<State> {
+        self.state.read().clone()
+    }
+
+    /// The error of a request refused because another instance took the keyspace.
+    pub(crate) fn fenced(&self) -> Error {
+        Error::Fenced {
+            schema: self.store.keyspace().to_owned(),
+        }
+    }
+
+    /// Loads a fresh state from the store: the index (values cached while the budget
+    /// lasts), and the leases (each with its full TTL from now) with their keys.
+    pub(crate) async fn load_state(
+        store: &Arc<dyn Store>,
+        cache_bytes: usize,
+        leases: Arc<LeaseTable>,
+        metrics: Arc<EngineMetrics>,
+    ) -> Result<State> {
+        let index = Index::new(cache_bytes);
+        let mut budget = index.cache_budget();
+        let mut cached = Vec::new();
+        let loaded = store
+            .load(&mut |key: Bytes, mut version, value: Option<&[u8]>| {
+                if let Some(v) = value {
+                    if v.len() <= budget {
+                        budget -= v.len();
+                        cached.push((key.clone(), version.mod_revision, version.sub, v.len()));
+                        version.value = Some(Bytes::copy_from_slice(v));
+                    } else {
+                        budget = 0;
+                    }
+                }
+                index.load(key, version);
+            })
+            .await?;
+        index.note_cached(cached);
+        let meta = loaded.meta;
+        index.set_complete_upto(meta.revision);
+        for id in leases.ids() {
+            leases.remove(id);
+        }
+        for (id, ttl) in &loaded.leases {
+            leases.insert(*id, *ttl);
+        }
+        leases.rebuild_keys(&index, meta.revision);
+        info!(
+            rows = loaded.versions,
+            keys = index.key_count(),
+            revision = meta.revision,
+            compact_revision = meta.compact_revision,
+            "loaded index"
+        );
+        Ok(State {
+            index,
+            published: AtomicI64::new(meta.revision),
+            compact: AtomicI64::new(meta.compact_revision),
+            store: store.clone(),
+            leases,
+            metrics,
+        })
+    }
+}

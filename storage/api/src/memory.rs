@@ -1,0 +1,347 @@
+//! The reference [`Store`]: everything in a few maps behind one mutex. Each call is
+//! atomic, so a commit is all or nothing; the fence is the same compare-and-swap of
+//! epoch and previous revision the Postgres store does. The change feed keeps the
+//! commits not yet confirmed (bounded by what the consumer has not applied).
+//!
+//! Used by the engine's model tests, directly or under [`crate::faulty::FaultyStore`].
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::error::{Result, StoreError};
+use crate::model::{
+    Batch, CompactionPlan, FeedCommit, FeedPrepared, Fence, Loaded, Meta, PoolStatus, Pruned,
+    Resolution, Version, VersionId,
+};
+use crate::store::{ChangeFeed, LoadVisitor, Store};
+
+#[derive(Debug)]
+struct Inner {
+    meta: Option<Meta>,
+    /// Every retained version with its key.
+    history: BTreeMap<VersionId, (Bytes, Version)>,
+    leases: BTreeMap<i64, i64>,
+    /// Unconfirmed commits of the feed, oldest first.
+    feed: VecDeque<FeedCommit>,
+    /// Position of the last commit appended to the feed.
+    feed_head: u64,
+    /// Last confirmed position.
+    feed_confirmed: u64,
+}
+
+/// An in-memory keyspace. Cheap to clone (clones share the data).
+#[derive(Debug, Clone)]
+pub struct MemoryStore {
+    name: String,
+    inner: Arc<Mutex<Inner>>,
+    feed_grew: Arc<Notify>,
+}
+
+impl MemoryStore {
+    /// An empty, not yet set up keyspace.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            inner: Arc::new(Mutex::new(Inner {
+                meta: None,
+                history: BTreeMap::new(),
+                leases: BTreeMap::new(),
+                feed: VecDeque::new(),
+                feed_head: 0,
+                feed_confirmed: 0,
+            })),
+            feed_grew: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The meta record (None before set-up).
+    pub fn meta(&self) -> Option<Meta> {
+        self.inner.lock().meta
+    }
+
+    /// Every retained version, in (revision, sub) order.
+    pub fn history(&self) -> Vec<(Bytes, Version)> {
+        self.inner.lock().history.values().cloned().collect()
+    }
+
+    /// Granted leases.
+    pub fn leases(&self) -> BTreeMap<i64, i64> {
+        self.inner.lock().leases.clone()
+    }
+
+    /// Commits in the feed not yet confirmed.
+    pub fn feed_backlog(&self) -> usize {
+        self.inner.lock().feed.len()
+    }
+}
+
+fn not_set_up() -> StoreError {
+    StoreError::Misconfigured("keyspace not set up".into())
+}
+
+fn check(meta: &Meta, fence: &Fence, prev: i64) -> Result<()> {
+    if meta.leader_epoch != fence.epoch {
+        return Err(StoreError::Fenced(format!(
+            "leader epoch is {}, the writer holds {}",
+            meta.leader_epoch, fence.epoch
+        )));
+    }
+    if meta.revision != prev {
+        return Err(StoreError::Fenced(format!(
+            "revision is {}, the writer expected {prev}",
+            meta.revision
+        )));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn keyspace(&self) -> &str {
+        &self.name
+    }
+
+    async fn setup(&self) -> Result<Meta> {
+        let mut g = self.inner.lock();
+        let meta = g.meta.get_or_insert_with(|| Meta {
+            cluster_id: rand::random::<u64>() | 1,
+            member_id: rand::random::<u64>() | 1,
+            revision: 1,
+            compact_revision: -1,
+            leader_epoch: 0,
+        });
+        Ok(*meta)
+    }
+
+    async fn fence(&self) -> Result<(Fence, Meta)> {
+        let mut g = self.inner.lock();
+        let meta = g.meta.as_mut().ok_or_else(not_set_up)?;
+        meta.leader_epoch += 1;
+        Ok((
+            Fence {
+                epoch: meta.leader_epoch,
+            },
+            *meta,
+        ))
+    }
+
+    async fn load(&self, visit: &mut LoadVisitor<'_>) -> Result<Loaded> {
+        let (meta, leases, rows) = {
+            let g = self.inner.lock();
+            let meta = g.meta.ok_or_else(not_set_up)?;
+            let compact = meta.compact_revision;
+            let mut newest_at_or_below: BTreeMap<&Bytes, &Version> = BTreeMap::new();
+            let mut rows = Vec::new();
+            for (key, v) in g.history.values() {
+                if v.mod_revision > compact {
+                    rows.push((key.clone(), v.clone()));
+                } else {
+                    newest_at_or_below.insert(key, v);
+                }
+            }
+            let mut below: Vec<(Bytes, Version)> = newest_at_or_below
+                .into_iter()
+                .filter(|(_, v)| !v.is_tombstone())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            below.extend(rows);
+            let leases = g.leases.iter().map(|(&id, &ttl)| (id, ttl)).collect();
+            (meta, leases, below)
+        };
+        let versions = rows.len();
+        for (key, mut v) in rows {
+            let value = v.value.take();
+            visit(key, v, value.as_deref());
+        }
+        Ok(Loaded {
+            meta,
+            leases,
+            versions,
+        })
+    }
+
+    async fn commit(&self, fence: &Fence, batch: Batch<'_>) -> Result<()> {
+        let mut g = self.inner.lock();
+        let meta = g.meta.ok_or_else(not_set_up)?;
+        check(&meta, fence, batch.prev_revision)?;
+        if let Some(c) = batch
+            .changes
+            .iter()
+            .find(|c| g.history.contains_key(&c.version.id()))
+        {
+            return Err(StoreError::Misconfigured(format!(
+                "version {:?} written twice",
+                c.version.id()
+            )));
+        }
+        if let Some(m) = g.meta.as_mut() {
+            m.revision = batch.revision;
+        }
+        for c in batch.changes {
+            g.history
+                .insert(c.version.id(), (c.key.clone(), c.version.clone()));
+        }
+        let (ids, ttls, gone) = batch.leases.net();
+        for (id, ttl) in ids.into_iter().zip(ttls) {
+            g.leases.insert(id, ttl);
+        }
+        for id in gone {
+            g.leases.remove(&id);
+        }
+        if !batch.changes.is_empty() {
+            g.feed_head += 1;
+            let position = g.feed_head;
+            g.feed.push_back(FeedCommit {
+                position,
+                changes: batch
+                    .changes
+                    .iter()
+                    .map(|c| (c.key.clone(), c.version.clone()))
+                    .collect(),
+            });
+            drop(g);
+            self.feed_grew.notify_waiters();
+        }
+        Ok(())
+    }
+
+    async fn resolve(&self, fence: &Fence, batch: Batch<'_>) -> Result<Resolution> {
+        let g = self.inner.lock();
+        let meta = g.meta.ok_or_else(not_set_up)?;
+        let (prev, revision) = (batch.prev_revision, batch.revision);
+        if meta.leader_epoch != fence.epoch {
+            return Err(StoreError::Fenced("leader epoch moved".into()));
+        }
+        if batch.leases_only() && meta.revision == revision {
+            let granted: HashMap<i64, i64> = g.leases.iter().map(|(&k, &v)| (k, v)).collect();
+            return Ok(if batch.leases_applied(&granted) {
+                Resolution::Committed
+            } else {
+                Resolution::NotCommitted
+            });
+        }
+        if meta.revision == revision {
+            Ok(Resolution::Committed)
+        } else if meta.revision == prev {
+            Ok(Resolution::NotCommitted)
+        } else {
+            Err(StoreError::Fenced(format!(
+                "revision is {}, neither {prev} nor {revision}",
+                meta.revision
+            )))
+        }
+    }
+
+    async fn values(&self, ids: &[VersionId]) -> Result<HashMap<VersionId, Bytes>> {
+        let g = self.inner.lock();
+        Ok(ids
+            .iter()
+            .filter_map(|id| {
+                let (_, v) = g.history.get(id)?;
+                Some((*id, v.value.clone()?))
+            })
+            .collect())
+    }
+
+    async fn record_compaction(
+        &self,
+        fence: &Fence,
+        current: i64,
+        revision: i64,
+    ) -> Result<CompactionPlan> {
+        let mut g = self.inner.lock();
+        let meta = g.meta.as_mut().ok_or_else(not_set_up)?;
+        check(meta, fence, current)?;
+        meta.compact_revision = revision;
+        Ok(CompactionPlan {
+            revision,
+            list_removed_below: i64::MAX,
+            list_survivors: 0..0,
+            segments: Vec::new(),
+        })
+    }
+
+    async fn compact(&self, fence: &Fence, _plan: &CompactionPlan, pruned: &Pruned) -> Result<()> {
+        let mut g = self.inner.lock();
+        let meta = g.meta.ok_or_else(not_set_up)?;
+        if meta.leader_epoch != fence.epoch {
+            return Err(StoreError::Fenced("leader epoch moved".into()));
+        }
+        for id in &pruned.removed {
+            g.history.remove(id);
+        }
+        Ok(())
+    }
+
+    async fn size(&self) -> Result<i64> {
+        let g = self.inner.lock();
+        Ok(g.history
+            .values()
+            .map(|(k, v)| k.len() + v.value.as_ref().map_or(0, |b| b.len()) + 40)
+            .sum::<usize>() as i64)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn defragment(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn pool_status(&self) -> PoolStatus {
+        PoolStatus::default()
+    }
+
+    async fn prepare_feed(&self) -> Result<FeedPrepared> {
+        Ok(FeedPrepared::Existing)
+    }
+
+    async fn open_feed(&self) -> Result<Box<dyn ChangeFeed>> {
+        let next = self.inner.lock().feed_confirmed + 1;
+        Ok(Box::new(MemoryFeed {
+            store: self.clone(),
+            next,
+        }))
+    }
+
+    async fn feed_retained_bytes(&self) -> Result<Option<i64>> {
+        Ok(Some(self.feed_backlog() as i64))
+    }
+}
+
+/// A reader of the in-memory feed.
+struct MemoryFeed {
+    store: MemoryStore,
+    next: u64,
+}
+
+#[async_trait]
+impl ChangeFeed for MemoryFeed {
+    async fn next(&mut self) -> Result<FeedCommit> {
+        loop {
+            let grew = self.store.feed_grew.notified();
+            {
+                let g = self.store.inner.lock();
+                if let Some(c) = g.feed.iter().find(|c| c.position >= self.next) {
+                    self.next = c.position + 1;
+                    return Ok(c.clone());
+                }
+            }
+            grew.await;
+        }
+    }
+
+    fn confirm(&mut self, position: u64) {
+        let mut g = self.store.inner.lock();
+        g.feed_confirmed = g.feed_confirmed.max(position);
+        while g.feed.front().is_some_and(|c| c.position <= position) {
+            g.feed.pop_front();
+        }
+    }
+}

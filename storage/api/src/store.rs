@@ -1,0 +1,102 @@
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::Result;
+use crate::model::{
+    Batch, CompactionPlan, FeedCommit, FeedPrepared, Fence, Loaded, Meta, PoolStatus, Pruned,
+    Resolution, Version, VersionId,
+};
+
+/// Called by [`Store::load`] for every retained version: its key, the version (with
+/// `value` unset) and, for puts, the value's bytes (the engine decides what to cache).
+pub type LoadVisitor<'a> = dyn FnMut(Bytes, Version, Option<&[u8]>) + Send + 'a;
+
+/// The durable copy of one keyspace.
+///
+/// Calls come from the engine's writer (set-up, fence, commit, resolve, compaction:
+/// one at a time) and from readers (values, size, feed: concurrently). Implementations
+/// keep their own connections and reconnect by themselves; an error says what it
+/// proves about a write (see [`crate::StoreError::outcome`]).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The keyspace's name (for errors and logs).
+    fn keyspace(&self) -> &str;
+
+    /// Checks the server's settings, creates the keyspace when missing, migrates an
+    /// older schema and refuses a newer one. Idempotent; returns the meta record.
+    async fn setup(&self) -> Result<Meta>;
+
+    /// Takes the keyspace for writing: raises the fencing epoch by compare-and-swap, so
+    /// every earlier writer's next commit fails as fenced. Returns the fence and the
+    /// meta record as of the raise.
+    async fn fence(&self) -> Result<(Fence, Meta)>;
+
+    /// Visits every retained version (all history above the compact revision, plus
+    /// each key's newest live version at or below it) and returns the meta record and
+    /// the leases of the same snapshot.
+    async fn load(&self, visit: &mut LoadVisitor<'_>) -> Result<Loaded>;
+
+    /// Writes one batch atomically, only if the store still holds `fence`'s epoch and
+    /// `batch.prev_revision` as its revision (else [`crate::StoreError::Fenced`]).
+    async fn commit(&self, fence: &Fence, batch: Batch<'_>) -> Result<()>;
+
+    /// After a commit of `batch` failed with an indeterminate error: makes sure that
+    /// attempt can no longer commit (Postgres: terminates its backend and waits until it
+    /// is gone), then reads whether the batch is durable: by the revision, or for a batch
+    /// of lease rows only, by the rows. Fenced when the epoch moved or the revision is
+    /// neither the previous nor the batch's. Errors here are transient: call again.
+    async fn resolve(&self, fence: &Fence, batch: Batch<'_>) -> Result<Resolution>;
+
+    /// Values of the given versions; versions compacted away are missing from the map.
+    async fn values(&self, ids: &[VersionId]) -> Result<HashMap<VersionId, Bytes>>;
+
+    /// Records `revision` as the compact revision (fenced like a commit, with the
+    /// store's revision expected to be `current`); from then on reads below it are
+    /// refused. Returns the plan for the index prune and the data step.
+    async fn record_compaction(
+        &self,
+        fence: &Fence,
+        current: i64,
+        revision: i64,
+    ) -> Result<CompactionPlan>;
+
+    /// Compaction's data step: removes the versions the prune removed and whatever the
+    /// plan's segments hold, keeping the survivors. Idempotent: a failed attempt is
+    /// simply made again. Fenced when the epoch moved.
+    async fn compact(&self, fence: &Fence, plan: &CompactionPlan, pruned: &Pruned) -> Result<()>;
+
+    /// Bytes the keyspace takes in the store.
+    async fn size(&self) -> Result<i64>;
+
+    /// Whether the store answers.
+    async fn ping(&self) -> Result<()>;
+
+    /// Makes space freed by deletes and compaction reusable (etcd's Defragment).
+    async fn defragment(&self) -> Result<()>;
+
+    /// Figures of the read connection pool.
+    fn pool_status(&self) -> PoolStatus;
+
+    /// Makes sure the change feed exists (recreating it if it lost history); call before
+    /// serving writes, so none is missing from it.
+    async fn prepare_feed(&self) -> Result<FeedPrepared>;
+
+    /// Opens the change feed after its last confirmed position.
+    async fn open_feed(&self) -> Result<Box<dyn ChangeFeed>>;
+
+    /// Bytes of history the store keeps for the feed's unconfirmed part, when known.
+    async fn feed_retained_bytes(&self) -> Result<Option<i64>>;
+}
+
+/// Committed batches in commit order, at least once after the last confirmed position.
+#[async_trait]
+pub trait ChangeFeed: Send {
+    /// The next committed batch (waits for one).
+    async fn next(&mut self) -> Result<FeedCommit>;
+
+    /// Everything up to `position` was applied: the store may forget it, and a feed
+    /// opened later starts after it.
+    fn confirm(&mut self, position: u64);
+}
