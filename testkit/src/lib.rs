@@ -15,6 +15,8 @@
 /// A test-driven watch stream.
 /// Throwaway certificates for TLS tests.
 pub mod pki;
+/// A TCP proxy whose connections tests cut.
+pub mod proxy;
 pub mod watch;
 
 use std::path::PathBuf;

@@ -1,0 +1,214 @@
+//! The fence and in-doubt resolution of the Postgres store, against real Postgres.
+//!
+//! The late commit: a batch's statement is held inside Postgres (another session holds
+//! the `meta` row lock) while the writer's connection is cut, so the writer cannot tell
+//! whether it committed, and the backend is still running it. Reading `meta` at that
+//! moment says "not committed", yet the backend would commit as soon as the lock goes.
+//! Resolution must first terminate that backend and wait for it to be gone.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use pgetcd_storage::{Batch, Change, LeaseOps, Outcome, Resolution, Store, StoreError, Version};
+use pgetcd_storage_postgres::{PgStore, PgStoreConfig};
+use pgetcd_testkit::proxy::TcpProxy;
+use pgetcd_testkit::{admin_client, fresh_keyspace, postgres};
+
+fn put(key: &str, revision: i64) -> Change {
+    Change {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        version: Version {
+            mod_revision: revision,
+            sub: 0,
+            create_revision: revision,
+            version: 1,
+            lease: 0,
+            value: Some(Bytes::from_static(b"v")),
+        },
+        prev: None,
+    }
+}
+
+async fn store_via(port: u16, schema: &str) -> PgStore {
+    let mut config = PgStoreConfig::new(format!(
+        "postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable"
+    ));
+    config.schema = schema.to_owned();
+    config.read_pool_size = 1;
+    PgStore::new(&config).unwrap()
+}
+
+async fn meta_revision(schema: &str) -> i64 {
+    admin_client()
+        .await
+        .query_one(&format!("SELECT revision FROM {schema}.meta"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn history_rows(schema: &str) -> i64 {
+    admin_client()
+        .await
+        .query_one(&format!("SELECT count(*) FROM {schema}.history"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_held_commit_cut_off_from_its_writer_never_lands_after_resolution() {
+    let pg = postgres();
+    let proxy = TcpProxy::start(([127, 0, 0, 1], pg.options().port).into()).await;
+    let schema = fresh_keyspace();
+    let store = store_via(proxy.port(), &schema).await;
+    store.setup().await.unwrap();
+    let (fence, meta) = store.fence().await.unwrap();
+    assert_eq!(meta.revision, 1);
+    let leases = LeaseOps::default();
+    let first = [put("a", 2)];
+    store
+        .commit(
+            &fence,
+            Batch {
+                prev_revision: 1,
+                revision: 2,
+                changes: &first,
+                leases: &leases,
+            },
+        )
+        .await
+        .unwrap();
+
+    // Another session holds meta's row lock: the next commit waits inside Postgres.
+    let mut holder = admin_client().await;
+    let hold = holder.transaction().await.unwrap();
+    hold.execute(&format!("SELECT 1 FROM {schema}.meta FOR UPDATE"), &[])
+        .await
+        .unwrap();
+    let second = [put("b", 3)];
+    let batch = Batch {
+        prev_revision: 2,
+        revision: 3,
+        changes: &second,
+        leases: &leases,
+    };
+    let pid = store.writer_backend_pid().await.unwrap();
+    let commit = store.commit(&fence, batch);
+    tokio::pin!(commit);
+    // Until the statement is waiting for the lock.
+    let admin = admin_client().await;
+    tokio::select! {
+        r = &mut commit => panic!("commit finished while the lock was held: {r:?}"),
+        _ = async {
+            loop {
+                let waiting: bool = admin
+                    .query_one(
+                        "SELECT wait_event_type IS NOT DISTINCT FROM 'Lock' FROM pg_stat_activity WHERE pid = $1",
+                        &[&pid],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                if waiting {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        } => {}
+    }
+    proxy.cut();
+    let err = commit.await.unwrap_err();
+    assert_eq!(err.outcome(), Outcome::Indeterminate, "{err:?}");
+
+    // While the lock is still held, the store resolves: the held backend is
+    // terminated, so the batch can never commit, and the answer is "not committed".
+    let resolved = store.resolve(&fence, batch).await.unwrap();
+    assert_eq!(resolved, Resolution::NotCommitted);
+    let gone: bool = admin
+        .query_one(
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
+            &[&pid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(gone, "the in-doubt backend {pid} still runs");
+
+    // The lock goes. Nothing may land late.
+    hold.commit().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        meta_revision(&schema).await,
+        2,
+        "the held batch committed late"
+    );
+    assert_eq!(history_rows(&schema).await, 1);
+
+    // The writer goes on from revision 2.
+    let again = [put("b", 3)];
+    store
+        .commit(
+            &fence,
+            Batch {
+                prev_revision: 2,
+                revision: 3,
+                changes: &again,
+                leases: &leases,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(meta_revision(&schema).await, 3);
+}
+
+#[tokio::test]
+async fn the_fence_is_a_compare_and_swap_of_epoch_and_previous_revision() {
+    let pg = postgres();
+    let schema = fresh_keyspace();
+    let store = store_via(pg.options().port, &schema).await;
+    store.setup().await.unwrap();
+    let (fence, _) = store.fence().await.unwrap();
+    let leases = LeaseOps::default();
+    let batch = |prev, changes: &'static [Change]| Batch {
+        prev_revision: prev,
+        revision: prev + 1,
+        changes,
+        leases: Box::leak(Box::new(LeaseOps::default())),
+    };
+    let a: &'static [Change] = Box::leak(Box::new([put("a", 2)]));
+    store.commit(&fence, batch(1, a)).await.unwrap();
+
+    // A batch built on a stale revision is refused, and writes nothing.
+    let stale: &'static [Change] = Box::leak(Box::new([put("x", 2)]));
+    let err = store.commit(&fence, batch(1, stale)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Fenced(_)), "{err:?}");
+
+    // A deposed writer is refused even with the right revision.
+    let other = store_via(pg.options().port, &schema).await;
+    let (newer, _) = other.fence().await.unwrap();
+    let b: &'static [Change] = Box::leak(Box::new([put("b", 3)]));
+    let err = store.commit(&fence, batch(2, b)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Fenced(_)), "{err:?}");
+    assert_eq!(meta_revision(&schema).await, 2);
+    assert_eq!(history_rows(&schema).await, 1);
+    other.commit(&newer, batch(2, b)).await.unwrap();
+    assert_eq!(meta_revision(&schema).await, 3);
+
+    // Resolution by the deposed writer says fenced, not "not committed".
+    let err = store
+        .resolve(
+            &fence,
+            Batch {
+                prev_revision: 2,
+                revision: 3,
+                changes: b,
+                leases: &leases,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Fenced(_)), "{err:?}");
+}
