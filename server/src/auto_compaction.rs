@@ -50,7 +50,7 @@ impl AutoCompaction {
             "periodic" => {
                 let period = match plain {
                     Some(hours) => Duration::from_secs(hours.saturating_mul(3600)),
-                    None => crate::config::parse_go_duration(retention).map_err(|e| {
+                    None => crate::duration::parse_go_duration(retention).map_err(|e| {
                         format!("--auto-compaction-retention: error parsing {retention:?}: {e}")
                     })?,
                 };
@@ -158,7 +158,7 @@ async fn compact(engine: &Engine, rev: i64, policy: AutoCompaction) -> bool {
 async fn pause(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(d) => true,
-        _ = crate::stopped(shutdown) => false,
+        _ = crate::shutdown::stopped(shutdown) => false,
     }
 }
 

@@ -5,8 +5,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
+
+use pgetcd_storage_postgres::PgStoreConfig;
+
+use crate::duration::{parse_duration, parse_go_duration};
 use pgetcd_engine::{
     DEFAULT_CACHE_BYTES, DEFAULT_MAX_BATCH, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TXN_OPS,
+    EngineConfig,
 };
 
 /// Default client URL, like etcd's.
@@ -28,6 +33,47 @@ pub const DEFAULT_KEYSPACE: &str = "pgetcd";
 #[derive(Debug, Clone, Parser)]
 #[command(name = "pgetcd", version, about)]
 pub struct Config {
+    /// This member: its name and the URLs it serves and advertises.
+    #[command(flatten)]
+    pub member: MemberFlags,
+
+    /// Where the keyspace lives: Postgres, or the managed one under --data-dir.
+    #[command(flatten)]
+    pub storage: StorageFlags,
+
+    /// The engine: request limits, the value cache, group commit, the quota.
+    #[command(flatten)]
+    pub engine: EngineFlags,
+
+    /// Watches: progress notifications, the bus, the event source.
+    #[command(flatten)]
+    pub watch: WatchFlags,
+
+    /// TLS of the client URLs.
+    #[command(flatten)]
+    pub tls: TlsFlags,
+
+    /// gRPC connection keepalive.
+    #[command(flatten)]
+    pub grpc: GrpcFlags,
+
+    /// etcd's auto-compaction.
+    #[command(flatten)]
+    pub compaction: CompactionFlags,
+
+    /// Logging.
+    #[command(flatten)]
+    pub logging: LogFlags,
+
+    /// etcd flags that have no meaning for a single pgetcd member over Postgres;
+    /// accepted so that an etcd command line (kubeadm's static pod, say) starts as is.
+    #[command(flatten)]
+    pub ignored: IgnoredEtcdFlags,
+}
+
+/// This member: its name and the URLs it serves and advertises.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MemberFlags {
     /// Human-readable name of this member (reported by MemberList).
     #[arg(long, env = "PGETCD_NAME", default_value = "default")]
     pub name: String,
@@ -66,7 +112,11 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub initial_advertise_peer_urls: Vec<String>,
+}
 
+/// Where the keyspace lives: Postgres, or the managed one under --data-dir.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StorageFlags {
     /// PostgreSQL connection string (postgres://user@host:port/db or key=value form).
     /// Without it, pgetcd runs its own local PostgreSQL under --data-dir.
     #[arg(long, env = "PGETCD_POSTGRES_URL")]
@@ -80,6 +130,22 @@ pub struct Config {
     #[arg(long, env = "PGETCD_KEYSPACE", default_value = DEFAULT_KEYSPACE)]
     pub keyspace: String,
 
+    /// Revisions per history partition; compaction drops whole partitions.
+    #[arg(
+        long,
+        env = "PGETCD_HISTORY_PARTITION_REVISIONS",
+        default_value_t = pgetcd_storage_postgres::DEFAULT_PARTITION_REVISIONS
+    )]
+    pub history_partition_revisions: i64,
+
+    /// Postgres connections used for value reads on cache misses.
+    #[arg(long, env = "PGETCD_READ_POOL_SIZE", default_value_t = 8)]
+    pub read_pool_size: usize,
+}
+
+/// The engine: request limits, the value cache, group commit, the quota.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EngineFlags {
     /// Largest write request accepted, in bytes (etcd's --max-request-bytes). The gRPC
     /// receive limit is this plus 512 KiB.
     #[arg(long, env = "PGETCD_MAX_REQUEST_BYTES", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
@@ -93,14 +159,6 @@ pub struct Config {
     #[arg(long, env = "PGETCD_CACHE_BYTES", default_value_t = DEFAULT_CACHE_BYTES)]
     pub cache_bytes: usize,
 
-    /// Revisions per history partition; compaction drops whole partitions.
-    #[arg(
-        long,
-        env = "PGETCD_HISTORY_PARTITION_REVISIONS",
-        default_value_t = pgetcd_storage_postgres::DEFAULT_PARTITION_REVISIONS
-    )]
-    pub history_partition_revisions: i64,
-
     /// Keyspace size in Postgres (bytes) above which the NOSPACE alarm is raised and
     /// puts, txns with puts and lease grants fail, like etcd's quota; 0 = no quota
     /// (etcd's 0 means 2 GiB: pgetcd is meant to grow beyond it).
@@ -110,11 +168,11 @@ pub struct Config {
     /// Most write requests committed together in one Postgres transaction.
     #[arg(long, env = "PGETCD_MAX_BATCH", default_value_t = DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
+}
 
-    /// Postgres connections used for value reads on cache misses.
-    #[arg(long, env = "PGETCD_READ_POOL_SIZE", default_value_t = 8)]
-    pub read_pool_size: usize,
-
+/// Watches: progress notifications, the bus, the event source.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WatchFlags {
     /// Interval of watch progress notifications, e.g. 10m, 5s, 500ms (etcd's
     /// --experimental-watch-progress-notify-interval, accepted as an alias). As in
     /// etcd, 0 keeps the default and anything below 100ms is raised to 100ms.
@@ -146,7 +204,11 @@ pub struct Config {
     /// from history.
     #[arg(long, env = "PGETCD_WATCH_STREAM_QUEUE", default_value_t = 1024)]
     pub watch_stream_queue: usize,
+}
 
+/// TLS of the client URLs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TlsFlags {
     /// Certificate (PEM) served on https client URLs.
     #[arg(long, env = "PGETCD_CERT_FILE")]
     pub cert_file: Option<PathBuf>,
@@ -193,7 +255,11 @@ pub struct Config {
     /// Validity of --auto-tls certificates, in years.
     #[arg(long, env = "PGETCD_SELF_SIGNED_CERT_VALIDITY", default_value_t = 1)]
     pub self_signed_cert_validity: u32,
+}
 
+/// gRPC connection keepalive.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GrpcFlags {
     /// Interval of the server's HTTP/2 keepalive pings on idle client connections
     /// (etcd's --grpc-keepalive-interval).
     #[arg(
@@ -213,7 +279,11 @@ pub struct Config {
         value_parser = parse_duration
     )]
     pub grpc_keepalive_timeout: Duration,
+}
 
+/// etcd's auto-compaction.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CompactionFlags {
     /// etcd's --auto-compaction-mode: `periodic` keeps --auto-compaction-retention of
     /// time, `revision` keeps that many revisions.
     #[arg(long, env = "PGETCD_AUTO_COMPACTION_MODE", default_value = "periodic")]
@@ -224,7 +294,11 @@ pub struct Config {
     /// revisions.
     #[arg(long, env = "PGETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
     pub auto_compaction_retention: String,
+}
 
+/// Logging.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogFlags {
     /// Log filter (tracing's env-filter syntax), e.g. info or pgetcd_engine=debug
     /// (default: --log-level's, else info).
     #[arg(long, env = "PGETCD_LOG")]
@@ -234,11 +308,6 @@ pub struct Config {
     /// --log is not given.
     #[arg(long, env = "PGETCD_LOG_LEVEL")]
     pub log_level: Option<String>,
-
-    /// etcd flags that have no meaning for a single pgetcd member over Postgres;
-    /// accepted so that an etcd command line (kubeadm's static pod, say) starts as is.
-    #[command(flatten)]
-    pub ignored: IgnoredEtcdFlags,
 }
 
 /// etcd flags accepted and ignored, each with the reason it has no meaning here.
@@ -354,17 +423,82 @@ impl Config {
         Config::parse_from(["pgetcd"])
     }
 
-    /// The progress notification interval in force, with etcd's rules: 0 means the
-    /// default, and the floor is 100ms.
+    /// The progress notification interval in force (see [`WatchFlags::progress_notify_interval`]).
     pub fn progress_notify_interval(&self) -> Duration {
-        match self.watch_progress_notify_interval {
-            Duration::ZERO => DEFAULT_WATCH_PROGRESS_NOTIFY_INTERVAL,
-            d => d.max(MIN_WATCH_PROGRESS_NOTIFY_INTERVAL),
-        }
+        self.watch.progress_notify_interval()
     }
 
     /// Checks values that clap cannot.
     pub fn validate(&self) -> Result<(), String> {
+        self.engine.validate()?;
+        self.storage.validate()?;
+        self.member.validate()?;
+        self.compaction.policy()?;
+        crate::transport::tls_policy(&self.tls())?;
+        self.logging.validate()?;
+        if self.tls.self_signed_cert_validity == 0 {
+            return Err("--self-signed-cert-validity must be at least 1 (year)".into());
+        }
+        Ok(())
+    }
+
+    /// The auto-compaction policy of --auto-compaction-mode and -retention.
+    pub fn auto_compaction(&self) -> Result<crate::auto_compaction::AutoCompaction, String> {
+        self.compaction.policy()
+    }
+
+    /// The log filter: --log when given, else --log-level's, else info.
+    pub fn log_filter(&self) -> String {
+        self.logging.filter()
+    }
+
+    /// The client TLS settings (--auto-tls certificates live under --data-dir).
+    pub fn tls(&self) -> crate::transport::TlsSettings {
+        self.tls.settings(&self.storage.data_dir)
+    }
+}
+
+impl MemberFlags {
+    fn validate(&self) -> Result<(), String> {
+        if self.listen_client_urls.is_empty() {
+            return Err("--listen-client-urls needs at least one URL".into());
+        }
+        for u in &self.listen_client_urls {
+            crate::transport::parse_listen_url(u)?;
+        }
+        for u in &self.listen_metrics_urls {
+            if crate::transport::parse_listen_url(u)?.tls {
+                return Err(format!(
+                    "{u}: --listen-metrics-urls serves plain HTTP only (use http://)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl StorageFlags {
+    fn validate(&self) -> Result<(), String> {
+        if self.history_partition_revisions < 1 {
+            return Err("--history-partition-revisions must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The Postgres store's settings, for the connection string `url` (--postgres-url,
+    /// or the managed cluster's).
+    pub fn store_config(&self, url: String) -> PgStoreConfig {
+        PgStoreConfig {
+            url,
+            schema: self.keyspace.clone(),
+            partition_revisions: self.history_partition_revisions,
+            read_pool_size: self.read_pool_size,
+        }
+    }
+}
+
+impl EngineFlags {
+    fn validate(&self) -> Result<(), String> {
         if self.max_request_bytes == 0 {
             return Err("--max-request-bytes must be positive".into());
         }
@@ -374,64 +508,94 @@ impl Config {
         if self.max_batch == 0 {
             return Err("--max-batch must be positive".into());
         }
-        if self.history_partition_revisions < 1 {
-            return Err("--history-partition-revisions must be at least 1".into());
-        }
-        if self.listen_client_urls.is_empty() {
-            return Err("--listen-client-urls needs at least one URL".into());
-        }
-        for u in &self.listen_client_urls {
-            crate::parse_listen_url(u)?;
-        }
-        for u in &self.listen_metrics_urls {
-            if crate::parse_listen_url(u)?.tls {
-                return Err(format!(
-                    "{u}: --listen-metrics-urls serves plain HTTP only (use http://)"
-                ));
-            }
-        }
-        self.auto_compaction()?;
-        crate::transport::tls_policy(&self.tls())?;
-        if let Some(level) = &self.log_level {
-            log_filter_of_level(level)?;
-        }
-        if self.self_signed_cert_validity == 0 {
-            return Err("--self-signed-cert-validity must be at least 1 (year)".into());
-        }
         Ok(())
     }
+}
 
-    /// The auto-compaction policy of --auto-compaction-mode and -retention.
-    pub fn auto_compaction(&self) -> Result<crate::auto_compaction::AutoCompaction, String> {
-        crate::auto_compaction::AutoCompaction::parse(
-            &self.auto_compaction_mode,
-            &self.auto_compaction_retention,
-        )
+impl From<&EngineFlags> for EngineConfig {
+    fn from(f: &EngineFlags) -> Self {
+        EngineConfig {
+            cache_bytes: f.cache_bytes,
+            max_request_bytes: f.max_request_bytes,
+            max_txn_ops: f.max_txn_ops,
+            max_batch: f.max_batch,
+            quota_backend_bytes: f.quota_backend_bytes,
+            ..EngineConfig::default()
+        }
     }
+}
 
-    /// The log filter: --log when given, else --log-level's, else info.
-    pub fn log_filter(&self) -> String {
-        match (&self.log, &self.log_level) {
-            (Some(filter), _) => filter.clone(),
-            (None, Some(level)) => log_filter_of_level(level).unwrap_or_else(|_| "info".into()),
-            (None, None) => "info".into(),
+impl WatchFlags {
+    /// The progress notification interval in force, with etcd's rules: 0 means the
+    /// default, and the floor is 100ms.
+    pub fn progress_notify_interval(&self) -> Duration {
+        match self.watch_progress_notify_interval {
+            Duration::ZERO => DEFAULT_WATCH_PROGRESS_NOTIFY_INTERVAL,
+            d => d.max(MIN_WATCH_PROGRESS_NOTIFY_INTERVAL),
         }
     }
 
-    /// The client TLS settings.
-    pub fn tls(&self) -> crate::transport::TlsSettings {
+    /// The watch bus's settings.
+    pub fn hub_config(&self) -> pgetcd_watchbus::HubConfig {
+        pgetcd_watchbus::HubConfig {
+            ring_capacity: self.watch_ring_capacity,
+            stream_queue: self.watch_stream_queue,
+        }
+    }
+}
+
+impl TlsFlags {
+    /// The client TLS settings; --auto-tls writes its certificates under `data_dir`.
+    pub fn settings(&self, data_dir: &std::path::Path) -> crate::transport::TlsSettings {
         crate::transport::TlsSettings {
             cert_file: self.cert_file.clone(),
             key_file: self.key_file.clone(),
             trusted_ca_file: self.trusted_ca_file.clone(),
             client_cert_auth: self.client_cert_auth,
             auto_tls: self.auto_tls,
-            auto_tls_dir: self.data_dir.join("fixtures").join("client"),
+            auto_tls_dir: data_dir.join("fixtures").join("client"),
             self_signed_cert_validity_years: self.self_signed_cert_validity,
             min_version: self.tls_min_version.clone(),
             max_version: self.tls_max_version.clone(),
             cipher_suites: self.cipher_suites.clone(),
             client_crl_file: self.client_crl_file.clone(),
+        }
+    }
+}
+
+impl From<&GrpcFlags> for crate::transport::Keepalive {
+    fn from(f: &GrpcFlags) -> Self {
+        crate::transport::Keepalive {
+            interval: f.grpc_keepalive_interval,
+            timeout: f.grpc_keepalive_timeout,
+        }
+    }
+}
+
+impl CompactionFlags {
+    /// The auto-compaction policy.
+    pub fn policy(&self) -> Result<crate::auto_compaction::AutoCompaction, String> {
+        crate::auto_compaction::AutoCompaction::parse(
+            &self.auto_compaction_mode,
+            &self.auto_compaction_retention,
+        )
+    }
+}
+
+impl LogFlags {
+    fn validate(&self) -> Result<(), String> {
+        if let Some(level) = &self.log_level {
+            log_filter_of_level(level)?;
+        }
+        Ok(())
+    }
+
+    /// The log filter: --log when given, else --log-level's, else info.
+    pub fn filter(&self) -> String {
+        match (&self.log, &self.log_level) {
+            (Some(filter), _) => filter.clone(),
+            (None, Some(level)) => log_filter_of_level(level).unwrap_or_else(|_| "info".into()),
+            (None, None) => "info".into(),
         }
     }
 }
@@ -447,78 +611,10 @@ fn log_filter_of_level(level: &str) -> Result<String, String> {
     }
 }
 
-/// Parses a positive duration like `10m`, `5s`, `500ms`, `1h30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = parse_go_duration(s)?;
-    if d.is_zero() {
-        return Err(format!("{s:?}: must be positive"));
-    }
-    Ok(d)
-}
-
-/// Parses a duration as Go's time.ParseDuration does (which etcd's flags use): a
-/// sequence of decimal numbers each with a unit (ns, us, µs, ms, s, m, h), or `0`.
-pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if s.is_empty() {
-        return Err("empty duration".into());
-    }
-    let mut rest = s;
-    let mut secs = 0.0f64;
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .ok_or_else(|| format!("{s:?}: missing unit (ns, us, ms, s, m, h)"))?;
-        let (num, tail) = rest.split_at(num_end);
-        let n: f64 = num.parse().map_err(|_| format!("{s:?}: not a duration"))?;
-        let unit_end = tail
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_end);
-        let scale = match unit {
-            "ns" => 1e-9,
-            "us" | "µs" | "μs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => {
-                return Err(format!(
-                    "{s:?}: unknown unit {unit:?} (ns, us, ms, s, m, h)"
-                ));
-            }
-        };
-        secs += n * scale;
-        rest = tail;
-    }
-    if !secs.is_finite() || secs > 1e12 {
-        return Err(format!("{s:?}: out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("3x").is_err());
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("1m0.5s"), Ok(Duration::from_millis(60_500)));
-        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
-        assert_eq!(parse_go_duration("0s"), Ok(Duration::ZERO));
-        assert!(parse_go_duration("").is_err());
-    }
 
     /// The command line kubeadm writes into etcd's static pod starts pgetcd as is.
     #[test]
@@ -547,7 +643,7 @@ mod tests {
         ])
         .unwrap();
         assert!(c.validate().is_ok());
-        assert!(c.client_cert_auth);
+        assert!(c.tls.client_cert_auth);
         assert_eq!(c.progress_notify_interval(), Duration::from_secs(5));
         for (flag, interval) in [
             ("0s", 600_000),
@@ -563,16 +659,19 @@ mod tests {
                 "{flag}"
             );
         }
-        assert_eq!(c.listen_client_urls.len(), 2);
+        assert_eq!(c.member.listen_client_urls.len(), 2);
         let ignored: Vec<&str> = c.ignored.given().iter().map(|g| g.0).collect();
         assert_eq!(ignored.len(), 8, "{ignored:?}");
-        assert_eq!(c.initial_advertise_peer_urls, ["https://10.0.0.1:2380"]);
+        assert_eq!(
+            c.member.initial_advertise_peer_urls,
+            ["https://10.0.0.1:2380"]
+        );
         assert!(ignored.contains(&"--snapshot-count"));
         let c = Config::try_parse_from(["etcd", "--client-cert-auth=false", "--auto-tls"]).unwrap();
-        assert!(!c.client_cert_auth);
-        assert!(c.auto_tls);
+        assert!(!c.tls.client_cert_auth);
+        assert!(c.tls.auto_tls);
         let c = Config::try_parse_from(["etcd", "--client-cert-auth"]).unwrap();
-        assert!(c.client_cert_auth);
+        assert!(c.tls.client_cert_auth);
         assert!(Config::try_parse_from(["etcd", "--client-cert-auth=maybe"]).is_err());
         let c = Config::try_parse_from(["etcd", "--log-level=warn"]).unwrap();
         assert_eq!(c.log_filter(), "warn");

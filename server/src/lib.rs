@@ -10,6 +10,8 @@
 pub mod auto_compaction;
 /// Command-line flags and their environment twins.
 pub mod config;
+/// Durations as etcd's flags spell them.
+pub mod duration;
 mod grpc_errors;
 mod http;
 mod managed;
@@ -17,6 +19,8 @@ mod managed;
 pub mod metrics;
 /// The etcd gRPC services.
 pub mod services;
+/// The shutdown signal every task watches.
+mod shutdown;
 /// Engine errors as etcd gRPC statuses.
 pub mod status;
 /// Client listeners: TLS, HTTP/2 and HTTP/1 on one port, graceful drain.
@@ -32,7 +36,7 @@ use pgetcd_proto::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
     lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
-use pgetcd_storage_postgres::{PgStore, PgStoreConfig};
+use pgetcd_storage_postgres::PgStore;
 use std::sync::Arc;
 use thiserror::Error;
 
@@ -42,6 +46,8 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 pub use config::Config;
+use shutdown::stopped;
+pub use transport::{ListenUrl, parse_listen_url};
 
 /// Why the server could not start.
 #[derive(Debug, Error)]
@@ -60,36 +66,6 @@ pub enum ServerError {
 /// gRPC receive limit beyond --max-request-bytes, as etcd.
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
-/// A URL to listen on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ListenUrl {
-    /// Address to bind.
-    pub addr: SocketAddr,
-    /// https: serve TLS.
-    pub tls: bool,
-}
-
-/// Parses `http://host:port` or `https://host:port` into an address to bind.
-pub fn parse_listen_url(url: &str) -> Result<ListenUrl, String> {
-    let (rest, tls) = if let Some(rest) = url.strip_prefix("http://") {
-        (rest, false)
-    } else if let Some(rest) = url.strip_prefix("https://") {
-        (rest, true)
-    } else if url.starts_with("unix://") || url.starts_with("unixs://") {
-        return Err(format!("{url}: unix socket URLs are not supported"));
-    } else {
-        return Err(format!(
-            "{url}: expected http://host:port or https://host:port"
-        ));
-    };
-    let rest = rest.trim_end_matches('/');
-    let rest = rest.replace("localhost:", "127.0.0.1:");
-    let addr = rest
-        .parse()
-        .map_err(|e| format!("{url}: not an address to listen on ({e})"))?;
-    Ok(ListenUrl { addr, tls })
-}
-
 /// Binds a listen URL: the listener, the parsed URL and the address actually bound.
 async fn bind(url: &str) -> Result<(TcpListener, ListenUrl, SocketAddr), ServerError> {
     let listen = parse_listen_url(url).map_err(ServerError::Config)?;
@@ -100,11 +76,6 @@ async fn bind(url: &str) -> Result<(TcpListener, ListenUrl, SocketAddr), ServerE
         .local_addr()
         .map_err(|e| ServerError::Start(e.to_string()))?;
     Ok((l, listen, addr))
-}
-
-/// Resolves once `shutdown` says true (or its sender is gone).
-pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
 }
 
 /// A running server.
@@ -143,80 +114,146 @@ impl Running {
     }
 }
 
-/// Starts pgetcd with `config`.
+/// Starts pgetcd with `config`: the managed Postgres unless --postgres-url is given,
+/// the engine over its store, the watch bus and feed, background tasks, then every
+/// client and metrics listener.
 pub async fn start(config: Config) -> Result<Running, ServerError> {
     config.validate().map_err(ServerError::Config)?;
-    let (postgres, url) = match &config.postgres_url {
-        Some(url) => (None, url.clone()),
-        None => {
-            let dir = config.data_dir.clone();
-            let pg = tokio::task::spawn_blocking(move || managed::start(&dir))
-                .await
-                .map_err(|e| ServerError::Start(e.to_string()))??;
-            let url = pg.connection_string("postgres");
-            (Some(pg), url)
-        }
+    for (flag, value, why) in config.ignored.given() {
+        tracing::warn!(flag, value, "ignored etcd flag: {why}");
+    }
+    let (postgres, url) = postgres(&config).await?;
+    let engine = open_engine(&config, url).await?;
+    let hub = pgetcd_watchbus::Hub::start(config.watch.hub_config(), engine.stats().revision);
+    let clients = ClientListeners::bind(&config).await?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = background_tasks(&config, &engine, &hub, &shutdown_rx)?;
+    let server_metrics = Arc::new(metrics::Metrics::default());
+    let sources = metrics::Sources {
+        engine: engine.clone(),
+        hub: hub.clone(),
+        metrics: server_metrics.clone(),
+        keyspace: config.storage.keyspace.clone(),
     };
-    let store = PgStore::new(&PgStoreConfig {
-        url,
-        schema: config.keyspace.clone(),
-        partition_revisions: config.history_partition_revisions,
-        read_pool_size: config.read_pool_size,
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let grpc = grpc_routes(&config, &engine, &hub, &clients.advertise, &shutdown_rx)
+        .add_service(health_service);
+    let router = grpc.into_axum_router().merge(http::router(sources.clone()));
+    let app = tower::ServiceBuilder::new()
+        .layer(metrics::GrpcMetricsLayer(server_metrics.clone()))
+        .map_response(grpc_errors::etcd_transport_errors::<axum::body::Body>)
+        .service(router);
+    let keepalive = transport::Keepalive::from(&config.grpc);
+    let (client_addrs, client_urls) = (clients.addrs.clone(), clients.urls.clone());
+    for (listener, acceptor) in clients.listeners {
+        tasks.push(tokio::spawn(transport::serve(
+            listener,
+            acceptor,
+            app.clone(),
+            server_metrics.clone(),
+            keepalive,
+            shutdown_rx.clone(),
+        )));
+    }
+    let metrics_addrs = serve_metrics(&config, &sources, &shutdown_rx, &mut tasks).await?;
+    info!(addrs = ?client_addrs, metrics = ?metrics_addrs, name = %config.member.name, "serving etcd clients");
+    Ok(Running {
+        client_addrs,
+        client_urls,
+        metrics_addrs,
+        engine,
+        shutdown,
+        tasks,
+        postgres,
     })
-    .map_err(pgetcd_engine::Error::from)?;
-    let engine = Engine::open(
-        EngineConfig {
-            cache_bytes: config.cache_bytes,
-            max_request_bytes: config.max_request_bytes,
-            max_txn_ops: config.max_txn_ops,
-            max_batch: config.max_batch,
-            quota_backend_bytes: config.quota_backend_bytes,
-            ..EngineConfig::default()
-        },
-        Arc::new(store),
-    )
-    .await?;
+}
+
+/// The managed Postgres (started, or created on first use) unless --postgres-url is
+/// given, and the connection string to use.
+async fn postgres(config: &Config) -> Result<(Option<LocalPostgres>, String), ServerError> {
+    if let Some(url) = &config.storage.postgres_url {
+        return Ok((None, url.clone()));
+    }
+    let dir = config.storage.data_dir.clone();
+    let pg = tokio::task::spawn_blocking(move || managed::start(&dir))
+        .await
+        .map_err(|e| ServerError::Start(e.to_string()))??;
+    let url = pg.connection_string("postgres");
+    Ok((Some(pg), url))
+}
+
+/// The engine over the keyspace's Postgres store, with its change feed ready.
+async fn open_engine(config: &Config, url: String) -> Result<Engine, ServerError> {
+    let store =
+        PgStore::new(&config.storage.store_config(url)).map_err(pgetcd_engine::Error::from)?;
+    let engine = Engine::open(EngineConfig::from(&config.engine), Arc::new(store)).await?;
     engine
         .prepare_feed()
         .await
         .map_err(|e| ServerError::Start(format!("preparing the change feed: {e}")))?;
-    let hub = pgetcd_watchbus::Hub::start(
-        pgetcd_watchbus::HubConfig {
-            ring_capacity: config.watch_ring_capacity,
-            stream_queue: config.watch_stream_queue,
-        },
-        engine.stats().revision,
-    );
-    let mut listeners = Vec::new();
-    let mut client_addrs = Vec::new();
-    let mut client_urls = Vec::new();
-    for url in &config.listen_client_urls {
-        let (l, listen, addr) = bind(url).await?;
-        client_addrs.push(addr);
-        let scheme = if listen.tls { "https" } else { "http" };
-        client_urls.push(format!("{scheme}://{addr}"));
-        listeners.push((l, listen.tls));
+    Ok(engine)
+}
+
+/// The bound client URLs, each with its TLS acceptor when https.
+struct ClientListeners {
+    listeners: Vec<(TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
+    addrs: Vec<SocketAddr>,
+    urls: Vec<String>,
+    /// What MemberList advertises: --advertise-client-urls, else the bound URLs.
+    advertise: Vec<String>,
+}
+
+impl ClientListeners {
+    async fn bind(config: &Config) -> Result<ClientListeners, ServerError> {
+        let mut bound = Vec::new();
+        let mut addrs = Vec::new();
+        let mut urls = Vec::new();
+        for url in &config.member.listen_client_urls {
+            let (l, listen, addr) = bind(url).await?;
+            addrs.push(addr);
+            let scheme = if listen.tls { "https" } else { "http" };
+            urls.push(format!("{scheme}://{addr}"));
+            bound.push((l, listen.tls));
+        }
+        let tls = if bound.iter().any(|(_, tls)| *tls) {
+            Some(transport::acceptor(&config.tls(), &addrs).map_err(ServerError::Config)?)
+        } else {
+            None
+        };
+        let listeners = bound
+            .into_iter()
+            .map(|(l, is_tls)| (l, if is_tls { tls.clone() } else { None }))
+            .collect();
+        let advertise = if config.member.advertise_client_urls.is_empty() {
+            urls.clone()
+        } else {
+            config.member.advertise_client_urls.clone()
+        };
+        Ok(ClientListeners {
+            listeners,
+            addrs,
+            urls,
+            advertise,
+        })
     }
-    let tls = if listeners.iter().any(|(_, tls)| *tls) {
-        Some(transport::acceptor(&config.tls(), &client_addrs).map_err(ServerError::Config)?)
-    } else {
-        None
-    };
-    let advertise = if config.advertise_client_urls.is_empty() {
-        client_urls.clone()
-    } else {
-        config.advertise_client_urls.clone()
-    };
-    let (shutdown, shutdown_rx) = watch::channel(false);
+}
+
+/// The watch feed, and auto-compaction when configured.
+fn background_tasks(
+    config: &Config,
+    engine: &Engine,
+    hub: &pgetcd_watchbus::Hub,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Vec<JoinHandle<()>>, ServerError> {
     let mut tasks = vec![tokio::spawn(watch_feed::run(
         engine.clone(),
         hub.clone(),
-        config.watch_source,
-        shutdown_rx.clone(),
+        config.watch.watch_source,
+        shutdown.clone(),
     ))];
-    for (flag, value, why) in config.ignored.given() {
-        tracing::warn!(flag, value, "ignored etcd flag: {why}");
-    }
     let compaction = config.auto_compaction().map_err(ServerError::Config)?;
     if compaction != auto_compaction::AutoCompaction::Off {
         info!(policy = ?compaction, "auto compaction on");
@@ -224,26 +261,26 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
             engine.clone(),
             compaction,
             auto_compaction::REVISION_INTERVAL,
-            shutdown_rx.clone(),
+            shutdown.clone(),
         )));
     }
+    Ok(tasks)
+}
+
+/// etcd's gRPC services (all but health), with etcd's message size limits.
+fn grpc_routes(
+    config: &Config,
+    engine: &Engine,
+    hub: &pgetcd_watchbus::Hub,
+    advertise: &[String],
+    shutdown: &watch::Receiver<bool>,
+) -> tonic::service::Routes {
+    let limit = config.engine.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let watch_settings = services::WatchSettings {
         progress_interval: config.progress_notify_interval(),
-        max_response_bytes: config.max_request_bytes,
+        max_response_bytes: config.engine.max_request_bytes,
     };
-    let limit = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
-    let server_metrics = Arc::new(metrics::Metrics::default());
-    let sources = metrics::Sources {
-        engine: engine.clone(),
-        hub: hub.clone(),
-        metrics: server_metrics.clone(),
-        keyspace: config.keyspace.clone(),
-    };
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
-    let grpc = tonic::service::Routes::new(
+    tonic::service::Routes::new(
         KvServer::new(services::KvService::new(engine.clone()))
             .max_decoding_message_size(limit)
             .max_encoding_message_size(usize::MAX),
@@ -251,9 +288,9 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     .add_service(
         ClusterServer::new(services::ClusterService::new(
             engine.clone(),
-            config.name.clone(),
-            config.initial_advertise_peer_urls.clone(),
-            advertise.clone(),
+            config.member.name.clone(),
+            config.member.initial_advertise_peer_urls.clone(),
+            advertise.to_vec(),
         ))
         .max_decoding_message_size(limit),
     )
@@ -266,7 +303,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
             engine.clone(),
             hub.clone(),
             watch_settings,
-            shutdown_rx.clone(),
+            shutdown.clone(),
         ))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX),
@@ -274,38 +311,26 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     .add_service(
         LeaseServer::new(services::LeaseService::new(
             engine.clone(),
-            shutdown_rx.clone(),
+            shutdown.clone(),
         ))
         .max_decoding_message_size(limit),
     )
     .add_service(AuthServer::new(services::AuthService).max_decoding_message_size(limit))
-    .add_service(health_service);
-    let router = grpc.into_axum_router().merge(http::router(sources.clone()));
-    let app = tower::ServiceBuilder::new()
-        .layer(metrics::GrpcMetricsLayer(server_metrics.clone()))
-        .map_response(grpc_errors::etcd_transport_errors::<axum::body::Body>)
-        .service(router);
-    let keepalive = transport::Keepalive {
-        interval: config.grpc_keepalive_interval,
-        timeout: config.grpc_keepalive_timeout,
-    };
-    for (listener, is_tls) in listeners {
-        let acceptor = if is_tls { tls.clone() } else { None };
-        tasks.push(tokio::spawn(transport::serve(
-            listener,
-            acceptor,
-            app.clone(),
-            server_metrics.clone(),
-            keepalive,
-            shutdown_rx.clone(),
-        )));
-    }
-    let mut metrics_addrs = Vec::new();
-    for url in &config.listen_metrics_urls {
+}
+
+/// Serves /health, /metrics and friends on every --listen-metrics-urls.
+async fn serve_metrics(
+    config: &Config,
+    sources: &metrics::Sources,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<Vec<SocketAddr>, ServerError> {
+    let mut addrs = Vec::new();
+    for url in &config.member.listen_metrics_urls {
         let (l, _, addr) = bind(url).await?;
-        metrics_addrs.push(addr);
+        addrs.push(addr);
         let app = http::router(sources.clone());
-        let mut rx = shutdown_rx.clone();
+        let mut rx = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             let stop = async move { stopped(&mut rx).await };
             if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop).await {
@@ -313,14 +338,5 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
             }
         }));
     }
-    info!(addrs = ?client_addrs, metrics = ?metrics_addrs, name = %config.name, "serving etcd clients");
-    Ok(Running {
-        client_addrs,
-        client_urls,
-        metrics_addrs,
-        engine,
-        shutdown,
-        tasks,
-        postgres,
-    })
+    Ok(addrs)
 }

@@ -35,6 +35,36 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 
+/// A URL to listen on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenUrl {
+    /// Address to bind.
+    pub addr: SocketAddr,
+    /// https: serve TLS.
+    pub tls: bool,
+}
+
+/// Parses `http://host:port` or `https://host:port` into an address to bind.
+pub fn parse_listen_url(url: &str) -> Result<ListenUrl, String> {
+    let (rest, tls) = if let Some(rest) = url.strip_prefix("http://") {
+        (rest, false)
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        (rest, true)
+    } else if url.starts_with("unix://") || url.starts_with("unixs://") {
+        return Err(format!("{url}: unix socket URLs are not supported"));
+    } else {
+        return Err(format!(
+            "{url}: expected http://host:port or https://host:port"
+        ));
+    };
+    let rest = rest.trim_end_matches('/');
+    let rest = rest.replace("localhost:", "127.0.0.1:");
+    let addr = rest
+        .parse()
+        .map_err(|e| format!("{url}: not an address to listen on ({e})"))?;
+    Ok(ListenUrl { addr, tls })
+}
+
 /// How long shutdown waits for connections to finish their calls.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 connection-level receive window.
@@ -355,7 +385,7 @@ pub async fn serve<S, B>(
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
-            _ = crate::stopped(&mut shutdown) => break,
+            _ = crate::shutdown::stopped(&mut shutdown) => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {

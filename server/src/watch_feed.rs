@@ -56,7 +56,7 @@ pub async fn run(
             loop {
                 let batch = tokio::select! {
                     b = commits.recv() => b,
-                    _ = crate::stopped(&mut stop) => None,
+                    _ = crate::shutdown::stopped(&mut stop) => None,
                 };
                 let Some(batch) = batch else { return };
                 let changes = batch
@@ -82,11 +82,11 @@ pub async fn run(
                     }
                 }
             }
-            _ = crate::stopped(&mut shutdown) => return,
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = crate::stopped(&mut shutdown) => return,
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }

@@ -41,7 +41,7 @@ async fn compact_revision(c: &mut Clients, upto: i64) -> i64 {
 async fn periodic_retention_compacts_like_etcd() {
     let etcd = RealEtcd::start_with(&["--auto-compaction-retention=2s"]).await;
     let mut config = test_config();
-    config.auto_compaction_retention = "2s".into();
+    config.compaction.auto_compaction_retention = "2s".into();
     let ours = TestServer::start(config).await;
     let mut clients = [
         Clients::connect(&etcd.url).await,

@@ -461,8 +461,8 @@ async fn differential(cache_bytes: usize, default_ops: usize) {
     );
     let etcd = RealEtcd::start().await;
     let mut config = test_config();
-    config.cache_bytes = cache_bytes;
-    config.history_partition_revisions = 50;
+    config.engine.cache_bytes = cache_bytes;
+    config.storage.history_partition_revisions = 50;
     let ours = TestServer::start(config).await;
     let mut theirs_c = Clients::connect(&etcd.url).await;
     let mut ours_c = Clients::connect(&ours.url()).await;
@@ -537,5 +537,5 @@ async fn identical_to_etcd_without_value_cache() {
 }
 
 fn pgetcd_engine_cache_default() -> usize {
-    pgetcd_server::Config::defaults().cache_bytes
+    pgetcd_server::Config::defaults().engine.cache_bytes
 }

@@ -78,7 +78,7 @@ async fn etcdctl_sees_the_same_as_with_etcd() {
     let etcd = RealEtcd::start().await;
     // The same advertised peer URL as the reference, for member list.
     let mut config = test_config();
-    config.initial_advertise_peer_urls = vec![etcd.peer_url.clone()];
+    config.member.initial_advertise_peer_urls = vec![etcd.peer_url.clone()];
     let ours = TestServer::start(config).await;
     let url = ours.url();
     let steps: Vec<(Vec<&str>, Option<&str>)> = vec![

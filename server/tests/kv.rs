@@ -254,9 +254,9 @@ async fn managed_postgres_restart_keeps_keys_revisions_and_compaction() {
     let dir = std::env::temp_dir().join(format!("pgetcd-test-{}-managed", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut config = test_config();
-    config.postgres_url = None;
-    config.data_dir = dir.clone();
-    config.history_partition_revisions = 10;
+    config.storage.postgres_url = None;
+    config.storage.data_dir = dir.clone();
+    config.storage.history_partition_revisions = 10;
     let srv = TestServer::start(config).await;
     let mut c = Clients::connect(&srv.url()).await;
     churn(&mut c, 40, 13, 7).await;
@@ -405,9 +405,9 @@ async fn partitions(keyspace: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn physical_compaction_drops_partitions_and_keeps_visible_versions() {
     let mut config = test_config();
-    config.history_partition_revisions = 10;
-    config.cache_bytes = 0;
-    let keyspace = config.keyspace.clone();
+    config.storage.history_partition_revisions = 10;
+    config.engine.cache_bytes = 0;
+    let keyspace = config.storage.keyspace.clone();
     let srv = TestServer::start(config).await;
     let mut c = Clients::connect(&srv.url()).await;
     // "stable" is written once at revision 2 and must stay readable after its partition
@@ -463,9 +463,9 @@ async fn physical_compaction_drops_partitions_and_keeps_visible_versions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compaction_recorded_but_not_pruned_is_finished_after_restart() {
     let mut config = test_config();
-    config.history_partition_revisions = 10;
-    config.cache_bytes = 0;
-    let keyspace = config.keyspace.clone();
+    config.storage.history_partition_revisions = 10;
+    config.engine.cache_bytes = 0;
+    let keyspace = config.storage.keyspace.clone();
     let srv = TestServer::start(config).await;
     let mut c = Clients::connect(&srv.url()).await;
     churn(&mut c, 45, 7, 9).await;
@@ -512,7 +512,7 @@ async fn a_compaction_recorded_but_not_pruned_is_finished_after_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_writer_connection_loses_no_acknowledged_write() {
     let config = test_config();
-    let keyspace = config.keyspace.clone();
+    let keyspace = config.storage.keyspace.clone();
     let srv = TestServer::start(config).await;
     let c = Clients::connect(&srv.url()).await;
     let admin = admin_client().await;
@@ -581,7 +581,7 @@ async fn killing_the_writer_connection_loses_no_acknowledged_write() {
 
 fn srv_config(keyspace: &str) -> pgetcd_server::Config {
     let mut c = test_config();
-    c.keyspace = keyspace.to_owned();
+    c.storage.keyspace = keyspace.to_owned();
     c
 }
 
@@ -590,7 +590,7 @@ async fn a_second_instance_fences_the_first() {
     let first = TestServer::start_default().await;
     let mut a = Clients::connect(&first.url()).await;
     a.kv.put(put("k", "from first")).await.unwrap();
-    let second = TestServer::start(srv_config(&first.config.keyspace)).await;
+    let second = TestServer::start(srv_config(&first.config.storage.keyspace)).await;
     let mut b = Clients::connect(&second.url()).await;
     // The first instance's next write fails: its epoch is stale.
     assert_status(
@@ -618,7 +618,7 @@ async fn a_second_instance_fences_the_first() {
 async fn quota_raises_nospace_and_only_writes_that_add_data_fail() {
     use pgetcd_proto::etcdserverpb::{AlarmRequest, AlarmType, alarm_request::AlarmAction};
     let mut config = test_config();
-    config.quota_backend_bytes = 1;
+    config.engine.quota_backend_bytes = 1;
     let srv = TestServer::start(config).await;
     let mut c = Clients::connect(&srv.url()).await;
     // The keyspace is bigger than one byte as soon as it exists: the alarm comes up at

@@ -28,7 +28,7 @@ async fn restarting_postgres_loses_no_acknowledged_write_or_event() {
     };
     let pg = LocalPostgres::start(opts.clone()).unwrap();
     let mut config = test_config();
-    config.postgres_url = Some(pg.tcp_url("postgres"));
+    config.storage.postgres_url = Some(pg.tcp_url("postgres"));
     let srv = TestServer::start(config).await;
     let c = Clients::connect(&srv.url()).await;
     let w = TestWatch::open(&srv.url()).await;
@@ -128,7 +128,7 @@ async fn refuses_postgres_without_logical_wal() {
     })
     .unwrap();
     let mut config = test_config();
-    config.postgres_url = Some(pg.tcp_url("postgres"));
+    config.storage.postgres_url = Some(pg.tcp_url("postgres"));
     let err = match pgetcd_server::start(config).await {
         Ok(_) => panic!("started on wal_level=replica"),
         Err(e) => e.to_string(),

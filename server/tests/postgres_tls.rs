@@ -159,7 +159,7 @@ fn url(pg: &TlsPostgres, user: &str, host: &str, params: &str) -> String {
 /// Starts pgetcd on `postgres_url` (fresh keyspace).
 async fn start(postgres_url: String) -> Result<TestServer, ServerError> {
     let mut config = test_config();
-    config.postgres_url = Some(postgres_url);
+    config.storage.postgres_url = Some(postgres_url);
     let running = pgetcd_server::start(config.clone()).await?;
     Ok(TestServer { running, config })
 }
@@ -223,7 +223,7 @@ async fn kv_and_watch(server: &TestServer, admin: tokio_postgres::Client, tls: b
             "SELECT count(*), coalesce(bool_and(s.ssl), false) \
              FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
              WHERE a.backend_type = 'walsender' AND a.application_name = $1",
-            &[&format!("pgetcd-wal-{}", server.config.keyspace)],
+            &[&format!("pgetcd-wal-{}", server.config.storage.keyspace)],
         )
         .await
         .unwrap();

@@ -92,7 +92,7 @@ async fn http_endpoints_on_the_metrics_and_client_ports() {
     assert_eq!(value(&m, "etcd_debugging_mvcc_current_revision"), 2.0);
     // Fenced by a second instance: unhealthy, no leader.
     let mut second_config = test_config();
-    second_config.keyspace = first.config.keyspace.clone();
+    second_config.storage.keyspace = first.config.storage.keyspace.clone();
     let second = TestServer::start(second_config).await;
     let _ = c.kv.put(put("k", "lost")).await;
     let (code, body) = http_get(addr, "/health").await;
@@ -324,9 +324,9 @@ async fn tls_and_mutual_tls_on_client_urls() {
 
     // Server TLS: a client trusting the CA gets in; a plaintext client does not.
     let mut config = test_config();
-    config.listen_client_urls = vec!["https://127.0.0.1:0".into()];
-    config.cert_file = Some(pki.server_cert.clone());
-    config.key_file = Some(pki.server_key.clone());
+    config.member.listen_client_urls = vec!["https://127.0.0.1:0".into()];
+    config.tls.cert_file = Some(pki.server_cert.clone());
+    config.tls.key_file = Some(pki.server_key.clone());
     let srv = TestServer::start(config).await;
     let url = srv.url();
     assert!(url.starts_with("https://"), "{url}");
@@ -343,11 +343,11 @@ async fn tls_and_mutual_tls_on_client_urls() {
 
     // Mutual TLS: only a certificate signed by the trusted CA gets in.
     let mut config = test_config();
-    config.listen_client_urls = vec!["https://127.0.0.1:0".into()];
-    config.cert_file = Some(pki.server_cert.clone());
-    config.key_file = Some(pki.server_key.clone());
-    config.trusted_ca_file = Some(pki.ca.clone());
-    config.client_cert_auth = true;
+    config.member.listen_client_urls = vec!["https://127.0.0.1:0".into()];
+    config.tls.cert_file = Some(pki.server_cert.clone());
+    config.tls.key_file = Some(pki.server_key.clone());
+    config.tls.trusted_ca_file = Some(pki.ca.clone());
+    config.tls.client_cert_auth = true;
     let srv = TestServer::start(config).await;
     let url = srv.url();
     assert!(!refused(&url, &pki.ca, Some((&pki.client_cert, &pki.client_key))).await);
@@ -402,11 +402,11 @@ async fn tls_and_mutual_tls_on_client_urls() {
 
     // Auto-TLS: a self-signed certificate under the data directory, reused on restart.
     let mut config = test_config();
-    config.listen_client_urls = vec!["https://127.0.0.1:0".into()];
-    config.auto_tls = true;
-    config.data_dir = dir.path().join("data");
+    config.member.listen_client_urls = vec!["https://127.0.0.1:0".into()];
+    config.tls.auto_tls = true;
+    config.storage.data_dir = dir.path().join("data");
     let srv = TestServer::start(config.clone()).await;
-    let generated = config.data_dir.join("fixtures/client/cert.pem");
+    let generated = config.storage.data_dir.join("fixtures/client/cert.pem");
     tls_put(tls_channel(&srv.url(), &generated, None).await.unwrap())
         .await
         .unwrap();
@@ -421,7 +421,7 @@ async fn tls_and_mutual_tls_on_client_urls() {
 
     // https without a certificate is a configuration error.
     let mut config = test_config();
-    config.listen_client_urls = vec!["https://127.0.0.1:0".into()];
+    config.member.listen_client_urls = vec!["https://127.0.0.1:0".into()];
     let err = pgetcd_server::start(config)
         .await
         .err()
@@ -469,15 +469,15 @@ async fn tls_versions_cipher_suites_and_revoked_client_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::generate(dir.path());
     let https = |c: &mut pgetcd_server::Config| {
-        c.listen_client_urls = vec!["https://127.0.0.1:0".into()];
-        c.cert_file = Some(pki.server_cert.clone());
-        c.key_file = Some(pki.server_key.clone());
+        c.member.listen_client_urls = vec!["https://127.0.0.1:0".into()];
+        c.tls.cert_file = Some(pki.server_cert.clone());
+        c.tls.key_file = Some(pki.server_key.clone());
     };
 
     // --tls-min-version TLS1.3: a TLS 1.2-only client is refused.
     let mut config = test_config();
     https(&mut config);
-    config.tls_min_version = Some("TLS1.3".into());
+    config.tls.tls_min_version = Some("TLS1.3".into());
     let srv = TestServer::start(config).await;
     let addr = srv.running.client_addrs[0];
     assert!(handshake(addr, &pki.ca, &[&TLS12], None).await.is_err());
@@ -488,8 +488,8 @@ async fn tls_versions_cipher_suites_and_revoked_client_certificates() {
     // client without it or speaking only TLS 1.3 is refused.
     let mut config = test_config();
     https(&mut config);
-    config.tls_max_version = Some("TLS1.2".into());
-    config.cipher_suites = vec!["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256".into()];
+    config.tls.tls_max_version = Some("TLS1.2".into());
+    config.tls.cipher_suites = vec!["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256".into()];
     let srv = TestServer::start(config).await;
     let addr = srv.running.client_addrs[0];
     assert_eq!(
@@ -512,9 +512,9 @@ async fn tls_versions_cipher_suites_and_revoked_client_certificates() {
     // certificate of the same CA still gets in.
     let mut config = test_config();
     https(&mut config);
-    config.trusted_ca_file = Some(pki.ca.clone());
-    config.client_cert_auth = true;
-    config.client_crl_file = Some(pki.crl.clone());
+    config.tls.trusted_ca_file = Some(pki.ca.clone());
+    config.tls.client_cert_auth = true;
+    config.tls.client_crl_file = Some(pki.crl.clone());
     let srv = TestServer::start(config).await;
     let url = srv.url();
     assert!(!refused(&url, &pki.ca, Some((&pki.client_cert, &pki.client_key))).await);
@@ -527,22 +527,22 @@ async fn tls_versions_cipher_suites_and_revoked_client_certificates() {
     // Bad values are start-up errors with etcd's wording where etcd has one.
     for (setup, want) in [
         (
-            (|c: &mut pgetcd_server::Config| c.tls_min_version = Some("TLS1.1".into()))
+            (|c: &mut pgetcd_server::Config| c.tls.tls_min_version = Some("TLS1.1".into()))
                 as fn(&mut pgetcd_server::Config),
             "TLS1.1 is not supported",
         ),
         (
-            |c| c.cipher_suites = vec!["BOGUS".into()],
+            |c| c.tls.cipher_suites = vec!["BOGUS".into()],
             "unexpected TLS cipher suite \"BOGUS\"",
         ),
         (
-            |c| c.cipher_suites = vec!["TLS_RSA_WITH_AES_128_CBC_SHA".into()],
+            |c| c.tls.cipher_suites = vec!["TLS_RSA_WITH_AES_128_CBC_SHA".into()],
             "TLS_RSA_WITH_AES_128_CBC_SHA is not supported",
         ),
         (
             |c| {
-                c.tls_min_version = Some("TLS1.3".into());
-                c.cipher_suites = vec!["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256".into()];
+                c.tls.tls_min_version = Some("TLS1.3".into());
+                c.tls.cipher_suites = vec!["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256".into()];
             },
             "cipher suites cannot be configured when only TLS1.3 or greater is supported",
         ),

@@ -194,8 +194,8 @@ async fn watch_differential(source: WatchSource) {
     println!("watch differential: seed {seed} (PGETCD_DIFF_SEED={seed} reproduces)");
     let etcd = RealEtcd::start().await;
     let mut config = test_config();
-    config.history_partition_revisions = 40;
-    config.watch_source = source;
+    config.storage.history_partition_revisions = 40;
+    config.watch.watch_source = source;
     let ours = TestServer::start(config).await;
     let urls = [etcd.url.clone(), ours.url()];
     let mut clients = [
@@ -443,9 +443,9 @@ async fn many_writers_and_watchers_without_a_value_cache() {
 
 async fn writers_and_watchers(source: WatchSource, cache_bytes: Option<usize>) {
     let mut config = test_config();
-    config.watch_source = source;
+    config.watch.watch_source = source;
     if let Some(bytes) = cache_bytes {
-        config.cache_bytes = bytes;
+        config.engine.cache_bytes = bytes;
     }
     let srv = TestServer::start(config).await;
     let c = Clients::connect(&srv.url()).await;
@@ -569,8 +569,8 @@ async fn writers_and_watchers(source: WatchSource, cache_bytes: Option<usize>) {
 async fn killed_walsender_and_restart_lose_nothing() {
     // The replication stream alone carries the events here: its losses must not show.
     let mut config = test_config();
-    config.watch_source = WatchSource::Wal;
-    let keyspace = config.keyspace.clone();
+    config.watch.watch_source = WatchSource::Wal;
+    let keyspace = config.storage.keyspace.clone();
     let srv = TestServer::start(config.clone()).await;
     let mut c = Clients::connect(&srv.url()).await;
     let w = TestWatch::open(&srv.url()).await;
@@ -677,8 +677,8 @@ async fn compaction_cancels_watches_from_compacted_revisions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_slot_is_recreated_and_the_gap_served_from_history() {
     let mut config = test_config();
-    config.watch_source = WatchSource::Wal;
-    let keyspace = config.keyspace.clone();
+    config.watch.watch_source = WatchSource::Wal;
+    let keyspace = config.storage.keyspace.clone();
     let srv = TestServer::start(config).await;
     let mut c = Clients::connect(&srv.url()).await;
     let w = TestWatch::open(&srv.url()).await;

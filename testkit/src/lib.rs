@@ -114,11 +114,11 @@ pub fn fresh_keyspace() -> String {
 /// pgetcd's configuration for tests: free port, test Postgres, fresh keyspace.
 pub fn test_config() -> Config {
     let mut c = Config::defaults();
-    c.listen_client_urls = vec!["http://127.0.0.1:0".into()];
-    c.listen_metrics_urls = vec!["http://127.0.0.1:0".into()];
-    c.postgres_url = Some(postgres_url());
-    c.keyspace = fresh_keyspace();
-    c.read_pool_size = 2;
+    c.member.listen_client_urls = vec!["http://127.0.0.1:0".into()];
+    c.member.listen_metrics_urls = vec!["http://127.0.0.1:0".into()];
+    c.storage.postgres_url = Some(postgres_url());
+    c.storage.keyspace = fresh_keyspace();
+    c.storage.read_pool_size = 2;
     c
 }
 

@@ -66,7 +66,7 @@ impl Lease for LeaseService {
             loop {
                 let msg = tokio::select! {
                     m = inbound.message() => m,
-                    _ = crate::stopped(&mut shutdown) => return,
+                    _ = crate::shutdown::stopped(&mut shutdown) => return,
                 };
                 match msg {
                     Ok(Some(r)) => {

@@ -137,7 +137,7 @@ impl StreamTask {
         loop {
             let step = tokio::select! {
                 biased;
-                _ = crate::stopped(&mut shutdown) => return,
+                _ = crate::shutdown::stopped(&mut shutdown) => return,
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => self.request(req).await,
                     _ => return,
