@@ -355,8 +355,8 @@ async fn kill_postmaster_under_load(name: &str, args: &[&str]) {
     for line in text.lines().filter(|l| {
         [
             "managed PostgreSQL",
-            "commit outcome",
-            "watch feed",
+            "commit outcome resolved",
+            "watch feed streaming",
             "lock file",
         ]
         .iter()
