@@ -10,8 +10,21 @@
 //!   the `postgres` user and every Postgres process runs with its uid and gid.
 //! - The postmaster is forked from a dedicated keeper thread that lives as long as the
 //!   child, with a parent-death signal (SIGQUIT), so a crashed or killed pgetcd never
-//!   leaves an orphan Postgres behind. [`LocalPostgres::stop`] (and `Drop`) ask for a
+//!   leaves an orphan Postgres behind. It runs in a process group of its own, so a
+//!   terminal's Ctrl-C reaches only pgetcd, which stops it in order.
+//! - [`LocalPostgres::start_supervised`] (managed mode) restarts a postmaster that
+//!   exits unasked, with back-off ([`RestartPolicy`]); the protocol is at the top of
+//!   `supervise.rs`. [`LocalPostgres::start`] (tests) never restarts.
+//! - [`LocalPostgres::stop`] (and `Drop`) first stop the supervision, then ask for a
 //!   fast shutdown (SIGINT) and wait for the postmaster to exit.
+//! - Durability: the cluster keeps Postgres's defaults (`fsync`, `synchronous_commit`,
+//!   `full_page_writes` on) unless [`Options::settings`] says otherwise, so a commit
+//!   is on disk before it is acknowledged.
+
+/// The keeper thread: start, wait, restart.
+mod supervise;
+
+pub use supervise::{DEFAULT_RESTART_POLICY, ORPHAN_GRACE, RestartPolicy};
 
 use std::fs;
 use std::io;
@@ -19,12 +32,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, mpsc};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::info;
 
 /// What can go wrong while running a local cluster.
 #[derive(Debug, Error)]
@@ -96,11 +108,16 @@ pub fn required_settings() -> Vec<(String, String)> {
     .collect()
 }
 
+/// How long [`LocalPostgres::start`] waits for the first postmaster to accept
+/// connections.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long [`LocalPostgres::stop`] waits for a fast shutdown before killing.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A running local Postgres. Stops it on drop.
 pub struct LocalPostgres {
     opts: Options,
-    pid: u32,
-    exited: Mutex<mpsc::Receiver<()>>,
+    shared: Arc<supervise::Shared>,
     stopped: bool,
 }
 
@@ -215,10 +232,85 @@ fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) -> &mut Command {
     cmd
 }
 
+/// Builds a fresh postmaster command for each start.
+fn postmaster_command(
+    bindir: &Path,
+    opts: &Options,
+    user: Option<(u32, u32)>,
+    log: fs::File,
+) -> Box<dyn Fn() -> Result<Command, Error> + Send> {
+    let postgres = bindir.join("postgres");
+    let opts = opts.clone();
+    Box::new(move || {
+        let mut cmd = Command::new(&postgres);
+        cmd.arg("-D")
+            .arg(&opts.data_dir)
+            .arg("-p")
+            .arg(opts.port.to_string())
+            .arg("-c")
+            .arg(format!(
+                "unix_socket_directories={}",
+                opts.socket_dir.display()
+            ))
+            .arg("-c")
+            .arg(format!(
+                "listen_addresses={}",
+                if opts.listen_tcp { "127.0.0.1" } else { "" }
+            ))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io_err("log file"))?)
+            .stderr(log.try_clone().map_err(io_err("log file"))?)
+            // Its own process group: a terminal's SIGINT goes to pgetcd only, which
+            // drains, then stops Postgres (and is no death to restart from).
+            .process_group(0);
+        as_user(&mut cmd, user);
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe; it runs in the child
+        // after fork (and after the uid change, which would otherwise clear it).
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    })
+}
+
+/// `pg_isready` for the cluster: exits 0 once it accepts connections.
+fn ready_check(bindir: &Path, opts: &Options) -> Box<dyn Fn() -> Command + Send> {
+    let pg_isready = bindir.join("pg_isready");
+    let (socket_dir, port) = (opts.socket_dir.clone(), opts.port);
+    Box::new(move || {
+        let mut cmd = Command::new(&pg_isready);
+        cmd.arg("-q")
+            .arg("-h")
+            .arg(&socket_dir)
+            .arg("-p")
+            .arg(port.to_string())
+            .arg("-U")
+            .arg("postgres");
+        cmd
+    })
+}
+
 impl LocalPostgres {
     /// Initialises (when needed) and starts the cluster, waiting until it accepts
-    /// connections.
+    /// connections. A postmaster that exits later stays down.
     pub fn start(opts: Options) -> Result<Self, Error> {
+        Self::launch(opts, None)
+    }
+
+    /// As [`start`](Self::start), then supervises the postmaster: when it exits
+    /// without [`stop`](Self::stop) asking (a crash, `kill -9`), it is restarted as
+    /// `policy` says, until stopped.
+    pub fn start_supervised(opts: Options, policy: RestartPolicy) -> Result<Self, Error> {
+        Self::launch(opts, Some(policy))
+    }
+
+    fn launch(opts: Options, policy: Option<RestartPolicy>) -> Result<Self, Error> {
         let bindir = find_bindir()?;
         let user = postgres_user()?;
         for dir in [&opts.data_dir, &opts.socket_dir] {
@@ -249,115 +341,49 @@ impl LocalPostgres {
             existing.push_str(&conf);
             fs::write(&conf_path, existing).map_err(io_err("writing postgresql.conf"))?;
         }
-        // A stale pid file from a killed postmaster blocks the start; Postgres itself
-        // checks whether that pid still runs, so leaving it is safe.
+        // A stale pid file from a killed postmaster does not block the start: Postgres
+        // checks whether that pid still runs (a supervised restart also removes lock
+        // files whose pid is dead).
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&opts.log_file)
             .map_err(io_err(format!("opening {}", opts.log_file.display())))?;
         hand_over(&opts.log_file, user)?;
-        let mut cmd = Command::new(bindir.join("postgres"));
-        cmd.arg("-D")
-            .arg(&opts.data_dir)
-            .arg("-p")
-            .arg(opts.port.to_string())
-            .arg("-c")
-            .arg(format!(
-                "unix_socket_directories={}",
-                opts.socket_dir.display()
-            ))
-            .arg("-c")
-            .arg(format!(
-                "listen_addresses={}",
-                if opts.listen_tcp { "127.0.0.1" } else { "" }
-            ))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(io_err("log file"))?)
-            .stderr(log);
-        as_user(&mut cmd, user);
-        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe; it runs in the child after
-        // fork (and after the uid change, which would otherwise clear it).
-        #[allow(unsafe_code)]
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        // The keeper thread forks the postmaster and lives until it exits: the
-        // parent-death signal fires when the forking thread ends, not the process.
-        let (pid_tx, pid_rx) = mpsc::channel();
-        let (exit_tx, exit_rx) = mpsc::channel();
-        thread::Builder::new()
-            .name("postgres-keeper".into())
-            .spawn(move || match cmd.spawn() {
-                Ok(mut child) => {
-                    let _ = pid_tx.send(Ok(child.id()));
-                    let status = child.wait();
-                    info!(?status, "postgres exited");
-                    let _ = exit_tx.send(());
-                }
-                Err(e) => {
-                    let _ = pid_tx.send(Err(e));
-                }
-            })
-            .map_err(io_err("spawning keeper thread"))?;
-        let pid = pid_rx
-            .recv()
-            .map_err(|_| Error::Command {
-                what: "postgres".into(),
-                detail: "keeper thread died".into(),
-            })?
-            .map_err(io_err("starting postgres"))?;
+        let launch = supervise::Launch {
+            command: postmaster_command(&bindir, &opts, user, log),
+            ready_check: ready_check(&bindir, &opts),
+            // What /proc/<pid>/cwd shows for the cluster's processes.
+            data_dir: opts
+                .data_dir
+                .canonicalize()
+                .unwrap_or_else(|_| opts.data_dir.clone()),
+            lock_files: vec![
+                opts.data_dir.join("postmaster.pid"),
+                opts.socket_dir.join(format!(".s.PGSQL.{}.lock", opts.port)),
+            ],
+            log_file: opts.log_file.clone(),
+        };
+        let shared = Arc::new(supervise::Shared::default());
+        let (started_tx, started) = mpsc::channel();
+        supervise::start_keeper(shared.clone(), launch, policy, started_tx)?;
+        // From here on, dropping `pg` (on any error) stops whatever was started.
         let pg = LocalPostgres {
             opts,
-            pid,
-            exited: Mutex::new(exit_rx),
+            shared,
             stopped: false,
         };
-        pg.wait_ready(&bindir, Duration::from_secs(60))?;
-        Ok(pg)
-    }
-
-    fn wait_ready(&self, bindir: &Path, limit: Duration) -> Result<(), Error> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if self.exited().try_recv().is_ok() {
-                return Err(Error::Command {
-                    what: "postgres".into(),
-                    detail: format!(
-                        "exited during start-up; see its log at {}",
-                        self.opts.log_file.display()
-                    ),
-                });
+        match started.recv_timeout(START_TIMEOUT) {
+            Ok(Ok(())) => Ok(pg),
+            Ok(Err(e)) => Err(e),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                Err(Error::NotReady(START_TIMEOUT, pg.opts.log_file.clone()))
             }
-            let ok = Command::new(bindir.join("pg_isready"))
-                .arg("-q")
-                .arg("-h")
-                .arg(&self.opts.socket_dir)
-                .arg("-p")
-                .arg(self.opts.port.to_string())
-                .arg("-U")
-                .arg("postgres")
-                .stdin(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if ok {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(Error::NotReady(limit, self.opts.log_file.clone()));
-            }
-            thread::sleep(Duration::from_millis(50));
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(Error::Command {
+                what: "postgres".into(),
+                detail: "keeper thread died".into(),
+            }),
         }
-    }
-
-    fn exited(&self) -> std::sync::MutexGuard<'_, mpsc::Receiver<()>> {
-        self.exited.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A libpq-style connection string for the superuser over the unix socket.
@@ -379,38 +405,30 @@ impl LocalPostgres {
         &self.opts
     }
 
-    /// The postmaster's pid.
+    /// The newest postmaster's pid (a restart changes it).
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.shared.pid()
     }
 
-    /// Sends `signal` to the postmaster.
+    /// How many times the supervision restarted the postmaster.
+    pub fn restarts(&self) -> u64 {
+        self.shared.restarts()
+    }
+
+    /// Sends `signal` to the postmaster, if one runs.
     pub fn signal(&self, signal: i32) {
-        // SAFETY: kill has no memory-safety preconditions.
-        #[allow(unsafe_code)]
-        let rc = unsafe { libc::kill(self.pid as libc::pid_t, signal) };
-        if rc != 0 {
-            warn!(
-                pid = self.pid,
-                signal,
-                "kill failed: {}",
-                io::Error::last_os_error()
-            );
-        }
+        self.shared.signal(signal);
     }
 
-    /// Fast shutdown: waits up to 30 s for the postmaster to exit, then kills it.
+    /// Stops the supervision (nothing is restarted from here on), then a fast
+    /// shutdown: waits up to [`STOP_TIMEOUT`] for the postmaster to exit, then kills
+    /// it.
     pub fn stop(&mut self) {
         if self.stopped {
             return;
         }
         self.stopped = true;
-        self.signal(libc::SIGINT);
-        if self.exited().recv_timeout(Duration::from_secs(30)).is_err() {
-            warn!(pid = self.pid, "postgres did not stop in 30 s, killing it");
-            self.signal(libc::SIGKILL);
-            let _ = self.exited().recv_timeout(Duration::from_secs(5));
-        }
+        self.shared.stop(STOP_TIMEOUT);
     }
 }
 

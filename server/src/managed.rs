@@ -1,10 +1,13 @@
 //! Managed mode: pgetcd runs its own PostgreSQL under `--data-dir` when no
-//! `--postgres-url` is given. The cluster listens on a unix socket only.
+//! `--postgres-url` is given. The cluster listens on a unix socket only, and is
+//! supervised: a postmaster that dies (a crash, `kill -9`) is restarted with back-off
+//! (100 ms doubling to 5 s) while the engine, the writer and the watch feed reconnect
+//! by themselves. [`LocalPostgres::stop`] ends the supervision before Postgres.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 
-use pgetcd_localpg::{LocalPostgres, Options};
+use pgetcd_localpg::{LocalPostgres, Options, RestartPolicy};
 use tracing::info;
 
 use crate::ServerError;
@@ -52,13 +55,18 @@ pub fn start(data_dir: &Path) -> Result<LocalPostgres, ServerError> {
         std::fs::create_dir_all(parent)
             .map_err(|e| ServerError::Start(format!("creating {}: {e}", parent.display())))?;
     }
-    LocalPostgres::start(Options {
-        data_dir: cluster_dir,
-        socket_dir,
-        port: MANAGED_PORT,
-        listen_tcp: false,
-        settings: Vec::new(),
-        log_file,
-    })
+    LocalPostgres::start_supervised(
+        Options {
+            data_dir: cluster_dir,
+            socket_dir,
+            port: MANAGED_PORT,
+            listen_tcp: false,
+            // Postgres's durable defaults: fsync, synchronous_commit and
+            // full_page_writes on.
+            settings: Vec::new(),
+            log_file,
+        },
+        RestartPolicy::default(),
+    )
     .map_err(|e| ServerError::Start(e.to_string()))
 }
