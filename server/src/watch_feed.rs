@@ -1,20 +1,21 @@
 //! The watch feed: committed batches → events → the watch bus.
 //!
 //! Sources ([`WatchSource`]): by default the writer hands every committed batch over
-//! in-process, so events reach the bus right after the commit; the Postgres logical
-//! replication stream is consumed beside it (confirming the slot, and publishing
-//! whatever the writer did not hand over). With `--watch-source wal` the stream is the
-//! only source.
+//! in-process (a bounded queue the writer never waits for: a batch that finds it full
+//! is skipped, and shows up as a gap), so events reach the bus right after the commit;
+//! the store's change feed (Postgres: the logical replication stream) is consumed
+//! beside it (confirming its position, and publishing whatever the writer did not hand
+//! over). With `--watch-source wal` the change feed is the only source.
 //!
 //! Protocol: the feed keeps `last`, the newest revision published to the bus (at start,
-//! the revision the engine loaded). For each committed transaction from the WAL stream
-//! it drops rows at or below `last` (a resumed stream repeats what was not confirmed),
-//! fills any gap `(last, first)` from the engine's index (a recreated slot misses what
-//! was committed before it), attaches `prev_kv` from the index, publishes the batch, and
-//! only then confirms the commit's LSN. On any stream error it reconnects from the
-//! slot's confirmed LSN; a slot that lost WAL is dropped and recreated (the index fills
-//! the gap, or, if compaction removed it, every watcher is resynced and so cancelled as
-//! compacted).
+//! the revision the engine loaded). For each committed batch from either source it drops
+//! changes at or below `last` (a resumed change feed repeats what was not confirmed),
+//! fills any gap `(last, first)` from the engine's index (a skipped hand-off, or a
+//! recreated slot that misses what was committed before it), attaches `prev_kv` from the
+//! index, publishes the batch, and only then confirms the change feed's position. On any
+//! change feed error it reopens the feed after its confirmed position; a feed that lost
+//! history is recreated (the index fills the gap, or, if compaction removed it, every
+//! watcher is resynced and so cancelled as compacted).
 
 use std::sync::Arc;
 use std::time::Duration;

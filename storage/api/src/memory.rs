@@ -266,15 +266,23 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn compact(&self, fence: &Fence, _plan: &CompactionPlan, pruned: &Pruned) -> Result<()> {
+    async fn compact(&self, fence: &Fence, plan: &CompactionPlan, pruned: &Pruned) -> Result<()> {
         let mut g = self.inner.lock();
         let meta = g.meta.ok_or_else(not_set_up)?;
         if meta.leader_epoch != fence.epoch {
             return Err(StoreError::Fenced("leader epoch moved".into()));
         }
-        for id in &pruned.removed {
-            g.history.remove(id);
+        // Everything at or below the compact revision but each key's newest live
+        // version, whether or not the index listed it (an index loaded after a compaction
+        // whose data step never ran does not know the older versions).
+        let _ = pruned;
+        let mut newest: BTreeMap<Bytes, VersionId> = BTreeMap::new();
+        for (id, (key, _)) in g.history.range(..=(plan.revision, u32::MAX)) {
+            newest.insert(key.clone(), *id);
         }
+        g.history.retain(|id, (key, v)| {
+            id.0 > plan.revision || (newest.get(key) == Some(id) && !v.is_tombstone())
+        });
         Ok(())
     }
 

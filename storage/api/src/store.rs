@@ -62,9 +62,12 @@ pub trait Store: Send + Sync + 'static {
         revision: i64,
     ) -> Result<CompactionPlan>;
 
-    /// Compaction's data step: removes the versions the prune removed and whatever the
-    /// plan's segments hold, keeping the survivors. Idempotent: a failed attempt is
-    /// simply made again. Fenced when the epoch moved.
+    /// Compaction's data step: afterwards the store holds, at or below the plan's
+    /// revision, only each key's newest live version. `pruned` lists what the engine's
+    /// index removed and kept, but the store must not rely on it alone: an index loaded
+    /// after a compaction whose data step never ran does not know the versions that
+    /// compaction left behind. Idempotent: a failed attempt is simply made again.
+    /// Fenced when the epoch moved.
     async fn compact(&self, fence: &Fence, plan: &CompactionPlan, pruned: &Pruned) -> Result<()>;
 
     /// Bytes the keyspace takes in the store.

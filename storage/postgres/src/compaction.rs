@@ -20,12 +20,18 @@ fn split(ids: &[VersionId]) -> (Vec<i64>, Vec<i32>) {
     )
 }
 
+/// With `sweep_retained`, the retained versions the index may not know of are removed
+/// too: every retained version at or below the compact revision that a newer version
+/// of its key at or below it shadows (needed once after a load, which cannot tell
+/// whether an earlier compaction's data step ran; it reads the history at or below the
+/// compact revision once).
 pub(crate) async fn physical(
     client: &mut Client,
     layout: &Layout,
     fence: &Fence,
     plan: &CompactionPlan,
     pruned: &Pruned,
+    sweep_retained: bool,
 ) -> Result<()> {
     let s = layout.schema();
     let failed = write_error("compaction");
@@ -70,6 +76,20 @@ pub(crate) async fn physical(
         )
         .await
         .map_err(write_error("compaction: delete retained"))?;
+    }
+    if sweep_retained {
+        for shadow in ["history", "history_retained"] {
+            tx.execute(
+                &format!(
+                    "DELETE FROM {s}.history_retained r WHERE r.revision <= $1 AND EXISTS (\
+                       SELECT 1 FROM {s}.{shadow} n WHERE n.key = r.key \
+                       AND n.revision > r.revision AND n.revision <= $1)"
+                ),
+                &[&plan.revision],
+            )
+            .await
+            .map_err(write_error("compaction: sweep retained"))?;
+        }
     }
     for &start in &plan.segments {
         tx.batch_execute(&layout.drop_partition_ddl(start))

@@ -35,6 +35,7 @@ mod pgtls;
 mod setup;
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -88,6 +89,9 @@ pub struct PgStore {
     pool: Pool,
     writer: tokio::sync::Mutex<commit::WriterState>,
     compactor: tokio::sync::Mutex<Option<Client>>,
+    /// Set by a load: the next compaction's data step also sweeps retained versions the
+    /// index may not know of (see `compaction::physical`).
+    sweep_retained: std::sync::atomic::AtomicBool,
 }
 
 /// Opens a connection and drives it on a background task.
@@ -131,6 +135,7 @@ impl PgStore {
             pool,
             writer: tokio::sync::Mutex::new(commit::WriterState::default()),
             compactor: tokio::sync::Mutex::new(None),
+            sweep_retained: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -193,7 +198,11 @@ impl Store for PgStore {
         w.forget_partitions();
         drop(w);
         let mut client = self.connect().await?;
-        load::load(&mut client, &self.layout, visit).await
+        let loaded = load::load(&mut client, &self.layout, visit).await?;
+        if loaded.meta.compact_revision >= 0 {
+            self.sweep_retained.store(true, Ordering::SeqCst);
+        }
+        Ok(loaded)
     }
 
     async fn commit(&self, fence: &Fence, batch: Batch<'_>) -> Result<()> {
@@ -255,8 +264,11 @@ impl Store for PgStore {
             Some(c) => c,
             None => self.connect().await?,
         };
-        let result = compaction::physical(&mut client, &self.layout, fence, plan, pruned).await;
+        let sweep = self.sweep_retained.load(Ordering::SeqCst);
+        let result =
+            compaction::physical(&mut client, &self.layout, fence, plan, pruned, sweep).await;
         if result.is_ok() {
+            self.sweep_retained.store(false, Ordering::SeqCst);
             *slot = Some(client);
         }
         result

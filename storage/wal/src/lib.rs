@@ -9,7 +9,7 @@
 //!   (`wal_status = 'lost'`) as [`WalError::SlotLost`].
 //! - [`WalStream`] opens a replication connection and streams `pgoutput` (protocol 1,
 //!   binary values) from the slot's confirmed position, with the TLS of the caller's
-//!   connection settings (the engine's `PgConnect`; see `tunnel`);
+//!   connection settings (the Postgres store's `PgConnect`; see `tunnel`);
 //!   [`WalStream::next`] yields each committed transaction's history rows in commit
 //!   order.
 //! - The caller confirms a commit's end LSN with [`WalStream::confirm`] only after it
@@ -18,7 +18,8 @@
 //!   confirmed LSN, so rows may be delivered again (callers skip revisions they have)
 //!   but never lost.
 //!
-//! Must not depend on tonic or the watch bus.
+//! Must not depend on tonic, the watch bus or the engine: the Postgres store
+//! (`pgetcd-storage-postgres`) wraps it as the keyspace's change feed.
 
 mod pgoutput;
 /// TLS for the replication connection: a private unix socket piped over TLS.
@@ -205,7 +206,7 @@ pub struct WalStream {
 
 impl WalStream {
     /// Opens a replication connection to the target of `settings` (connection
-    /// settings that are also their TLS connector, such as the engine's `PgConnect`)
+    /// settings that are also their TLS connector, such as the Postgres store's `PgConnect`)
     /// and starts streaming from the slot's confirmed position. Over TCP the
     /// connection uses TLS as the settings' `ssl_mode` says (disable, prefer or
     /// require), with the connector's certificate checks.

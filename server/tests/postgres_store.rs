@@ -11,7 +11,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use pgetcd_storage::{Batch, Change, LeaseOps, Outcome, Resolution, Store, StoreError, Version};
+use pgetcd_storage::{
+    Batch, Change, LeaseOps, Outcome, Pruned, Resolution, Store, StoreError, Version,
+};
 use pgetcd_storage_postgres::{PgStore, PgStoreConfig};
 use pgetcd_testkit::proxy::TcpProxy;
 use pgetcd_testkit::{admin_client, fresh_keyspace, postgres};
@@ -211,4 +213,83 @@ async fn the_fence_is_a_compare_and_swap_of_epoch_and_previous_revision() {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Fenced(_)), "{err:?}");
+}
+
+/// A compaction recorded but whose data step never ran (an in-doubt record, then a
+/// reload or a restart) leaves versions the next index never learns of. The next data
+/// step must still remove them, or dropping the partitions of their newer versions
+/// would bring them back.
+#[tokio::test]
+async fn versions_left_by_a_skipped_compaction_step_do_not_come_back() {
+    let pg = postgres();
+    let schema = fresh_keyspace();
+    let store_config = || {
+        let mut c = PgStoreConfig::new(pg.tcp_url("postgres"));
+        c.schema = schema.clone();
+        c.partition_revisions = 2;
+        c.read_pool_size = 1;
+        c
+    };
+    let store = PgStore::new(&store_config()).unwrap();
+    store.setup().await.unwrap();
+    let (fence, _) = store.fence().await.unwrap();
+    let leases = LeaseOps::default();
+    let mut rev = 1;
+    let mut commit = async |store: &PgStore, change: Change| {
+        let changes = [change];
+        store
+            .commit(
+                &fence,
+                Batch {
+                    prev_revision: rev,
+                    revision: rev + 1,
+                    changes: &changes,
+                    leases: &leases,
+                },
+            )
+            .await
+            .unwrap();
+        rev += 1;
+    };
+    commit(&store, put("k", 2)).await;
+    commit(&store, put("j", 3)).await;
+    // Compact at 3: k@2 and j@3 survive, copied out of the dropped partitions.
+    let plan = store.record_compaction(&fence, 3, 3).await.unwrap();
+    let survivors = Pruned {
+        survivors: vec![(2, 0), (3, 0)],
+        ..Pruned::default()
+    };
+    store.compact(&fence, &plan, &survivors).await.unwrap();
+    commit(&store, put("k", 4)).await;
+    let mut tombstone = put("k", 5);
+    tombstone.version = Version::tombstone();
+    tombstone.version.mod_revision = 5;
+    commit(&store, tombstone).await;
+    commit(&store, put("m", 6)).await;
+    // Compaction at 5 recorded; its data step never runs.
+    store.record_compaction(&fence, 6, 5).await.unwrap();
+
+    // A restart: the index loaded now knows neither k@2 nor k@4.
+    let store = PgStore::new(&store_config()).unwrap();
+    let (fence, _) = store.fence().await.unwrap();
+    let mut keys = Vec::new();
+    store
+        .load(&mut |k, v, _| keys.push((k, v.mod_revision)))
+        .await
+        .unwrap();
+    keys.sort();
+    assert_eq!(keys, vec![("j".into(), 3), ("m".into(), 6)]);
+    // Compact at 6, with what that index would list: nothing of k.
+    let plan = store.record_compaction(&fence, 6, 6).await.unwrap();
+    store
+        .compact(&fence, &plan, &Pruned::default())
+        .await
+        .unwrap();
+    let mut keys = Vec::new();
+    store
+        .load(&mut |k, v, _| keys.push((k, v.mod_revision)))
+        .await
+        .unwrap();
+    keys.sort();
+    assert_eq!(keys, vec![("j".into(), 3), ("m".into(), 6)], "k came back");
 }
