@@ -1,74 +1,18 @@
-//! Counters and histograms the engine keeps for `/metrics`: plain atomics, so the hot
-//! paths pay a relaxed add and the server renders them in Prometheus format on scrape.
+//! Counters and histograms the engine keeps for `/metrics`.
+//!
+//! Counters (and the one gauge, `compactions_pending`) are plain `AtomicU64`s: the hot
+//! paths pay a relaxed add, and the server reads them when it is scraped and hands them
+//! to its Prometheus registry under the names given below. Histograms are the
+//! `prometheus` crate's own (bucketing, sum and count come from it); a Prometheus
+//! histogram is named when it is made, so their series names are set here, and the
+//! server registers them as they are. The engine knows nothing of the text format or
+//! of registries.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A fixed-bucket histogram (Prometheus semantics: cumulative on render, `le` upper
-/// bounds inclusive). Observations are lock-free.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    /// One counter per bound plus the +Inf bucket (not cumulative).
-    buckets: Vec<AtomicU64>,
-    /// Sum of observations, as f64 bits updated by compare-and-swap.
-    sum_bits: AtomicU64,
-    count: AtomicU64,
-}
-
-/// A histogram's figures at one instant.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HistogramSnapshot {
-    /// (upper bound, cumulative count) for each finite bound.
-    pub buckets: Vec<(f64, u64)>,
-    /// Sum of observations.
-    pub sum: f64,
-    /// Number of observations (the +Inf bucket).
-    pub count: u64,
-}
-
-impl Histogram {
-    /// A histogram with these ascending upper bounds.
-    pub fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_bits: AtomicU64::new(0f64.to_bits()),
-            count: AtomicU64::new(0),
-        }
-    }
-
-    /// Records one observation.
-    pub fn observe(&self, v: f64) {
-        let i = self.bounds.partition_point(|&b| b < v);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        let _ = self
-            .sum_bits
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-                Some((f64::from_bits(bits) + v).to_bits())
-            });
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Cumulative figures for rendering.
-    pub fn snapshot(&self) -> HistogramSnapshot {
-        let mut acc = 0;
-        let buckets = self
-            .bounds
-            .iter()
-            .zip(&self.buckets)
-            .map(|(&b, c)| {
-                acc += c.load(Ordering::Relaxed);
-                (b, acc)
-            })
-            .collect();
-        let count = acc + self.buckets[self.bounds.len()].load(Ordering::Relaxed);
-        HistogramSnapshot {
-            buckets,
-            sum: f64::from_bits(self.sum_bits.load(Ordering::Relaxed)),
-            count,
-        }
-    }
-}
+/// A fixed-bucket histogram (Prometheus semantics: `le` upper bounds inclusive); one
+/// observation is a few relaxed atomic operations.
+pub use prometheus::Histogram;
 
 /// Bounds for durations in seconds, from 100 µs to 10 s.
 pub const SECONDS_BOUNDS: &[f64] = &[
@@ -80,6 +24,12 @@ pub const SECONDS_BOUNDS: &[f64] = &[
 pub const BATCH_BOUNDS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
 ];
+
+/// A histogram named `name` with these bounds.
+fn histogram(name: &str, help: &str, bounds: &[f64]) -> Histogram {
+    let opts = prometheus::HistogramOpts::new(name, help).buckets(bounds.to_vec());
+    Histogram::with_opts(opts).expect("a valid metric name and ascending bounds")
+}
 
 /// What the engine counts. Names in comments are the series the server exports.
 #[derive(Debug)]
@@ -126,12 +76,28 @@ impl Default for EngineMetrics {
             txns: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
-            batch_size: Histogram::new(BATCH_BOUNDS),
-            commit_seconds: Histogram::new(SECONDS_BOUNDS),
+            batch_size: histogram(
+                "pgetcd_commit_batch_size",
+                "Write requests committed together in one Postgres transaction.",
+                BATCH_BOUNDS,
+            ),
+            commit_seconds: histogram(
+                "pgetcd_commit_duration_seconds",
+                "Time of one group commit (one Postgres round trip).",
+                SECONDS_BOUNDS,
+            ),
             commit_failures: AtomicU64::new(0),
-            publish_delay_seconds: Histogram::new(SECONDS_BOUNDS),
+            publish_delay_seconds: histogram(
+                "pgetcd_watch_publish_delay_seconds",
+                "Time from a batch's commit to its events on the watch bus.",
+                SECONDS_BOUNDS,
+            ),
             compactions: AtomicU64::new(0),
-            compaction_seconds: Histogram::new(SECONDS_BOUNDS),
+            compaction_seconds: histogram(
+                "pgetcd_compaction_duration_seconds",
+                "Time of one compaction, from the index prune to the end of its Postgres work.",
+                SECONDS_BOUNDS,
+            ),
             compactions_pending: AtomicU64::new(0),
             compaction_retries: AtomicU64::new(0),
         }
@@ -148,6 +114,16 @@ impl EngineMetrics {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
+
+    /// The histograms, for a registry (each carries its series name).
+    pub fn histograms(&self) -> [&Histogram; 4] {
+        [
+            &self.batch_size,
+            &self.commit_seconds,
+            &self.publish_delay_seconds,
+            &self.compaction_seconds,
+        ]
+    }
 }
 
 #[cfg(test)]
@@ -156,13 +132,38 @@ mod tests {
 
     #[test]
     fn histogram_buckets_are_cumulative_and_inclusive() {
-        let h = Histogram::new(&[1.0, 2.0, 4.0]);
+        let h = histogram("t", "t", &[1.0, 2.0, 4.0]);
         for v in [0.5, 1.0, 1.5, 3.0, 9.0] {
             h.observe(v);
         }
-        let s = h.snapshot();
-        assert_eq!(s.buckets, vec![(1.0, 2), (2.0, 3), (4.0, 4)]);
-        assert_eq!(s.count, 5);
-        assert!((s.sum - 15.0).abs() < 1e-9);
+        let proto = prometheus::core::Metric::metric(&h);
+        let cumulative: Vec<(f64, u64)> = proto
+            .get_histogram()
+            .get_bucket()
+            .iter()
+            .map(|b| (b.upper_bound(), b.cumulative_count()))
+            .collect();
+        assert_eq!(cumulative, vec![(1.0, 2), (2.0, 3), (4.0, 4)]);
+        assert_eq!(h.get_sample_count(), 5);
+        assert!((h.get_sample_sum() - 15.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn every_histogram_is_named() {
+        let m = EngineMetrics::default();
+        let names: Vec<String> = m
+            .histograms()
+            .iter()
+            .map(|h| prometheus::core::Collector::desc(*h)[0].fq_name.clone())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "pgetcd_commit_batch_size",
+                "pgetcd_commit_duration_seconds",
+                "pgetcd_watch_publish_delay_seconds",
+                "pgetcd_compaction_duration_seconds",
+            ]
+        );
     }
 }

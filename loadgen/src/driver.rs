@@ -1,12 +1,14 @@
 //! Runs the rounds: prepare each endpoint once, then rounds A B A B ...; prints each
 //! round (text or one JSON object), the median ratios A/B, and writes the HTML report.
+//!
+//! The top of loadgen's module graph: it imports `results` (what a round measured) and
+//! `report` (which reads those results); nothing but `lib.rs` imports this module.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rand::Rng;
-use serde::Serialize;
 
 use crate::cli::{Cli, Params};
 use crate::conn::{Target, TlsFiles};
@@ -14,28 +16,9 @@ use crate::cpu;
 use crate::pace::{Budget, Epoch};
 use crate::progress::Progress;
 use crate::report;
-use crate::stats::{KindReport, Latency, Stats};
+use crate::results::RoundResult;
+use crate::stats::Stats;
 use crate::workloads::{self, Prepared, RoundCtx, Spec};
-
-/// One round's figures; the top-level latency and throughput are the primary kind's.
-#[derive(Serialize, Clone, Debug)]
-pub struct RoundResult {
-    pub workload: &'static str,
-    /// "A" (--endpoints) or "B" (--vs).
-    pub side: &'static str,
-    pub endpoint: String,
-    pub round: usize,
-    pub requests: u64,
-    pub errors: u64,
-    pub seconds: f64,
-    pub ops_per_sec: f64,
-    #[serde(flatten)]
-    pub latency: Latency,
-    pub server_cpu_us_per_op: Option<f64>,
-    pub kinds: Vec<KindReport>,
-    pub notes: Vec<String>,
-    pub first_error: Option<String>,
-}
 
 struct Side {
     name: &'static str,

@@ -27,6 +27,8 @@ mod prefill;
 mod progress;
 /// The HTML report.
 mod report;
+/// What a round measured (shared by the driver and the report).
+mod results;
 /// Histograms and per-second buckets.
 mod stats;
 /// The workloads.

@@ -1,11 +1,13 @@
 //! `--report FILE.html`: one self-contained page (inline CSS and SVG, no scripts) with
 //! the rounds' summary table and, per operation kind, throughput per second and p50/p99
 //! latency per second, one line per endpoint and round.
+//!
+//! Reads [`RoundResult`]s from `results`; it never imports `driver`, which calls it.
 
 use std::fmt::Write as _;
 
 use crate::cli::Cli;
-use crate::driver::RoundResult;
+use crate::results::RoundResult;
 use crate::stats::{KindReport, SecondPoint};
 
 const WIDTH: f64 = 900.0;

@@ -95,7 +95,7 @@ async fn readyz(State(src): State<Sources>) -> impl IntoResponse {
 /// Every series (see [`crate::metrics`]).
 async fn metrics(State(src): State<Sources>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
         crate::metrics::render(&src).await,
     )
 }
