@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 use pgetcd_partitioning::{KIND_DELETE, KIND_PUT, Layout};
 use pgetcd_storage::{Batch, Change, CompactionPlan, Fence, Resolution, Result, StoreError};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 use tracing::{info, warn};
 
@@ -159,30 +159,16 @@ impl WriterState {
         let backend = conn.backend;
         let rows = CommitRows::of(batch.changes);
         let (grant_ids, grant_ttls, revoke_ids) = batch.leases.net();
-        let params: [&(dyn ToSql + Sync); 22] = [
-            &batch.revision,
-            &fence.epoch,
-            &rows.h_rev,
-            &rows.h_sub,
-            &rows.h_key,
-            &rows.h_kind,
-            &rows.h_create,
-            &rows.h_ver,
-            &rows.h_lease,
-            &rows.h_value,
-            &rows.u_key,
-            &rows.u_create,
-            &rows.u_mod,
-            &rows.u_sub,
-            &rows.u_ver,
-            &rows.u_lease,
-            &rows.u_value,
-            &rows.d_key,
-            &grant_ids,
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(22);
+        params.push(&batch.revision);
+        params.push(&fence.epoch);
+        params.extend(rows.columns().map(|(p, _)| p));
+        params.extend([
+            &grant_ids as &(dyn ToSql + Sync),
             &grant_ttls,
             &revoke_ids,
             &batch.prev_revision,
-        ];
+        ]);
         let source = match conn.client.execute(&conn.commit, &params).await {
             Ok(_) => return Ok(()),
             Err(e) => e,
@@ -354,8 +340,9 @@ fn commit_sql(s: &str) -> String {
 }
 
 /// A batch's changes as the commit statement's arrays: every history row, and the
-/// last change per key for `kv`.
-struct CommitRows<'a> {
+/// last change per key for `kv` (an upsert, or a delete for a tombstone). Public so the
+/// encoding benchmark (`benches/benches/encode.rs`) measures this very code.
+pub struct CommitRows<'a> {
     h_rev: Vec<i64>,
     h_sub: Vec<i32>,
     h_key: Vec<&'a [u8]>,
@@ -375,7 +362,30 @@ struct CommitRows<'a> {
 }
 
 impl<'a> CommitRows<'a> {
-    fn of(changes: &'a [Change]) -> Self {
+    /// The statement's parameters `$3` to `$18`, in order, each with its Postgres type.
+    pub fn columns(&self) -> [(&(dyn ToSql + Sync), Type); 16] {
+        [
+            (&self.h_rev, Type::INT8_ARRAY),
+            (&self.h_sub, Type::INT4_ARRAY),
+            (&self.h_key, Type::BYTEA_ARRAY),
+            (&self.h_kind, Type::INT2_ARRAY),
+            (&self.h_create, Type::INT8_ARRAY),
+            (&self.h_ver, Type::INT8_ARRAY),
+            (&self.h_lease, Type::INT8_ARRAY),
+            (&self.h_value, Type::BYTEA_ARRAY),
+            (&self.u_key, Type::BYTEA_ARRAY),
+            (&self.u_create, Type::INT8_ARRAY),
+            (&self.u_mod, Type::INT8_ARRAY),
+            (&self.u_sub, Type::INT4_ARRAY),
+            (&self.u_ver, Type::INT8_ARRAY),
+            (&self.u_lease, Type::INT8_ARRAY),
+            (&self.u_value, Type::BYTEA_ARRAY),
+            (&self.d_key, Type::BYTEA_ARRAY),
+        ]
+    }
+
+    /// Splits `changes` into the columns.
+    pub fn of(changes: &'a [Change]) -> Self {
         let n = changes.len();
         let mut r = CommitRows {
             h_rev: Vec::with_capacity(n),

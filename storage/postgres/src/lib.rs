@@ -48,6 +48,7 @@ use pgetcd_storage::{
 use tokio_postgres::Client;
 use tracing::{info, warn};
 
+pub use commit::CommitRows;
 pub use error::proves_rollback;
 pub use pgetcd_partitioning::DEFAULT_PARTITION_REVISIONS;
 pub use pgtls::{PgConnect, PgTls, PgTlsConnect, PgTlsStream, PgUrlError, SslMode};
