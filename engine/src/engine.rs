@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 use pgetcd_proto::etcdserverpb::ResponseHeader;
-use pgetcd_storage::{PoolStatus, Store};
+use pgetcd_storage::{Fence, Meta, PoolStatus, Store};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{EngineConfig, REQUEST_ENVELOPE_BYTES};
@@ -45,17 +45,41 @@ impl Engine {
     pub async fn open(config: EngineConfig, store: Arc<dyn Store>) -> Result<Engine> {
         store.setup().await?;
         let (fence, meta) = store.fence().await?;
+        let quota = config.quota_backend_bytes > 0;
+        let (engine, rx) = Engine::with_state(config, store, meta, Some(fence)).await?;
+        let writer = Writer::new(engine.core.clone(), rx, fence);
+        tokio::spawn(writer.run());
+        tokio::spawn(tasks::expire_leases(
+            engine.core.leases.clone(),
+            engine.jobs.downgrade(),
+        ));
+        if quota {
+            tokio::spawn(tasks::watch_quota(Arc::downgrade(&engine.core)));
+        }
+        Ok(engine)
+    }
+
+    /// An engine over the store's current state (loaded now), with its write queue;
+    /// `fence` is the writer's, None for a follower.
+    pub(crate) async fn with_state(
+        config: EngineConfig,
+        store: Arc<dyn Store>,
+        meta: Meta,
+        fence: Option<Fence>,
+    ) -> Result<(Engine, mpsc::Receiver<Job>)> {
         let leases = Arc::new(LeaseTable::default());
         let metrics = Arc::new(EngineMetrics::default());
         let state =
             Core::load_state(&store, config.cache_bytes, leases.clone(), metrics.clone()).await?;
+        let (jobs, rx) = mpsc::channel(config.max_batch * 4);
         let core = Arc::new(Core {
             state: RwLock::new(Arc::new(state)),
             store,
             cluster_id: meta.cluster_id,
             member_id: meta.member_id,
-            raft_term: fence.epoch as u64,
-            config: config.clone(),
+            raft_term: fence.map_or(meta.leader_epoch, |f| f.epoch) as u64,
+            follower: fence.is_none(),
+            config,
             writer_failed: AtomicBool::new(false),
             leases,
             nospace: AtomicBool::new(false),
@@ -63,19 +87,9 @@ impl Engine {
             commit_times: Mutex::new(VecDeque::new()),
             commits: Mutex::new(None),
             handoff_skipped: AtomicU64::new(0),
+            applied: tokio::sync::Notify::new(),
         });
-        let (jobs, rx) = mpsc::channel(config.max_batch * 4);
-        let writer = Writer::new(core.clone(), rx, fence);
-        tokio::spawn(writer.run());
-        let engine = Engine { core, jobs };
-        tokio::spawn(tasks::expire_leases(
-            engine.core.leases.clone(),
-            engine.jobs.downgrade(),
-        ));
-        if config.quota_backend_bytes > 0 {
-            tokio::spawn(tasks::watch_quota(Arc::downgrade(&engine.core)));
-        }
-        Ok(engine)
+        Ok((Engine { core, jobs }, rx))
     }
 
     /// Fills the header's ids and term (and revision when unset), like etcd's

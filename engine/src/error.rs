@@ -69,6 +69,9 @@ pub enum Error {
         /// The keyspace.
         schema: String,
     },
+    /// This instance follows the keyspace's writer and does not write itself.
+    #[error("this instance follows the keyspace's writer")]
+    NotWriter,
     /// The store failed (Postgres unreachable, misconfigured, schema too new, ...).
     #[error(transparent)]
     Storage(#[from] pgetcd_storage::StoreError),

@@ -18,6 +18,9 @@ impl Engine {
     /// Range: served from the index at the published revision.
     pub async fn range(&self, r: &RangeRequest) -> Result<RangeResponse> {
         validate::check_range(r)?;
+        if !r.serializable {
+            self.sync().await?;
+        }
         EngineMetrics::inc(&self.core.metrics.ranges, 1);
         let st = self.core.state();
         let ex = Exec::new(&st, st.published(), st.compact());
@@ -59,6 +62,7 @@ impl Engine {
     pub async fn txn(&self, r: TxnRequest) -> Result<TxnResponse> {
         validate::check_txn(&r, self.core.config.max_txn_ops)?;
         let mut resp = if txn_is_read_only(&r) {
+            self.sync().await?;
             let st = self.core.state();
             let mut ex = Exec::new(&st, st.published(), st.compact());
             ex.txn(&r).await?

@@ -25,6 +25,9 @@ mod error;
 mod events;
 /// etcd's request semantics evaluated over the index.
 mod exec;
+/// Following a keyspace another instance writes: the change feed applied to the index,
+/// the read index.
+mod follower;
 /// etcd's HashKV over the index.
 mod hash;
 /// The in-memory revision index and value-cache bookkeeping.
@@ -54,6 +57,7 @@ pub use engine::{Engine, Stats};
 pub use error::{Error, Result};
 pub use events::{REPLAY_CHUNK_EVENTS, Replay, event_of, kv_of};
 pub use exec::{Change, compare_kv, txn_has_put, txn_is_read_only};
+pub use follower::{COMPACTION_POLL, SYNC_TIMEOUT};
 pub use pgetcd_storage::{ChangeFeed, FeedCommit, FeedPrepared, PoolStatus, Store, StoreError};
 pub use state::Committed;
 pub use tasks::QUOTA_CHECK_INTERVAL;

@@ -103,6 +103,8 @@ pub(crate) struct Core {
     pub(crate) cluster_id: u64,
     pub(crate) member_id: u64,
     pub(crate) raft_term: u64,
+    /// Whether this engine follows another instance's writes (see `follower.rs`).
+    pub(crate) follower: bool,
     pub(crate) config: EngineConfig,
     pub(crate) writer_failed: AtomicBool,
     pub(crate) leases: Arc<LeaseTable>,
@@ -116,11 +118,36 @@ pub(crate) struct Core {
     pub(crate) commits: Mutex<Option<mpsc::Sender<Committed>>>,
     /// Batches not handed over because the feed's queue was full.
     pub(crate) handoff_skipped: AtomicU64,
+    /// Notified whenever a follower publishes a revision.
+    pub(crate) applied: tokio::sync::Notify,
 }
+
+/// Commit times kept for the watch feed's delay histogram.
+const COMMIT_TIMES: usize = 4096;
 
 impl Core {
     pub(crate) fn state(&self) -> Arc<State> {
         self.state.read().clone()
+    }
+
+    /// Records the commit time and gives a committed batch ending at `rev` to the watch
+    /// feed, never waiting: when its queue is full the batch is skipped and counted.
+    pub(crate) fn hand_off(&self, rev: i64, changes: &[Change]) {
+        let mut times = self.commit_times.lock();
+        if times.len() >= COMMIT_TIMES {
+            times.pop_front();
+        }
+        times.push_back((rev, Instant::now()));
+        drop(times);
+        if let Some(tx) = self.commits.lock().as_ref() {
+            let batch = Committed {
+                last_revision: rev,
+                changes: changes.to_vec(),
+            };
+            if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(batch) {
+                self.handoff_skipped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The error of a request refused because another instance took the keyspace.

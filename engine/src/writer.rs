@@ -36,17 +36,13 @@ use pgetcd_storage::{
     Batch, CompactionPlan, Fence, LeaseOp, LeaseOps, Outcome as ErrorOutcome, Pruned, Resolution,
     StoreError,
 };
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::error::{Error, Result};
 use crate::exec::{Change, Exec, header};
 use crate::metrics::EngineMetrics;
-use crate::state::{Committed, Core, State};
-
-/// Commit times kept for the watch feed's delay histogram.
-const COMMIT_TIMES: usize = 4096;
+use crate::state::{Core, State};
 
 /// Compactions whose data step may wait at once.
 pub(crate) const PHYSICAL_QUEUE: usize = 4;
@@ -465,7 +461,7 @@ impl Writer {
             .note_committed(ev.changes.iter().map(|c| (&c.key, &c.version)));
         st.published.store(ev.rev, Ordering::Release);
         if ev.rev > ev.published {
-            self.hand_off(ev.rev, &ev.changes);
+            self.core.hand_off(ev.rev, &ev.changes);
         }
         st.index.note_cached(ev.changes.iter().filter_map(|c| {
             c.version.value.as_ref().map(|v| {
@@ -479,25 +475,6 @@ impl Writer {
         }));
         for (reply, res) in ev.answers {
             let _ = reply.send(res);
-        }
-    }
-
-    /// Records the commit time and gives the batch to the watch feed, never waiting.
-    fn hand_off(&self, rev: i64, changes: &[Change]) {
-        let mut times = self.core.commit_times.lock();
-        if times.len() >= COMMIT_TIMES {
-            times.pop_front();
-        }
-        times.push_back((rev, Instant::now()));
-        drop(times);
-        if let Some(tx) = self.core.commits.lock().as_ref() {
-            let batch = Committed {
-                last_revision: rev,
-                changes: changes.to_vec(),
-            };
-            if let Err(TrySendError::Full(_)) = tx.try_send(batch) {
-                self.core.handoff_skipped.fetch_add(1, Ordering::Relaxed);
-            }
         }
     }
 

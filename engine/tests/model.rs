@@ -611,7 +611,7 @@ async fn an_in_doubt_commit_that_landed_is_acknowledged() {
         .await
         .unwrap();
     assert_eq!(resp.header.unwrap().revision, 2);
-    assert_eq!(store.inner().meta().unwrap().revision, 2);
+    assert_eq!(store.inner().stored_meta().unwrap().revision, 2);
 }
 
 #[tokio::test(start_paused = true)]
@@ -650,7 +650,7 @@ async fn a_deposed_writer_commits_nothing() {
     assert!(matches!(got, Err(Error::Fenced { .. })), "{got:?}");
     assert!(old.writer_failed());
     assert_eq!(new.put(put(2)).await.unwrap().header.unwrap().revision, 2);
-    assert_eq!(store.meta().unwrap().revision, 2);
+    assert_eq!(store.stored_meta().unwrap().revision, 2);
     assert_eq!(store.history().len(), 1);
 }
 

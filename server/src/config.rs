@@ -493,6 +493,7 @@ impl StorageFlags {
             schema: self.keyspace.clone(),
             partition_revisions: self.history_partition_revisions,
             read_pool_size: self.read_pool_size,
+            feed_consumer: None,
         }
     }
 }

@@ -39,7 +39,9 @@ pub fn code_and_message(e: &Error) -> (Code, String) {
         Error::RequestTooLarge => etcd(Code::InvalidArgument, "etcdserver: request is too large"),
         Error::Timeout => etcd(Code::Unavailable, "etcdserver: request timed out"),
         Error::Stopped => etcd(Code::Unavailable, "etcdserver: server stopped"),
-        Error::Fenced { .. } => etcd(Code::Unavailable, "etcdserver: not leader"),
+        Error::Fenced { .. } | Error::NotWriter => {
+            etcd(Code::Unavailable, "etcdserver: not leader")
+        }
         Error::Storage(s) => match s {
             StoreError::Fenced(_) => etcd(Code::Unavailable, "etcdserver: not leader"),
             StoreError::Misconfigured(_) | StoreError::SchemaTooNew { .. } => {

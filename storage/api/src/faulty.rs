@@ -141,6 +141,10 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
         self.inner.fence().await
     }
 
+    async fn meta(&self) -> Result<Meta> {
+        self.inner.meta().await
+    }
+
     async fn load(&self, visit: &mut LoadVisitor<'_>) -> Result<Loaded> {
         self.inner.load(visit).await
     }

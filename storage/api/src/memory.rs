@@ -26,18 +26,36 @@ struct Inner {
     /// Every retained version with its key.
     history: BTreeMap<VersionId, (Bytes, Version)>,
     leases: BTreeMap<i64, i64>,
-    /// Unconfirmed commits of the feed, oldest first.
+    /// Commits some consumer has not confirmed, oldest first.
     feed: VecDeque<FeedCommit>,
     /// Position of the last commit appended to the feed.
     feed_head: u64,
-    /// Last confirmed position.
-    feed_confirmed: u64,
+    /// Each consumer's last confirmed position (consumers appear with
+    /// `prepare_feed`, as a slot does).
+    consumers: BTreeMap<String, u64>,
 }
 
-/// An in-memory keyspace. Cheap to clone (clones share the data).
+impl Inner {
+    /// Forgets the commits every consumer confirmed.
+    fn trim_feed(&mut self) {
+        let floor = self
+            .consumers
+            .values()
+            .copied()
+            .min()
+            .unwrap_or(self.feed_head);
+        while self.feed.front().is_some_and(|c| c.position <= floor) {
+            self.feed.pop_front();
+        }
+    }
+}
+
+/// An in-memory keyspace. Cheap to clone (clones share the data and the consumer).
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
     name: String,
+    /// This handle's change feed consumer.
+    consumer: String,
     inner: Arc<Mutex<Inner>>,
     feed_grew: Arc<Notify>,
 }
@@ -47,20 +65,29 @@ impl MemoryStore {
     pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
+            consumer: String::new(),
             inner: Arc::new(Mutex::new(Inner {
                 meta: None,
                 history: BTreeMap::new(),
                 leases: BTreeMap::new(),
                 feed: VecDeque::new(),
                 feed_head: 0,
-                feed_confirmed: 0,
+                consumers: BTreeMap::new(),
             })),
             feed_grew: Arc::new(Notify::new()),
         }
     }
 
+    /// The same keyspace, seen by another change feed consumer (another instance).
+    pub fn consumer(&self, name: &str) -> MemoryStore {
+        MemoryStore {
+            consumer: name.to_owned(),
+            ..self.clone()
+        }
+    }
+
     /// The meta record (None before set-up).
-    pub fn meta(&self) -> Option<Meta> {
+    pub fn stored_meta(&self) -> Option<Meta> {
         self.inner.lock().meta
     }
 
@@ -128,6 +155,10 @@ impl Store for MemoryStore {
             },
             *meta,
         ))
+    }
+
+    async fn meta(&self) -> Result<Meta> {
+        self.inner.lock().meta.ok_or_else(not_set_up)
     }
 
     async fn load(&self, visit: &mut LoadVisitor<'_>) -> Result<Loaded> {
@@ -204,6 +235,8 @@ impl Store for MemoryStore {
                     .map(|c| (c.key.clone(), c.version.clone()))
                     .collect(),
             });
+            // Kept only while some consumer has not confirmed it.
+            g.trim_feed();
             drop(g);
             self.feed_grew.notify_waiters();
         }
@@ -307,19 +340,35 @@ impl Store for MemoryStore {
     }
 
     async fn prepare_feed(&self) -> Result<FeedPrepared> {
-        Ok(FeedPrepared::Existing)
+        let mut g = self.inner.lock();
+        let head = g.feed_head;
+        Ok(match g.consumers.entry(self.consumer.clone()) {
+            std::collections::btree_map::Entry::Occupied(_) => FeedPrepared::Existing,
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(head);
+                FeedPrepared::Created
+            }
+        })
     }
 
     async fn open_feed(&self) -> Result<Box<dyn ChangeFeed>> {
-        let next = self.inner.lock().feed_confirmed + 1;
+        let g = self.inner.lock();
+        let Some(&confirmed) = g.consumers.get(&self.consumer) else {
+            return Err(StoreError::Misconfigured(format!(
+                "no change feed for consumer {:?}: prepare it first",
+                self.consumer
+            )));
+        };
         Ok(Box::new(MemoryFeed {
             store: self.clone(),
-            next,
+            next: confirmed + 1,
         }))
     }
 
     async fn feed_retained_bytes(&self) -> Result<Option<i64>> {
-        Ok(Some(self.feed_backlog() as i64))
+        let g = self.inner.lock();
+        let confirmed = g.consumers.get(&self.consumer).copied();
+        Ok(confirmed.map(|c| g.feed.iter().filter(|f| f.position > c).count() as i64))
     }
 }
 
@@ -347,9 +396,9 @@ impl ChangeFeed for MemoryFeed {
 
     fn confirm(&mut self, position: u64) {
         let mut g = self.store.inner.lock();
-        g.feed_confirmed = g.feed_confirmed.max(position);
-        while g.feed.front().is_some_and(|c| c.position <= position) {
-            g.feed.pop_front();
-        }
+        let consumer = self.store.consumer.clone();
+        let c = g.consumers.entry(consumer).or_insert(0);
+        *c = (*c).max(position);
+        g.trim_feed();
     }
 }

@@ -33,6 +33,10 @@ pub trait Store: Send + Sync + 'static {
     /// meta record as of the raise.
     async fn fence(&self) -> Result<(Fence, Meta)>;
 
+    /// The meta record as stored now: a follower's read index (the newest committed
+    /// revision) and how it learns of compactions.
+    async fn meta(&self) -> Result<Meta>;
+
     /// Visits every retained version (all history above the compact revision, plus
     /// each key's newest live version at or below it) and returns the meta record and
     /// the leases of the same snapshot.
@@ -82,8 +86,9 @@ pub trait Store: Send + Sync + 'static {
     /// Figures of the read connection pool.
     fn pool_status(&self) -> PoolStatus;
 
-    /// Makes sure the change feed exists (recreating it if it lost history); call before
-    /// serving writes, so none is missing from it.
+    /// Makes sure this handle's change feed exists (recreating it if it lost history);
+    /// call before serving writes, so none is missing from it. Each consumer (each
+    /// instance of a keyspace) has a feed of its own, with its own confirmed position.
     async fn prepare_feed(&self) -> Result<FeedPrepared>;
 
     /// Opens the change feed after its last confirmed position.

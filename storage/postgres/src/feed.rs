@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use pgetcd_storage::{ChangeFeed, FeedCommit, FeedPrepared, Result, Version};
-use pgetcd_wal::{SlotState, WalError, WalStream, drop_slot, ensure_slot};
+use pgetcd_wal::{FeedNames, SlotState, WalError, WalStream, drop_slot, ensure_slot};
 use tokio_postgres::Client;
 use tracing::warn;
 
@@ -12,16 +12,16 @@ use crate::error::read_error;
 
 /// Creates the slot and publication when missing; a slot that lost WAL is dropped and
 /// created again.
-pub(crate) async fn prepare(client: &Client, schema: &str) -> Result<FeedPrepared> {
-    match ensure_slot(client, schema).await {
+pub(crate) async fn prepare(client: &Client, names: &FeedNames) -> Result<FeedPrepared> {
+    match ensure_slot(client, names).await {
         Ok(SlotState::Existing) => Ok(FeedPrepared::Existing),
         Ok(SlotState::Created) => Ok(FeedPrepared::Created),
         Err(WalError::SlotLost(slot)) => {
             warn!(%slot, "replication slot lost WAL; recreating it");
-            drop_slot(client, schema)
+            drop_slot(client, names)
                 .await
                 .map_err(read_error("drop the lost replication slot"))?;
-            ensure_slot(client, schema)
+            ensure_slot(client, names)
                 .await
                 .map_err(read_error("recreate the replication slot"))?;
             Ok(FeedPrepared::Recreated)
@@ -36,8 +36,8 @@ pub(crate) struct PgFeed {
 }
 
 impl PgFeed {
-    pub(crate) async fn open(target: &PgConnect, schema: &str) -> Result<PgFeed> {
-        let stream = WalStream::start(target, schema)
+    pub(crate) async fn open(target: &PgConnect, names: &FeedNames) -> Result<PgFeed> {
+        let stream = WalStream::start(target, names)
             .await
             .map_err(read_error("open the replication stream"))?;
         Ok(PgFeed { stream })

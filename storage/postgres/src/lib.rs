@@ -45,6 +45,7 @@ use pgetcd_storage::{
     Batch, ChangeFeed, CompactionPlan, FeedPrepared, Fence, LoadVisitor, Loaded, Meta, PoolStatus,
     Pruned, Resolution, Result, Store, StoreError, VersionId,
 };
+use pgetcd_wal::FeedNames;
 use tokio_postgres::Client;
 use tracing::{info, warn};
 
@@ -69,6 +70,10 @@ pub struct PgStoreConfig {
     pub partition_revisions: i64,
     /// Connections for value reads and figures.
     pub read_pool_size: usize,
+    /// This instance's name as a consumer of the change feed (its own replication slot,
+    /// `pgetcd_<schema>_<consumer>`); None: the keyspace's default slot
+    /// `pgetcd_<schema>`.
+    pub feed_consumer: Option<String>,
 }
 
 impl PgStoreConfig {
@@ -79,6 +84,7 @@ impl PgStoreConfig {
             schema: "pgetcd".into(),
             partition_revisions: DEFAULT_PARTITION_REVISIONS,
             read_pool_size: DEFAULT_READ_POOL_SIZE,
+            feed_consumer: None,
         }
     }
 }
@@ -86,6 +92,7 @@ impl PgStoreConfig {
 /// One keyspace in Postgres.
 pub struct PgStore {
     layout: Layout,
+    feed: FeedNames,
     target: PgConnect,
     pool: Pool,
     writer: tokio::sync::Mutex<commit::WriterState>,
@@ -112,6 +119,11 @@ impl PgStore {
     pub fn new(config: &PgStoreConfig) -> Result<Self> {
         let layout = Layout::new(&config.schema, config.partition_revisions)
             .map_err(|e| StoreError::Misconfigured(e.to_string()))?;
+        let feed = match &config.feed_consumer {
+            None => FeedNames::new(&config.schema),
+            Some(c) => FeedNames::for_consumer(&config.schema, c)
+                .map_err(|e| StoreError::Misconfigured(e.to_string()))?,
+        };
         let target = PgConnect::parse(&config.url).map_err(|e| {
             StoreError::Misconfigured(format!(
                 "PostgreSQL is misconfigured: bad --postgres-url: {}",
@@ -132,6 +144,7 @@ impl PgStore {
             .map_err(|e| StoreError::Misconfigured(format!("read pool: {e}")))?;
         Ok(Self {
             layout,
+            feed,
             target,
             pool,
             writer: tokio::sync::Mutex::new(commit::WriterState::default()),
@@ -188,6 +201,11 @@ impl Store for PgStore {
             },
             meta,
         ))
+    }
+
+    async fn meta(&self) -> Result<Meta> {
+        let client = self.pooled().await?;
+        setup::read_meta(&client, &self.layout).await
     }
 
     /// Settles an in-doubt write first (an uncertain compaction record, say), so the
@@ -325,18 +343,18 @@ impl Store for PgStore {
 
     async fn prepare_feed(&self) -> Result<FeedPrepared> {
         let client = self.connect().await?;
-        feed::prepare(&client, self.layout.schema()).await
+        feed::prepare(&client, &self.feed).await
     }
 
     async fn open_feed(&self) -> Result<Box<dyn ChangeFeed>> {
         Ok(Box::new(
-            feed::PgFeed::open(&self.target, self.layout.schema()).await?,
+            feed::PgFeed::open(&self.target, &self.feed).await?,
         ))
     }
 
     async fn feed_retained_bytes(&self) -> Result<Option<i64>> {
         let client = self.pooled().await?;
-        pgetcd_wal::retained_bytes(&client, self.layout.schema())
+        pgetcd_wal::retained_bytes(&client, &self.feed)
             .await
             .map_err(read_error("replication slot lag"))
     }

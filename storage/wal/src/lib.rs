@@ -1,7 +1,10 @@
 //! The logical-replication consumer of a keyspace's `history` table.
 //!
 //! Protocol:
-//! - Names: publication and slot are both `pgetcd_<schema>`. The publication covers
+//! - Names ([`FeedNames`]): the publication is `pgetcd_<schema>`; the default
+//!   consumer's slot has the same name, a named consumer's (a follower instance) is
+//!   `pgetcd_<schema>_<consumer>`, so each consumer confirms its own position. The
+//!   publication covers
 //!   `<schema>.history` with `publish = 'insert'` and `publish_via_partition_root`, so
 //!   rows of every partition arrive as `history` and partition drops (DDL) and
 //!   compaction's copies (`history_retained`) produce nothing.
@@ -109,9 +112,52 @@ pub struct Commit {
     pub rows: Vec<HistoryRow>,
 }
 
-/// Slot and publication name of a keyspace.
+/// Slot and publication name of a keyspace's default consumer.
 pub fn slot_name(schema: &str) -> String {
     format!("pgetcd_{schema}")
+}
+
+/// The publication of a keyspace and the slot of one of its consumers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedNames {
+    /// The keyspace (Postgres schema).
+    pub schema: String,
+    /// The publication of its `history` table.
+    pub publication: String,
+    /// The consumer's replication slot.
+    pub slot: String,
+}
+
+impl FeedNames {
+    /// The keyspace's default consumer: publication and slot `pgetcd_<schema>`.
+    pub fn new(schema: &str) -> Self {
+        Self {
+            schema: schema.to_owned(),
+            publication: slot_name(schema),
+            slot: slot_name(schema),
+        }
+    }
+
+    /// A named consumer: slot `pgetcd_<schema>_<consumer>`. The consumer name must be
+    /// lowercase letters, digits and `_`, and the slot name at most 63 bytes.
+    pub fn for_consumer(schema: &str, consumer: &str) -> Result<Self, WalError> {
+        let slot = format!("pgetcd_{schema}_{consumer}");
+        let valid = !consumer.is_empty()
+            && consumer
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && slot.len() <= 63;
+        if !valid {
+            return Err(WalError::Config(format!(
+                "{consumer:?} cannot name a replication slot (lowercase letters, digits and _, slot name at most 63 bytes)"
+            )));
+        }
+        Ok(Self {
+            schema: schema.to_owned(),
+            publication: slot_name(schema),
+            slot,
+        })
+    }
 }
 
 /// State of the slot found or created by [`ensure_slot`].
@@ -123,24 +169,27 @@ pub enum SlotState {
     Existing,
 }
 
-/// Creates the publication and the slot of `schema` when missing.
+/// Creates the publication and the consumer's slot when missing.
 pub async fn ensure_slot(
     client: &tokio_postgres::Client,
-    schema: &str,
+    names: &FeedNames,
 ) -> Result<SlotState, WalError> {
-    let name = slot_name(schema);
+    let (schema, publication, name) = (&names.schema, &names.publication, &names.slot);
     let has_pub = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[publication],
+        )
         .await?
         .is_some();
     if !has_pub {
         client
             .batch_execute(&format!(
-                "CREATE PUBLICATION {name} FOR TABLE {schema}.history \
+                "CREATE PUBLICATION {publication} FOR TABLE {schema}.history \
                  WITH (publish = 'insert', publish_via_partition_root = true)"
             ))
             .await?;
-        info!(publication = %name, "created publication");
+        info!(%publication, "created publication");
     }
     let slot = client
         .query_opt(
@@ -152,7 +201,7 @@ pub async fn ensure_slot(
         Some(row) => {
             let status: String = row.get(0);
             if status == "lost" {
-                return Err(WalError::SlotLost(name));
+                return Err(WalError::SlotLost(name.clone()));
             }
             Ok(SlotState::Existing)
         }
@@ -169,12 +218,12 @@ pub async fn ensure_slot(
     }
 }
 
-/// Drops the slot (to recreate it after it was lost).
-pub async fn drop_slot(client: &tokio_postgres::Client, schema: &str) -> Result<(), WalError> {
+/// Drops the consumer's slot (to recreate it after it was lost).
+pub async fn drop_slot(client: &tokio_postgres::Client, names: &FeedNames) -> Result<(), WalError> {
     client
         .execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot_name(schema)],
+            &[&names.slot],
         )
         .await?;
     Ok(())
@@ -183,12 +232,12 @@ pub async fn drop_slot(client: &tokio_postgres::Client, schema: &str) -> Result<
 /// Bytes of WAL the slot keeps (current WAL position minus its confirmed position).
 pub async fn retained_bytes(
     client: &tokio_postgres::Client,
-    schema: &str,
+    names: &FeedNames,
 ) -> Result<Option<i64>, WalError> {
     let row = client
         .query_opt(
             "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot_name(schema)],
+            &[&names.slot],
         )
         .await?;
     Ok(row.and_then(|r| r.get(0)))
@@ -210,7 +259,7 @@ impl WalStream {
     /// and starts streaming from the slot's confirmed position. Over TCP the
     /// connection uses TLS as the settings' `ssl_mode` says (disable, prefer or
     /// require), with the connector's certificate checks.
-    pub async fn start<T>(settings: &T, schema: &str) -> Result<WalStream, WalError>
+    pub async fn start<T>(settings: &T, names: &FeedNames) -> Result<WalStream, WalError>
     where
         T: AsRef<tokio_postgres::Config> + MakeTlsConnect<TcpStream> + Clone,
         T::Stream: Send + 'static,
@@ -223,9 +272,10 @@ impl WalStream {
             .unwrap_or_default();
         let db = config.get_dbname().unwrap_or(&user).to_owned();
         let port = config.get_ports().first().copied().unwrap_or(5432);
-        let name = slot_name(schema);
+        let schema = names.schema.as_str();
+        let (name, publication) = (names.slot.clone(), names.publication.as_str());
         let unix = |dir: String, user: String, password: String, db: String| {
-            ReplicationConfig::unix(dir, port, user, password, db, name.clone(), name.as_str())
+            ReplicationConfig::unix(dir, port, user, password, db, name.clone(), publication)
         };
         let cfg = match config.get_hosts().first() {
             Some(Host::Unix(dir)) => unix(dir.to_string_lossy().into_owned(), user, password, db),
@@ -243,7 +293,7 @@ impl WalStream {
                         password,
                         db,
                         name.clone(),
-                        name.as_str(),
+                        publication,
                     )
                     .with_port(port),
                 }

@@ -1,0 +1,283 @@
+//! Following a keyspace that another instance writes: the index and value cache are
+//! kept up to date from the store's change feed, so reads and watches can be served
+//! here (the first half of high availability; forwarding writes and taking over are
+//! not built yet).
+//!
+//! Protocol:
+//! - Open: `setup`, then `prepare_feed` (this instance's own feed, so every commit
+//!   after the next step is in it), then `load` (one snapshot at revision R).
+//! - Apply, in one task, in feed order: changes at or below the published revision are
+//!   skipped (the feed repeats what was not confirmed, and what the snapshot had); the
+//!   next change must be at published + 1, else the follower has a gap (its feed was
+//!   recreated, or lost history) and reloads the index from the store. Each commit's
+//!   versions go into the index, then the revision is published and the batch handed to
+//!   the watch feed, as the writer does. A reader task owns the feed and confirms the
+//!   position of what was applied before it asks for more.
+//! - Compaction: the writer records it in the store's meta; the apply task polls meta
+//!   every [`COMPACTION_POLL`] and prunes its index once it has applied up to the
+//!   compact revision (the writer's data step removes the rows).
+//! - Reads: serializable reads answer from the index at once; linearizable reads first
+//!   learn the newest committed revision from the store (the read index) and wait until
+//!   it is applied ([`Engine::sync`]).
+//! - Writes are refused with [`Error::NotWriter`] (etcd's "not leader").
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use pgetcd_storage::{Change, ChangeFeed, CompactionPlan, FeedCommit, Pruned, Store};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::Engine;
+use crate::error::{Error, Result};
+use crate::state::Core;
+use crate::writer::Job;
+
+/// How often a follower reads the store's meta for compactions.
+pub const COMPACTION_POLL: Duration = Duration::from_secs(1);
+
+/// Keys pruned per slice of a follower's compaction (yielding between slices).
+const PRUNE_SLICE_KEYS: usize = 16 * 1024;
+
+/// How long [`Engine::sync`] waits for the read index to be applied.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Engine {
+    /// Opens `store`'s keyspace as a follower of the instance that writes it (see the
+    /// module doc). `store` must be a handle with a change feed of its own.
+    pub async fn follow(config: crate::EngineConfig, store: Arc<dyn Store>) -> Result<Engine> {
+        let meta = store.setup().await?;
+        let prepared = store.prepare_feed().await?;
+        let (engine, jobs) = Engine::with_state(config, store, meta, None).await?;
+        info!(
+            ?prepared,
+            revision = engine.stats().revision,
+            "following the keyspace's writer"
+        );
+        tokio::spawn(refuse_writes(jobs));
+        let (tx, rx) = mpsc::channel(64);
+        let (applied, applied_rx) = watch::channel(0u64);
+        tokio::spawn(read_feed(engine.core.store.clone(), tx, applied_rx));
+        tokio::spawn(apply_feed(Arc::downgrade(&engine.core), rx, applied));
+        Ok(engine)
+    }
+
+    /// Whether this engine follows another instance instead of writing.
+    pub fn is_follower(&self) -> bool {
+        self.core.follower
+    }
+
+    /// A follower's read index: waits until everything committed in the store when
+    /// this was called is applied here. Returns at once on the writer.
+    pub async fn sync(&self) -> Result<()> {
+        if !self.core.follower {
+            return Ok(());
+        }
+        let target = self.core.store.meta().await?.revision;
+        self.wait_applied(target, SYNC_TIMEOUT).await
+    }
+
+    /// Waits until revision `rev` is applied (published) here.
+    pub async fn wait_applied(&self, rev: i64, timeout: Duration) -> Result<()> {
+        let wait = async {
+            loop {
+                let applied = self.core.applied.notified();
+                if self.core.state().published() >= rev {
+                    return;
+                }
+                applied.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| Error::Timeout)
+    }
+}
+
+/// A follower's write queue: every request is refused.
+async fn refuse_writes(mut jobs: mpsc::Receiver<Job>) {
+    while let Some(job) = jobs.recv().await {
+        let _ = job.reply.send(Err(Error::NotWriter));
+    }
+}
+
+/// Owns the change feed: confirms what was applied, then reads the next commit;
+/// reopens the feed after an error. Ends when the apply task is gone.
+async fn read_feed(
+    store: Arc<dyn Store>,
+    commits: mpsc::Sender<FeedCommit>,
+    applied: watch::Receiver<u64>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match store.open_feed().await {
+            Ok(mut feed) => {
+                backoff = Duration::from_millis(50);
+                if !pump(feed.as_mut(), &commits, &applied).await {
+                    return;
+                }
+            }
+            Err(e) => warn!(error = %e.with_causes(), "follower: opening the change feed"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Reads one feed until it fails (true) or nobody applies any more (false).
+async fn pump(
+    feed: &mut dyn ChangeFeed,
+    commits: &mpsc::Sender<FeedCommit>,
+    applied: &watch::Receiver<u64>,
+) -> bool {
+    loop {
+        let position = *applied.borrow();
+        if position > 0 {
+            feed.confirm(position);
+        }
+        match feed.next().await {
+            Ok(commit) => {
+                if commits.send(commit).await.is_err() {
+                    return false;
+                }
+            }
+            Err(e) => {
+                warn!(error = %e.with_causes(), "follower: change feed failed; reopening");
+                return true;
+            }
+        }
+    }
+}
+
+/// Applies commits in order and follows compactions; ends when the engine is dropped.
+async fn apply_feed(
+    core: Weak<Core>,
+    mut commits: mpsc::Receiver<FeedCommit>,
+    applied: watch::Sender<u64>,
+) {
+    let mut tick = tokio::time::interval(COMPACTION_POLL);
+    loop {
+        tokio::select! {
+            commit = commits.recv() => {
+                let Some(commit) = commit else { return };
+                let Some(core) = core.upgrade() else { return };
+                if !apply(&core, commit.changes) {
+                    resync(&core).await;
+                }
+                let _ = applied.send(commit.position);
+            }
+            _ = tick.tick() => {
+                let Some(core) = core.upgrade() else { return };
+                follow_compaction(&core).await;
+            }
+        }
+    }
+}
+
+/// Applies one commit's changes above the published revision; false on a gap.
+fn apply(core: &Core, changes: Vec<(bytes::Bytes, pgetcd_storage::Version)>) -> bool {
+    let st = core.state();
+    let published = st.published();
+    let changes: Vec<_> = changes
+        .into_iter()
+        .filter(|(_, v)| v.mod_revision > published)
+        .collect();
+    let Some(first) = changes.first().map(|(_, v)| v.mod_revision) else {
+        return true;
+    };
+    if first != published + 1 {
+        warn!(
+            published,
+            first, "follower: gap in the change feed; reloading"
+        );
+        return false;
+    }
+    let mut applied = Vec::with_capacity(changes.len());
+    for (key, version) in changes {
+        let prev = st.index.get(&key, i64::MAX).map(|v| v.version);
+        st.index.append(&key, version.clone());
+        applied.push(Change { key, version, prev });
+    }
+    let last = applied.last().map_or(published, |c| c.version.mod_revision);
+    st.leases.apply(&applied, std::iter::empty());
+    st.index
+        .note_committed(applied.iter().map(|c| (&c.key, &c.version)));
+    st.published
+        .store(last, std::sync::atomic::Ordering::Release);
+    core.applied.notify_waiters();
+    core.hand_off(last, &applied);
+    st.index.note_cached(applied.iter().filter_map(|c| {
+        c.version.value.as_ref().map(|v| {
+            (
+                c.key.clone(),
+                c.version.mod_revision,
+                c.version.sub,
+                v.len(),
+            )
+        })
+    }));
+    true
+}
+
+/// Replaces the index with the store's, retrying until it works.
+async fn resync(core: &Core) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match Core::load_state(
+            &core.store,
+            core.config.cache_bytes,
+            core.leases.clone(),
+            core.metrics.clone(),
+        )
+        .await
+        {
+            Ok(state) => {
+                *core.state.write() = Arc::new(state);
+                core.applied.notify_waiters();
+                return;
+            }
+            Err(e) => warn!(error = %e, "follower: reloading the index"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Prunes the index to the store's compact revision once it is applied.
+async fn follow_compaction(core: &Core) {
+    let meta = match core.store.meta().await {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(error = %e, "follower: reading meta");
+            return;
+        }
+    };
+    let st = core.state();
+    let rev = meta.compact_revision;
+    if rev <= st.compact() || rev > st.published() {
+        return;
+    }
+    st.compact.store(rev, std::sync::atomic::Ordering::SeqCst);
+    let plan = CompactionPlan {
+        revision: rev,
+        list_removed_below: i64::MIN,
+        list_survivors: 0..0,
+        segments: Vec::new(),
+    };
+    let mut pruned = Pruned::default();
+    let mut from = None;
+    loop {
+        from = st
+            .index
+            .compact_slice(&plan, from.as_deref(), PRUNE_SLICE_KEYS, &mut pruned);
+        if from.is_none() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    info!(
+        compact_revision = rev,
+        keys_removed = pruned.keys_removed,
+        "follower: compacted the index"
+    );
+}
