@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pgetcd_storage::{
-    Batch, Change, LeaseOps, Outcome, Pruned, Resolution, Store, StoreError, Version,
+    Batch, Campaign, Change, LeaseOps, MemberInfo, Outcome, Pruned, Resolution, Store, StoreError,
+    Version,
 };
 use pgetcd_storage_postgres::{PgStore, PgStoreConfig};
 use pgetcd_testkit::proxy::TcpProxy;
@@ -292,4 +293,116 @@ async fn versions_left_by_a_skipped_compaction_step_do_not_come_back() {
         .unwrap();
     keys.sort();
     assert_eq!(keys, vec![("j".into(), 3), ("m".into(), 6)], "k came back");
+}
+
+fn member(name: &str) -> MemberInfo {
+    MemberInfo {
+        name: name.into(),
+        member_id: 0,
+        client_urls: vec![format!("http://{name}:2379")],
+        peer_urls: vec![format!("http://{name}:2380")],
+    }
+}
+
+#[tokio::test]
+async fn instances_register_and_one_holds_the_writer_role_at_a_time() {
+    let pg = postgres();
+    let schema = fresh_keyspace();
+    let a = store_via(pg.options().port, &schema).await;
+    let b = store_via(pg.options().port, &schema).await;
+    let meta = a.setup().await.unwrap();
+    b.setup().await.unwrap();
+
+    // The first instance keeps the keyspace's member id; ids survive re-registration.
+    let id_a = a.register(&member("a")).await.unwrap();
+    assert_eq!(id_a, meta.member_id);
+    let id_b = b.register(&member("b")).await.unwrap();
+    assert_ne!(id_b, id_a);
+    assert_eq!(a.register(&member("a")).await.unwrap(), id_a);
+    let names: Vec<String> = a
+        .members(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+    assert!(a.members(Duration::ZERO).await.unwrap().is_empty());
+
+    // One holder at a time; the claim is taken with a raised epoch.
+    let ttl = Duration::from_millis(400);
+    let Campaign::Won { fence: fa, .. } = a.campaign("a", ttl).await.unwrap() else {
+        panic!("a lost an uncontested campaign");
+    };
+    assert_eq!(fa.epoch, meta.leader_epoch + 1);
+    assert_eq!(
+        b.campaign("b", ttl).await.unwrap(),
+        Campaign::Lost { leader: "a".into() }
+    );
+    a.renew(&fa, "a", ttl).await.unwrap();
+    assert_eq!(b.leader().await.unwrap().as_deref(), Some("a"));
+
+    // a stops renewing: once its claim lapses b takes over, and a is fenced.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    assert_eq!(b.leader().await.unwrap(), None);
+    let Campaign::Won { fence: fb, .. } = b.campaign("b", ttl).await.unwrap() else {
+        panic!("b lost against a lapsed claim");
+    };
+    assert!(fb.epoch > fa.epoch);
+    let err = a.renew(&fa, "a", ttl).await.unwrap_err();
+    assert!(matches!(err, StoreError::Fenced(_)), "{err:?}");
+    let changes = [put("late", 2)];
+    let leases = LeaseOps::default();
+    let err = a
+        .commit(
+            &fa,
+            Batch {
+                prev_revision: 1,
+                revision: 2,
+                changes: &changes,
+                leases: &leases,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Fenced(_)), "{err:?}");
+    assert_eq!(
+        a.campaign("a", ttl).await.unwrap(),
+        Campaign::Lost { leader: "b".into() }
+    );
+    // The holder restarting takes its own claim back at once.
+    let Campaign::Won { fence: again, .. } = b.campaign("b", ttl).await.unwrap() else {
+        panic!("b could not take back its own claim");
+    };
+    assert!(again.epoch > fb.epoch);
+}
+
+#[tokio::test]
+async fn a_version_2_keyspace_is_migrated_to_version_3() {
+    let pg = postgres();
+    let schema = fresh_keyspace();
+    let store = store_via(pg.options().port, &schema).await;
+    store.setup().await.unwrap();
+    let admin = admin_client().await;
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE {schema}.members; \
+             ALTER TABLE {schema}.meta DROP COLUMN leader, DROP COLUMN leader_until; \
+             UPDATE {schema}.meta SET schema_version = 2"
+        ))
+        .await
+        .unwrap();
+    let store = store_via(pg.options().port, &schema).await;
+    store.setup().await.unwrap();
+    let version: i32 = admin
+        .query_one(&format!("SELECT schema_version FROM {schema}.meta"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 3);
+    store.register(&member("a")).await.unwrap();
+    assert!(matches!(
+        store.campaign("a", Duration::from_secs(1)).await.unwrap(),
+        Campaign::Won { .. }
+    ));
 }

@@ -22,8 +22,8 @@ use parking_lot::Mutex;
 
 use crate::error::{Result, StoreError};
 use crate::model::{
-    Batch, CompactionPlan, FeedPrepared, Fence, Loaded, Meta, PoolStatus, Pruned, Resolution,
-    VersionId,
+    Batch, Campaign, CompactionPlan, FeedPrepared, Fence, Loaded, MemberInfo, Meta, PoolStatus,
+    Pruned, Resolution, VersionId,
 };
 use crate::store::{ChangeFeed, LoadVisitor, Store};
 
@@ -143,6 +143,26 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
 
     async fn meta(&self) -> Result<Meta> {
         self.inner.meta().await
+    }
+
+    async fn register(&self, member: &MemberInfo) -> Result<u64> {
+        self.inner.register(member).await
+    }
+
+    async fn members(&self, live: std::time::Duration) -> Result<Vec<MemberInfo>> {
+        self.inner.members(live).await
+    }
+
+    async fn campaign(&self, name: &str, ttl: std::time::Duration) -> Result<Campaign> {
+        self.inner.campaign(name, ttl).await
+    }
+
+    async fn renew(&self, fence: &Fence, name: &str, ttl: std::time::Duration) -> Result<()> {
+        self.inner.renew(fence, name, ttl).await
+    }
+
+    async fn leader(&self) -> Result<Option<String>> {
+        self.inner.leader().await
     }
 
     async fn load(&self, visit: &mut LoadVisitor<'_>) -> Result<Loaded> {

@@ -12,11 +12,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::error::{Result, StoreError};
 use crate::model::{
-    Batch, CompactionPlan, FeedCommit, FeedPrepared, Fence, Loaded, Meta, PoolStatus, Pruned,
-    Resolution, Version, VersionId,
+    Batch, Campaign, CompactionPlan, FeedCommit, FeedPrepared, Fence, Loaded, MemberInfo, Meta,
+    PoolStatus, Pruned, Resolution, Version, VersionId,
 };
 use crate::store::{ChangeFeed, LoadVisitor, Store};
 
@@ -33,6 +34,10 @@ struct Inner {
     /// Each consumer's last confirmed position (consumers appear with
     /// `prepare_feed`, as a slot does).
     consumers: BTreeMap<String, u64>,
+    /// Registered instances and when each was last seen.
+    members: BTreeMap<String, (MemberInfo, Instant)>,
+    /// The writer role's holder and until when.
+    leader: Option<(String, Instant)>,
 }
 
 impl Inner {
@@ -73,6 +78,8 @@ impl MemoryStore {
                 feed: VecDeque::new(),
                 feed_head: 0,
                 consumers: BTreeMap::new(),
+                members: BTreeMap::new(),
+                leader: None,
             })),
             feed_grew: Arc::new(Notify::new()),
         }
@@ -159,6 +166,74 @@ impl Store for MemoryStore {
 
     async fn meta(&self) -> Result<Meta> {
         self.inner.lock().meta.ok_or_else(not_set_up)
+    }
+
+    async fn register(&self, member: &MemberInfo) -> Result<u64> {
+        let mut g = self.inner.lock();
+        let meta = g.meta.ok_or_else(not_set_up)?;
+        let id = match g.members.get(&member.name) {
+            Some((m, _)) => m.member_id,
+            None if g.members.is_empty() => meta.member_id,
+            None => rand::random::<u64>() | 1,
+        };
+        let info = MemberInfo {
+            member_id: id,
+            ..member.clone()
+        };
+        g.members
+            .insert(member.name.clone(), (info, Instant::now()));
+        Ok(id)
+    }
+
+    async fn members(&self, live: std::time::Duration) -> Result<Vec<MemberInfo>> {
+        let g = self.inner.lock();
+        Ok(g.members
+            .values()
+            .filter(|(_, seen)| seen.elapsed() <= live)
+            .map(|(m, _)| m.clone())
+            .collect())
+    }
+
+    async fn campaign(&self, name: &str, ttl: std::time::Duration) -> Result<Campaign> {
+        let mut g = self.inner.lock();
+        let now = Instant::now();
+        if let Some((holder, until)) = &g.leader
+            && holder != name
+            && *until > now
+        {
+            return Ok(Campaign::Lost {
+                leader: holder.clone(),
+            });
+        }
+        g.leader = Some((name.to_owned(), now + ttl));
+        let meta = g.meta.as_mut().ok_or_else(not_set_up)?;
+        meta.leader_epoch += 1;
+        Ok(Campaign::Won {
+            fence: Fence {
+                epoch: meta.leader_epoch,
+            },
+            meta: *meta,
+        })
+    }
+
+    async fn renew(&self, fence: &Fence, name: &str, ttl: std::time::Duration) -> Result<()> {
+        let mut g = self.inner.lock();
+        let epoch = g.meta.ok_or_else(not_set_up)?.leader_epoch;
+        match &mut g.leader {
+            Some((holder, until)) if holder == name && epoch == fence.epoch => {
+                *until = Instant::now() + ttl;
+                Ok(())
+            }
+            _ => Err(StoreError::Fenced("the writer role was lost".into())),
+        }
+    }
+
+    async fn leader(&self) -> Result<Option<String>> {
+        let g = self.inner.lock();
+        Ok(g.leader
+            .as_ref()
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(h, _)| h.clone()))
     }
 
     async fn load(&self, visit: &mut LoadVisitor<'_>) -> Result<Loaded> {

@@ -244,6 +244,36 @@ pub enum FeedPrepared {
     Recreated,
 }
 
+/// One instance of a keyspace, as it registers itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    /// Its `--name`.
+    pub name: String,
+    /// Its etcd member id (kept across restarts; 0 when registering for the first time).
+    pub member_id: u64,
+    /// The client URLs it advertises.
+    pub client_urls: Vec<String>,
+    /// The peer URLs it reports.
+    pub peer_urls: Vec<String>,
+}
+
+/// What a [`crate::Store::campaign`] for the writer role came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Campaign {
+    /// This instance writes now: its fence and the meta record as of the claim.
+    Won {
+        /// The raised epoch.
+        fence: Fence,
+        /// The meta record.
+        meta: Meta,
+    },
+    /// Another instance holds the role.
+    Lost {
+        /// Its name.
+        leader: String,
+    },
+}
+
 /// Figures of a store's connection pool.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolStatus {

@@ -5,8 +5,8 @@ use bytes::Bytes;
 
 use crate::error::Result;
 use crate::model::{
-    Batch, CompactionPlan, FeedCommit, FeedPrepared, Fence, Loaded, Meta, PoolStatus, Pruned,
-    Resolution, Version, VersionId,
+    Batch, Campaign, CompactionPlan, FeedCommit, FeedPrepared, Fence, Loaded, MemberInfo, Meta,
+    PoolStatus, Pruned, Resolution, Version, VersionId,
 };
 
 /// Called by [`Store::load`] for every retained version: its key, the version (with
@@ -32,6 +32,26 @@ pub trait Store: Send + Sync + 'static {
     /// every earlier writer's next commit fails as fenced. Returns the fence and the
     /// meta record as of the raise.
     async fn fence(&self) -> Result<(Fence, Meta)>;
+
+    /// Registers this instance or refreshes its registration (a heartbeat); returns its
+    /// member id, kept across restarts (the keyspace's first instance gets the member id
+    /// of the keyspace's meta record, so a single instance keeps the one it always had).
+    async fn register(&self, member: &MemberInfo) -> Result<u64>;
+
+    /// The instances that registered within `live`, by name.
+    async fn members(&self, live: std::time::Duration) -> Result<Vec<MemberInfo>>;
+
+    /// Claims the writer role for `ttl` if nobody holds it, its holder's claim lapsed, or
+    /// `name` holds it already (a restart): raises the fencing epoch in the same
+    /// compare-and-swap, so every earlier writer's commits fail from then on.
+    async fn campaign(&self, name: &str, ttl: std::time::Duration) -> Result<Campaign>;
+
+    /// Extends `name`'s claim by `ttl` (measured on the store's clock from now); fenced
+    /// when the claim was lost (another instance's epoch).
+    async fn renew(&self, fence: &Fence, name: &str, ttl: std::time::Duration) -> Result<()>;
+
+    /// The holder of the writer role, if its claim has not lapsed.
+    async fn leader(&self) -> Result<Option<String>>;
 
     /// The meta record as stored now: a follower's read index (the newest committed
     /// revision) and how it learns of compactions.

@@ -15,7 +15,7 @@ use thiserror::Error;
 
 /// Version of the schema this build writes. Start-up migrates older schemas and refuses
 /// newer ones.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Default number of revisions per `history` partition.
 pub const DEFAULT_PARTITION_REVISIONS: i64 = 100_000;
@@ -136,6 +136,8 @@ impl Layout {
             ),
             format!("CREATE TABLE IF NOT EXISTS {s}.history_retained ({HISTORY_COLUMNS})"),
             self.leases_ddl(),
+            self.leader_ddl(),
+            self.members_ddl(),
         ]
     }
 
@@ -143,8 +145,29 @@ impl Layout {
     pub fn migration_ddl(&self, version: i32) -> Vec<String> {
         match version {
             1 => vec![self.leases_ddl()],
+            2 => vec![self.leader_ddl(), self.members_ddl()],
             _ => Vec::new(),
         }
+    }
+
+    /// The writer's lease in `meta` (schema version 3): who holds it and until when
+    /// (the server's clock).
+    fn leader_ddl(&self) -> String {
+        format!(
+            "ALTER TABLE {}.meta ADD COLUMN IF NOT EXISTS leader text NOT NULL DEFAULT '', \
+             ADD COLUMN IF NOT EXISTS leader_until timestamptz NOT NULL DEFAULT '-infinity'",
+            self.schema
+        )
+    }
+
+    /// The instances of the keyspace (schema version 3): name, member id, URLs, and
+    /// when each last said it is alive (the server's clock).
+    fn members_ddl(&self) -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {}.members (name text PRIMARY KEY, member_id bigint NOT NULL, \
+             client_urls text[] NOT NULL, peer_urls text[] NOT NULL, seen timestamptz NOT NULL)",
+            self.schema
+        )
     }
 
     fn leases_ddl(&self) -> String {

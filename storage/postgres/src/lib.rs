@@ -29,6 +29,8 @@ mod error;
 mod feed;
 /// The start-up load of a keyspace.
 mod load;
+/// Instances of a keyspace and the writer role.
+mod members;
 /// libpq's TLS parameters of the connection string, and the TLS connector they make.
 mod pgtls;
 /// Server checks, schema creation and migration, and the fence.
@@ -42,8 +44,8 @@ use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use pgetcd_partitioning::Layout;
 use pgetcd_storage::{
-    Batch, ChangeFeed, CompactionPlan, FeedPrepared, Fence, LoadVisitor, Loaded, Meta, PoolStatus,
-    Pruned, Resolution, Result, Store, StoreError, VersionId,
+    Batch, Campaign, ChangeFeed, CompactionPlan, FeedPrepared, Fence, LoadVisitor, Loaded,
+    MemberInfo, Meta, PoolStatus, Pruned, Resolution, Result, Store, StoreError, VersionId,
 };
 use pgetcd_wal::FeedNames;
 use tokio_postgres::Client;
@@ -206,6 +208,31 @@ impl Store for PgStore {
     async fn meta(&self) -> Result<Meta> {
         let client = self.pooled().await?;
         setup::read_meta(&client, &self.layout).await
+    }
+
+    async fn register(&self, member: &MemberInfo) -> Result<u64> {
+        let client = self.pooled().await?;
+        members::register(&client, &self.layout, member).await
+    }
+
+    async fn members(&self, live: std::time::Duration) -> Result<Vec<MemberInfo>> {
+        let client = self.pooled().await?;
+        members::members(&client, &self.layout, live).await
+    }
+
+    async fn campaign(&self, name: &str, ttl: std::time::Duration) -> Result<Campaign> {
+        let client = self.pooled().await?;
+        members::campaign(&client, &self.layout, name, ttl).await
+    }
+
+    async fn renew(&self, fence: &Fence, name: &str, ttl: std::time::Duration) -> Result<()> {
+        let client = self.pooled().await?;
+        members::renew(&client, &self.layout, fence, name, ttl).await
+    }
+
+    async fn leader(&self) -> Result<Option<String>> {
+        let client = self.pooled().await?;
+        members::leader(&client, &self.layout).await
     }
 
     /// Settles an in-doubt write first (an uncertain compaction record, say), so the

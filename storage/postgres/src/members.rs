@@ -1,0 +1,158 @@
+//! Instances of a keyspace and the writer role, on the server's clock.
+//!
+//! - `members`: one row per instance name, with its member id, URLs and when it last
+//!   registered (every heartbeat).
+//! - `meta.leader`, `meta.leader_until`: the writer role's holder and the end of its
+//!   claim. A campaign is one `UPDATE meta` that takes the role only when it is free,
+//!   lapsed (`leader_until < now()`) or already the caller's, and raises the leader epoch
+//!   in the same statement: the compare-and-swap that fences every earlier writer.
+//!   Renewing is an `UPDATE` on the holder's name *and* epoch.
+
+use std::time::Duration;
+
+use pgetcd_partitioning::Layout;
+use pgetcd_storage::{Campaign, Fence, MemberInfo, Result, StoreError};
+use tokio_postgres::Client;
+
+use crate::error::{read_error, write_error};
+use crate::setup::{META_COLUMNS, meta_of};
+
+fn to_i64(v: u64) -> i64 {
+    i64::from_ne_bytes(v.to_ne_bytes())
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::from_ne_bytes(v.to_ne_bytes())
+}
+
+fn seconds(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+pub(crate) async fn register(client: &Client, layout: &Layout, m: &MemberInfo) -> Result<u64> {
+    let s = layout.schema();
+    // The first instance takes the keyspace's member id; later ones a random one; a
+    // known name keeps its own.
+    let fresh = to_i64(rand::random::<u64>() | 1);
+    let row = client
+        .query_one(
+            &format!(
+                "INSERT INTO {s}.members (name, member_id, client_urls, peer_urls, seen) \
+                 SELECT $1, CASE WHEN EXISTS (SELECT 1 FROM {s}.members) THEN $2 \
+                   ELSE (SELECT member_id FROM {s}.meta WHERE id = 1) END, $3, $4, now() \
+                 ON CONFLICT (name) DO UPDATE SET client_urls = excluded.client_urls, \
+                   peer_urls = excluded.peer_urls, seen = excluded.seen \
+                 RETURNING member_id"
+            ),
+            &[&m.name, &fresh, &m.client_urls, &m.peer_urls],
+        )
+        .await
+        .map_err(write_error("register member"))?;
+    Ok(to_u64(row.get(0)))
+}
+
+pub(crate) async fn members(
+    client: &Client,
+    layout: &Layout,
+    live: Duration,
+) -> Result<Vec<MemberInfo>> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT name, member_id, client_urls, peer_urls FROM {} \
+                 WHERE seen >= now() - make_interval(secs => $1) ORDER BY name",
+                layout.table("members")
+            ),
+            &[&seconds(live)],
+        )
+        .await
+        .map_err(read_error("list members"))?;
+    Ok(rows
+        .iter()
+        .map(|r| MemberInfo {
+            name: r.get(0),
+            member_id: to_u64(r.get(1)),
+            client_urls: r.get(2),
+            peer_urls: r.get(3),
+        })
+        .collect())
+}
+
+pub(crate) async fn campaign(
+    client: &Client,
+    layout: &Layout,
+    name: &str,
+    ttl: Duration,
+) -> Result<Campaign> {
+    let meta = layout.table("meta");
+    let won = client
+        .query_opt(
+            &format!(
+                "UPDATE {meta} SET leader = $1, leader_until = now() + make_interval(secs => $2), \
+                 leader_epoch = leader_epoch + 1 \
+                 WHERE id = 1 AND (leader = $1 OR leader = '' OR leader_until < now()) \
+                 RETURNING {META_COLUMNS}"
+            ),
+            &[&name, &seconds(ttl)],
+        )
+        .await
+        .map_err(write_error("campaign for the writer role"))?;
+    if let Some(row) = won {
+        let meta = meta_of(&row);
+        return Ok(Campaign::Won {
+            fence: Fence {
+                epoch: meta.leader_epoch,
+            },
+            meta,
+        });
+    }
+    let leader = client
+        .query_one(&format!("SELECT leader FROM {meta} WHERE id = 1"), &[])
+        .await
+        .map_err(read_error("read the writer role"))?
+        .get(0);
+    Ok(Campaign::Lost { leader })
+}
+
+pub(crate) async fn renew(
+    client: &Client,
+    layout: &Layout,
+    fence: &Fence,
+    name: &str,
+    ttl: Duration,
+) -> Result<()> {
+    let n = client
+        .execute(
+            &format!(
+                "UPDATE {} SET leader_until = now() + make_interval(secs => $3) \
+                 WHERE id = 1 AND leader = $1 AND leader_epoch = $2",
+                layout.table("meta")
+            ),
+            &[&name, &fence.epoch, &seconds(ttl)],
+        )
+        .await
+        .map_err(write_error("renew the writer role"))?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Fenced(format!(
+            "{name} no longer holds the writer role at epoch {}",
+            fence.epoch
+        )))
+    }
+}
+
+pub(crate) async fn leader(client: &Client, layout: &Layout) -> Result<Option<String>> {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT CASE WHEN leader_until >= now() THEN leader ELSE '' END FROM {} WHERE id = 1",
+                layout.table("meta")
+            ),
+            &[],
+        )
+        .await
+        .map_err(read_error("read the writer role"))?;
+    let name: String = row.get(0);
+    Ok((!name.is_empty()).then_some(name))
+}
