@@ -33,6 +33,8 @@ pub struct EngineConfig {
     pub quota_backend_bytes: i64,
     /// Committed batches queued for the watch feed at most.
     pub commit_handoff: usize,
+    /// This instance's member id (None: the keyspace's, as a single instance has).
+    pub member_id: Option<u64>,
 }
 
 impl Default for EngineConfig {
@@ -44,6 +46,7 @@ impl Default for EngineConfig {
             max_batch: DEFAULT_MAX_BATCH,
             quota_backend_bytes: 0,
             commit_handoff: DEFAULT_COMMIT_HANDOFF,
+            member_id: None,
         }
     }
 }

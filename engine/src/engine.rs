@@ -45,6 +45,17 @@ impl Engine {
     pub async fn open(config: EngineConfig, store: Arc<dyn Store>) -> Result<Engine> {
         store.setup().await?;
         let (fence, meta) = store.fence().await?;
+        Engine::open_fenced(config, store, fence, meta).await
+    }
+
+    /// Loads the index and starts the writer with a fence already taken (by
+    /// [`Store::fence`] or a won [`Store::campaign`]).
+    pub async fn open_fenced(
+        config: EngineConfig,
+        store: Arc<dyn Store>,
+        fence: Fence,
+        meta: Meta,
+    ) -> Result<Engine> {
         let quota = config.quota_backend_bytes > 0;
         let (engine, rx) = Engine::with_state(config, store, meta, Some(fence)).await?;
         let writer = Writer::new(engine.core.clone(), rx, fence);
@@ -76,7 +87,7 @@ impl Engine {
             state: RwLock::new(Arc::new(state)),
             store,
             cluster_id: meta.cluster_id,
-            member_id: meta.member_id,
+            member_id: config.member_id.unwrap_or(meta.member_id),
             raft_term: fence.map_or(meta.leader_epoch, |f| f.epoch) as u64,
             follower: fence.is_none(),
             config,
@@ -88,6 +99,7 @@ impl Engine {
             commits: Mutex::new(None),
             handoff_skipped: AtomicU64::new(0),
             applied: tokio::sync::Notify::new(),
+            retired: Arc::new(tokio::sync::Notify::new()),
         });
         Ok((Engine { core, jobs }, rx))
     }

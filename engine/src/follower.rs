@@ -62,6 +62,13 @@ impl Engine {
         Ok(engine)
     }
 
+    /// Stops following (the apply and feed tasks end, the feed's connection closes) even
+    /// while clones of this engine are still held; reads go on answering from the index
+    /// as it was.
+    pub fn retire(&self) {
+        self.core.retired.notify_one();
+    }
+
     /// Whether this engine follows another instance instead of writing.
     pub fn is_follower(&self) -> bool {
         self.core.follower
@@ -135,7 +142,12 @@ async fn pump(
         if position > 0 {
             feed.confirm(position);
         }
-        match feed.next().await {
+        let next = tokio::select! {
+            next = feed.next() => next,
+            // The apply task is gone (the engine was dropped or retired): let the feed go.
+            _ = commits.closed() => return false,
+        };
+        match next {
             Ok(commit) => {
                 if commits.send(commit).await.is_err() {
                     return false;
@@ -156,8 +168,12 @@ async fn apply_feed(
     applied: watch::Sender<u64>,
 ) {
     let mut tick = tokio::time::interval(COMPACTION_POLL);
+    let Some(retired) = core.upgrade().map(|c| c.retired.clone()) else {
+        return;
+    };
     loop {
         tokio::select! {
+            _ = retired.notified() => return,
             commit = commits.recv() => {
                 let Some(commit) = commit else { return };
                 let Some(core) = core.upgrade() else { return };

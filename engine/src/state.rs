@@ -120,6 +120,8 @@ pub(crate) struct Core {
     pub(crate) handoff_skipped: AtomicU64,
     /// Notified whenever a follower publishes a revision.
     pub(crate) applied: tokio::sync::Notify,
+    /// Notified once when a follower engine is retired (see `Engine::retire`).
+    pub(crate) retired: Arc<tokio::sync::Notify>,
 }
 
 /// Commit times kept for the watch feed's delay histogram.

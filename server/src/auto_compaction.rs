@@ -16,6 +16,8 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use pgetcd_engine::{Engine, Error};
+
+use crate::node::Node;
 use pgetcd_proto::etcdserverpb::CompactionRequest;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -133,7 +135,11 @@ impl PeriodicWindow {
 }
 
 /// Compacts to `rev` like the Compact RPC; true when done (or already done).
+/// Compacts at `rev` on the writer; a follower leaves it to the writer's schedule.
 async fn compact(engine: &Engine, rev: i64, policy: AutoCompaction) -> bool {
+    if engine.is_follower() {
+        return false;
+    }
     let started = std::time::Instant::now();
     info!(revision = rev, ?policy, "starting auto compaction");
     match engine
@@ -164,7 +170,7 @@ async fn pause(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
 
 /// Runs the schedule until shutdown.
 pub async fn run(
-    engine: Engine,
+    node: Node,
     policy: AutoCompaction,
     revision_interval: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -174,12 +180,12 @@ pub async fn run(
         AutoCompaction::Periodic(period) => {
             let mut window = PeriodicWindow::new(period, Instant::now());
             loop {
-                window.sample(engine.header().revision);
+                window.sample(node.engine().header().revision);
                 if !pause(window.sample_every, &mut shutdown).await {
                     return;
                 }
                 if let Some(rev) = window.due(Instant::now())
-                    && compact(&engine, rev, policy).await
+                    && compact(&node.engine(), rev, policy).await
                 {
                     window.succeeded(Instant::now());
                 }
@@ -191,11 +197,11 @@ pub async fn run(
                 if !pause(revision_interval, &mut shutdown).await {
                     return;
                 }
-                let rev = engine.header().revision - keep;
+                let rev = node.engine().header().revision - keep;
                 if rev <= 0 || rev == done {
                     continue;
                 }
-                if compact(&engine, rev, policy).await {
+                if compact(&node.engine(), rev, policy).await {
                     done = rev;
                 }
             }

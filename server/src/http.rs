@@ -50,7 +50,7 @@ fn health_json(
 /// `serializable=true`, a linearizable read of "health" succeeds (like etcd, which
 /// reads the key "health" through raft).
 async fn health(State(src): State<Sources>, Query(q): Query<HealthQuery>) -> impl IntoResponse {
-    let engine = &src.engine;
+    let engine = &*src.node.engine();
     if engine.writer_failed() {
         return health_json(
             false,
@@ -79,7 +79,7 @@ async fn livez() -> impl IntoResponse {
 }
 
 async fn readyz(State(src): State<Sources>) -> impl IntoResponse {
-    let engine = &src.engine;
+    let engine = &*src.node.engine();
     if engine.writer_failed() {
         return (StatusCode::SERVICE_UNAVAILABLE, "not ready: fenced");
     }

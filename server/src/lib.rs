@@ -17,6 +17,8 @@ mod http;
 mod managed;
 /// `/metrics` and the gRPC call counters.
 pub mod metrics;
+/// This instance among the instances of its keyspace: the writer role, followers.
+pub mod node;
 /// The etcd gRPC services.
 pub mod services;
 /// The shutdown signal every task watches.
@@ -86,8 +88,10 @@ pub struct Running {
     pub client_urls: Vec<String>,
     /// The bound HTTP (health, metrics) addresses.
     pub metrics_addrs: Vec<SocketAddr>,
-    /// The engine (tests inspect it).
+    /// The engine it started with (tests inspect it).
     pub engine: Engine,
+    /// The engine it serves with now, and its role among the keyspace's instances.
+    pub node: node::Node,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     postgres: Option<LocalPostgres>,
@@ -123,14 +127,14 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         tracing::warn!(flag, value, "ignored etcd flag: {why}");
     }
     let (postgres, url) = postgres(&config).await?;
-    let engine = open_engine(&config, url).await?;
-    let hub = pgetcd_watchbus::Hub::start(config.watch.hub_config(), engine.stats().revision);
     let clients = ClientListeners::bind(&config).await?;
+    let (node, roles, hub) = join(&config, url, &clients.advertise).await?;
+    let engine = (*node.engine()).clone();
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let mut tasks = background_tasks(&config, &engine, &hub, &shutdown_rx)?;
+    let mut tasks = background_tasks(&config, &node, roles, &shutdown_rx)?;
     let server_metrics = Arc::new(metrics::Metrics::default());
     let sources = metrics::Sources {
-        engine: engine.clone(),
+        node: node.clone(),
         hub: hub.clone(),
         metrics: server_metrics.clone(),
         keyspace: config.storage.keyspace.clone(),
@@ -139,7 +143,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let grpc = grpc_routes(&config, &engine, &hub, &clients.advertise, &shutdown_rx)
+    let grpc = grpc_routes(&config, &node, &hub, &clients.advertise, &shutdown_rx)
         .add_service(health_service);
     let router = grpc.into_axum_router().merge(http::router(sources.clone()));
     let app = tower::ServiceBuilder::new()
@@ -165,6 +169,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         client_urls,
         metrics_addrs,
         engine,
+        node,
         shutdown,
         tasks,
         postgres,
@@ -185,16 +190,44 @@ async fn postgres(config: &Config) -> Result<(Option<LocalPostgres>, String), Se
     Ok((Some(pg), url))
 }
 
-/// The engine over the keyspace's Postgres store, with its change feed ready.
-async fn open_engine(config: &Config, url: String) -> Result<Engine, ServerError> {
-    let store =
-        PgStore::new(&config.storage.store_config(url)).map_err(pgetcd_engine::Error::from)?;
-    let engine = Engine::open(EngineConfig::from(&config.engine), Arc::new(store)).await?;
-    engine
-        .prepare_feed()
-        .await
-        .map_err(|e| ServerError::Start(format!("preparing the change feed: {e}")))?;
-    Ok(engine)
+/// Joins the keyspace's instances over its Postgres store: registers, campaigns, and
+/// opens the engine its role calls for; the watch bus starts at its revision.
+async fn join(
+    config: &Config,
+    url: String,
+    advertise: &[String],
+) -> Result<(node::Node, node::Roles, pgetcd_watchbus::Hub), ServerError> {
+    let mut store_config = config.storage.store_config(url);
+    store_config.feed_consumer = node::feed_consumer(&config.member.name);
+    let store: Arc<dyn pgetcd_storage::Store> =
+        Arc::new(PgStore::new(&store_config).map_err(pgetcd_engine::Error::from)?);
+    let me = pgetcd_storage::MemberInfo {
+        name: config.member.name.clone(),
+        member_id: 0,
+        client_urls: advertise.to_vec(),
+        peer_urls: config.member.initial_advertise_peer_urls.clone(),
+    };
+    let (node, fence, engine_config) =
+        node::join(store.clone(), EngineConfig::from(&config.engine), me)
+            .await
+            .map_err(|e| match e {
+                pgetcd_engine::Error::Storage(pgetcd_storage::StoreError::Determinate {
+                    context: "open the replication stream" | "prepare the replication slot",
+                    ..
+                }) => ServerError::Start(format!("preparing the change feed: {e}")),
+                e => ServerError::Engine(e),
+            })?;
+    let hub =
+        pgetcd_watchbus::Hub::start(config.watch.hub_config(), node.engine().stats().revision);
+    let roles = node::Roles::new(
+        node.clone(),
+        store,
+        engine_config,
+        fence,
+        hub.clone(),
+        config.watch.watch_source,
+    );
+    Ok((node, roles, hub))
 }
 
 /// The bound client URLs, each with its TLS acceptor when https.
@@ -241,24 +274,19 @@ impl ClientListeners {
     }
 }
 
-/// The watch feed, and auto-compaction when configured.
+/// The role keeper (which runs the watch feed), and auto-compaction when configured.
 fn background_tasks(
     config: &Config,
-    engine: &Engine,
-    hub: &pgetcd_watchbus::Hub,
+    node: &node::Node,
+    roles: node::Roles,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<Vec<JoinHandle<()>>, ServerError> {
-    let mut tasks = vec![tokio::spawn(watch_feed::run(
-        engine.clone(),
-        hub.clone(),
-        config.watch.watch_source,
-        shutdown.clone(),
-    ))];
+    let mut tasks = vec![tokio::spawn(roles.run(shutdown.clone()))];
     let compaction = config.auto_compaction().map_err(ServerError::Config)?;
     if compaction != auto_compaction::AutoCompaction::Off {
         info!(policy = ?compaction, "auto compaction on");
         tasks.push(tokio::spawn(auto_compaction::run(
-            engine.clone(),
+            node.clone(),
             compaction,
             auto_compaction::REVISION_INTERVAL,
             shutdown.clone(),
@@ -270,7 +298,7 @@ fn background_tasks(
 /// etcd's gRPC services (all but health), with etcd's message size limits.
 fn grpc_routes(
     config: &Config,
-    engine: &Engine,
+    engine: &node::Node,
     hub: &pgetcd_watchbus::Hub,
     advertise: &[String],
     shutdown: &watch::Receiver<bool>,

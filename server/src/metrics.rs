@@ -410,7 +410,7 @@ impl<B: Body + Unpin> Body for MeteredBody<B> {
 #[derive(Clone)]
 pub struct Sources {
     /// The engine.
-    pub engine: Engine,
+    pub node: crate::node::Node,
     /// The watch bus.
     pub hub: Hub,
     /// The server's own figures.
@@ -424,10 +424,11 @@ pub async fn render(src: &Sources) -> String {
     let s = Scrape::default();
     grpc_series(&s, &src.metrics.grpc);
     connection_series(&s, &src.metrics);
-    server_series(&s, &src.engine);
-    mvcc_series(&s, &src.engine).await;
-    engine_series(&s, &src.engine);
-    pool_series(&s, &src.engine);
+    let engine = src.node.engine();
+    server_series(&s, &engine);
+    mvcc_series(&s, &engine).await;
+    engine_series(&s, &engine);
+    pool_series(&s, &engine);
     lag_series(&s, replication_lag(src).await);
     watch_series(&s, &src.hub);
     process_series(&s, &src.metrics);
@@ -501,6 +502,7 @@ fn connection_series(s: &Scrape, m: &Metrics) {
 /// version, quota.
 fn server_series(s: &Scrape, engine: &Engine) {
     let leader = if engine.writer_failed() { 0.0 } else { 1.0 };
+    let is_leader = if engine.is_follower() { 0.0 } else { leader };
     s.gauge(
         "etcd_server_has_leader",
         "Whether or not a leader exists. 1 is existence, 0 is not (pgetcd: 0 once fenced by another instance).",
@@ -509,7 +511,7 @@ fn server_series(s: &Scrape, engine: &Engine) {
     s.gauge(
         "etcd_server_is_leader",
         "Whether or not this member is a leader (pgetcd: writes its keyspace).",
-        leader,
+        is_leader,
     );
     s.labelled_gauge(
         "etcd_server_version",
@@ -666,7 +668,8 @@ fn pool_series(s: &Scrape, engine: &Engine) {
 /// keyspace's replication slot retains), when known.
 async fn replication_lag(src: &Sources) -> Option<i64> {
     let lag = src
-        .engine
+        .node
+        .engine()
         .feed_retained_bytes()
         .await
         .map_err(|e| e.to_string());

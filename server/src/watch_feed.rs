@@ -49,7 +49,10 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let last: Published = Arc::new(tokio::sync::Mutex::new(hub.dispatched()));
-    if source == WatchSource::Writer {
+    // A follower's engine consumes this instance's change feed itself and hands every
+    // applied batch over, as the writer does.
+    let hand_off_only = engine.is_follower();
+    if source == WatchSource::Writer || hand_off_only {
         let mut commits = engine.subscribe_commits();
         let (engine, hub, last) = (engine.clone(), hub.clone(), last.clone());
         let mut stop = shutdown.clone();
@@ -68,6 +71,10 @@ pub async fn run(
                 publish(&engine, &hub, &mut *last.lock().await, changes).await;
             }
         });
+    }
+    if hand_off_only {
+        crate::shutdown::stopped(&mut shutdown).await;
+        return;
     }
     let mut backoff = Duration::from_millis(50);
     loop {

@@ -97,7 +97,7 @@ async fn revision_retention_keeps_that_many_revisions() {
     }
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(auto_compaction::run(
-        ours.running.engine.clone(),
+        ours.running.node.clone(),
         AutoCompaction::Revision(10),
         Duration::from_millis(100),
         stop_rx,

@@ -1,9 +1,9 @@
-//! Cluster service: MemberList reports this server as the one member, shaped as
-//! etcd's answer (its header carries no revision; the peer URLs are the advertised
-//! ones, though nothing listens there); membership changes answer Unimplemented
-//! (a keyspace has one writer; HA comes later).
+//! Cluster service: MemberList reports every live instance of the keyspace (registered
+//! within the last few seconds), shaped as etcd's answer (its header carries no
+//! revision; the peer URLs are the reported ones, though nothing listens there);
+//! membership changes answer Unimplemented (instances join by starting).
 
-use pgetcd_engine::Engine;
+use crate::node::Node;
 use pgetcd_proto::etcdserverpb::{
     Member, MemberListRequest, MemberListResponse, ResponseHeader, cluster_server::Cluster,
 };
@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 /// etcd's Cluster service.
 pub struct ClusterService {
-    engine: Engine,
+    node: Node,
     name: String,
     peer_urls: Vec<String>,
     client_urls: Vec<String>,
@@ -20,14 +20,9 @@ pub struct ClusterService {
 impl ClusterService {
     /// The service naming this member `name`, reachable at `client_urls`, with
     /// `peer_urls` reported as its peer URLs.
-    pub fn new(
-        engine: Engine,
-        name: String,
-        peer_urls: Vec<String>,
-        client_urls: Vec<String>,
-    ) -> Self {
+    pub fn new(node: Node, name: String, peer_urls: Vec<String>, client_urls: Vec<String>) -> Self {
         Self {
-            engine,
+            node,
             name,
             peer_urls,
             client_urls,
@@ -44,17 +39,35 @@ impl Cluster for ClusterService {
         // etcd's cluster service fills only the cluster, member and term.
         let header = ResponseHeader {
             revision: 0,
-            ..self.engine.header()
+            ..self.node.engine().header()
         };
         Ok(Response::new(MemberListResponse {
             header: Some(header),
-            members: vec![Member {
-                id: self.engine.member_id(),
-                name: self.name.clone(),
-                peer_ur_ls: self.peer_urls.clone(),
-                client_ur_ls: self.client_urls.clone(),
-                is_learner: false,
-            }],
+            members: self
+                .node
+                .members()
+                .into_iter()
+                .map(|m| {
+                    if m.name == self.name {
+                        // This instance as it serves now (its URLs with the ports bound).
+                        Member {
+                            id: m.member_id,
+                            name: self.name.clone(),
+                            peer_ur_ls: self.peer_urls.clone(),
+                            client_ur_ls: self.client_urls.clone(),
+                            is_learner: false,
+                        }
+                    } else {
+                        Member {
+                            id: m.member_id,
+                            name: m.name,
+                            peer_ur_ls: m.peer_urls,
+                            client_ur_ls: m.client_urls,
+                            is_learner: false,
+                        }
+                    }
+                })
+                .collect(),
         }))
     }
 }

@@ -1,28 +1,38 @@
 //! Lease service: Grant and Revoke go through the engine's writer (durable), KeepAlive
-//! and TimeToLive answer from memory.
+//! and TimeToLive answer from memory. On a follower every lease request is forwarded to
+//! the writer (a keepalive stream is piped to one of the writer's).
 
-use pgetcd_engine::Engine;
 use pgetcd_proto::etcdserverpb::{
     LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
     LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse,
-    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, lease_server::Lease,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, lease_client::LeaseClient,
+    lease_server::Lease,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::node::Node;
 use crate::status::to_status;
 
 /// etcd's Lease service.
 pub struct LeaseService {
-    engine: Engine,
+    node: Node,
     shutdown: watch::Receiver<bool>,
 }
 
 impl LeaseService {
     /// The service; keepalive streams end when `shutdown` turns true.
-    pub fn new(engine: Engine, shutdown: watch::Receiver<bool>) -> Self {
-        Self { engine, shutdown }
+    pub fn new(node: Node, shutdown: watch::Receiver<bool>) -> Self {
+        Self { node, shutdown }
+    }
+
+    /// The writer's Lease client, when this instance follows.
+    fn writer(&self) -> Result<Option<LeaseClient<tonic::transport::Channel>>, Status> {
+        if !self.node.engine().is_follower() {
+            return Ok(None);
+        }
+        Ok(Some(LeaseClient::new(self.node.writer_channel()?)))
     }
 }
 
@@ -36,7 +46,11 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
-        self.engine
+        if let Some(mut w) = self.writer()? {
+            return w.lease_grant(req.into_inner()).await;
+        }
+        self.node
+            .engine()
             .lease_grant(req.into_inner())
             .await
             .map(Response::new)
@@ -47,7 +61,18 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
-        self.engine
+        if let Some(mut w) = self.writer()? {
+            let resp = w.lease_revoke(req.into_inner()).await?.into_inner();
+            let rev = resp.header.as_ref().map_or(0, |h| h.revision);
+            self.node
+                .engine()
+                .wait_applied(rev, crate::node::FORWARD_APPLY_TIMEOUT)
+                .await
+                .map_err(to_status)?;
+            return Ok(Response::new(resp));
+        }
+        self.node
+            .engine()
             .lease_revoke(req.into_inner())
             .await
             .map(Response::new)
@@ -60,8 +85,33 @@ impl Lease for LeaseService {
     ) -> Result<Response<KeepAliveStream>, Status> {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(16);
-        let engine = self.engine.clone();
+        let node = self.node.clone();
         let mut shutdown = self.shutdown.clone();
+        if let Some(mut w) = self.writer()? {
+            // A follower pipes the stream to the writer's.
+            let (up, up_rx) = mpsc::channel(16);
+            let mut down = w
+                .lease_keep_alive(ReceiverStream::new(up_rx))
+                .await?
+                .into_inner();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        m = inbound.message() => match m {
+                            Ok(Some(r)) => if up.send(r).await.is_err() { return },
+                            _ => return,
+                        },
+                        r = down.message() => match r {
+                            Ok(Some(resp)) => if tx.send(Ok(resp)).await.is_err() { return },
+                            Ok(None) => return,
+                            Err(status) => { let _ = tx.send(Err(status)).await; return }
+                        },
+                        _ = crate::shutdown::stopped(&mut shutdown) => return,
+                    }
+                }
+            });
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
         tokio::spawn(async move {
             loop {
                 let msg = tokio::select! {
@@ -70,7 +120,8 @@ impl Lease for LeaseService {
                 };
                 match msg {
                     Ok(Some(r)) => {
-                        if tx.send(Ok(engine.lease_keep_alive(r.id))).await.is_err() {
+                        let resp = node.engine().lease_keep_alive(r.id);
+                        if tx.send(Ok(resp)).await.is_err() {
                             return;
                         }
                     }
@@ -85,13 +136,21 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        Ok(Response::new(self.engine.lease_time_to_live(req.get_ref())))
+        if let Some(mut w) = self.writer()? {
+            return w.lease_time_to_live(req.into_inner()).await;
+        }
+        Ok(Response::new(
+            self.node.engine().lease_time_to_live(req.get_ref()),
+        ))
     }
 
     async fn lease_leases(
         &self,
-        _req: Request<LeaseLeasesRequest>,
+        req: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        Ok(Response::new(self.engine.lease_leases()))
+        if let Some(mut w) = self.writer()? {
+            return w.lease_leases(req.into_inner()).await;
+        }
+        Ok(Response::new(self.node.engine().lease_leases()))
     }
 }

@@ -5,7 +5,7 @@
 //! bolt file), Snapshot (a bolt file) and Downgrade have no true meaning on Postgres and
 //! answer Unimplemented (docs/compatibility.md).
 
-use pgetcd_engine::Engine;
+use crate::node::Node;
 use pgetcd_proto::etcdserverpb::{
     AlarmMember, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse,
     HashKvRequest, HashKvResponse, MoveLeaderRequest, MoveLeaderResponse, StatusRequest,
@@ -23,13 +23,13 @@ pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
 
 /// etcd's Maintenance service.
 pub struct MaintenanceService {
-    engine: Engine,
+    node: Node,
 }
 
 impl MaintenanceService {
-    /// The service for `engine`.
-    pub fn new(engine: Engine) -> Self {
-        Self { engine }
+    /// The service for `node`'s engine.
+    pub fn new(node: Node) -> Self {
+        Self { node }
     }
 }
 
@@ -37,14 +37,14 @@ impl MaintenanceService {
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
         let r = req.get_ref();
-        let member = self.engine.member_id();
+        let member = self.node.engine().member_id();
         let nospace = || AlarmMember {
             member_id: member,
             alarm: AlarmType::Nospace as i32,
         };
         let alarms = match AlarmAction::try_from(r.action) {
             Ok(AlarmAction::Get) => {
-                if self.engine.nospace() {
+                if self.node.engine().nospace() {
                     vec![nospace()]
                 } else {
                     Vec::new()
@@ -52,19 +52,19 @@ impl Maintenance for MaintenanceService {
             }
             // etcd answers with the alarms the request changed.
             Ok(AlarmAction::Activate) if r.alarm == AlarmType::Nospace as i32 => {
-                self.engine.set_nospace(true);
+                self.node.engine().set_nospace(true);
                 vec![nospace()]
             }
             Ok(AlarmAction::Deactivate) if r.alarm == AlarmType::Nospace as i32 => {
-                let was = self.engine.nospace();
-                self.engine.set_nospace(false);
+                let was = self.node.engine().nospace();
+                self.node.engine().set_nospace(false);
                 if was { vec![nospace()] } else { Vec::new() }
             }
             Ok(AlarmAction::Activate | AlarmAction::Deactivate) => Vec::new(),
             Err(_) => return Err(Status::invalid_argument("pgetcd: unknown alarm action")),
         };
         Ok(Response::new(AlarmResponse {
-            header: Some(self.engine.header()),
+            header: Some(self.node.engine().header()),
             alarms,
         }))
     }
@@ -74,11 +74,12 @@ impl Maintenance for MaintenanceService {
         req: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
         let (hash, current, compact) = self
-            .engine
+            .node
+            .engine()
             .hash_kv(req.get_ref().revision)
             .await
             .map_err(to_status)?;
-        let mut header = self.engine.header();
+        let mut header = self.node.engine().header();
         header.revision = current;
         Ok(Response::new(HashKvResponse {
             header: Some(header),
@@ -92,9 +93,9 @@ impl Maintenance for MaintenanceService {
         &self,
         _req: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
-        self.engine.defragment().await.map_err(to_status)?;
+        self.node.engine().defragment().await.map_err(to_status)?;
         Ok(Response::new(DefragmentResponse {
-            header: Some(self.engine.header()),
+            header: Some(self.node.engine().header()),
         }))
     }
 
@@ -102,13 +103,13 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        if req.get_ref().target_id != self.engine.member_id() {
+        if req.get_ref().target_id != self.node.leader_id() {
             return Err(Status::failed_precondition(
                 "etcdserver: bad leader transferee",
             ));
         }
         Ok(Response::new(MoveLeaderResponse {
-            header: Some(self.engine.header()),
+            header: Some(self.node.engine().header()),
         }))
     }
 
@@ -116,20 +117,20 @@ impl Maintenance for MaintenanceService {
         &self,
         _req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        let db_size = self.engine.db_size().await.map_err(to_status)?;
-        let header = self.engine.header();
+        let db_size = self.node.engine().db_size().await.map_err(to_status)?;
+        let header = self.node.engine().header();
         let revision = u64::try_from(header.revision).unwrap_or(0);
         Ok(Response::new(StatusResponse {
             version: ETCD_VERSION.to_owned(),
             db_size,
-            leader: self.engine.member_id(),
+            leader: self.node.leader_id(),
             raft_index: revision,
-            raft_term: self.engine.raft_term(),
+            raft_term: self.node.engine().raft_term(),
             raft_applied_index: revision,
-            errors: if self.engine.nospace() {
+            errors: if self.node.engine().nospace() {
                 vec![
                     "memberID:".to_owned()
-                        + &self.engine.member_id().to_string()
+                        + &self.node.engine().member_id().to_string()
                         + " alarm:NOSPACE ",
                 ]
             } else {

@@ -17,7 +17,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pgetcd_engine::{Engine, Error};
+use pgetcd_engine::Error;
+
+use crate::node::Node;
 use pgetcd_proto::etcdserverpb::{
     ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse, watch_request::RequestUnion,
     watch_server::Watch,
@@ -47,7 +49,7 @@ pub struct WatchSettings {
 
 /// etcd's Watch service over the bus.
 pub struct WatchService {
-    engine: Engine,
+    node: Node,
     hub: Hub,
     settings: WatchSettings,
     shutdown: watch::Receiver<bool>,
@@ -56,13 +58,13 @@ pub struct WatchService {
 impl WatchService {
     /// The service.
     pub fn new(
-        engine: Engine,
+        node: Node,
         hub: Hub,
         settings: WatchSettings,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
-            engine,
+            node,
             hub,
             settings,
             shutdown,
@@ -82,7 +84,7 @@ impl Watch for WatchService {
         let inbound = req.into_inner();
         let (out, rx) = mpsc::channel(16);
         let task = StreamTask {
-            engine: self.engine.clone(),
+            node: self.node.clone(),
             bus: self.hub.stream(),
             out,
             watchers: HashMap::new(),
@@ -112,7 +114,7 @@ struct Watcher {
 }
 
 struct StreamTask {
-    engine: Engine,
+    node: Node,
     bus: StreamHandle,
     out: mpsc::Sender<Result<WatchResponse, Status>>,
     watchers: HashMap<i64, Watcher>,
@@ -154,7 +156,7 @@ impl StreamTask {
     }
 
     fn header(&self, revision: i64) -> Option<ResponseHeader> {
-        let mut h = self.engine.header();
+        let mut h = self.node.engine().header();
         h.revision = revision;
         Some(h)
     }
@@ -173,7 +175,7 @@ impl StreamTask {
                     self.catch_up_with_commits().await?;
                     self.watchers.remove(&c.watch_id);
                     self.bus.unregister(c.watch_id);
-                    let rev = self.engine.stats().revision;
+                    let rev = self.node.engine().stats().revision;
                     self.send(WatchResponse {
                         header: self.header(rev),
                         watch_id: c.watch_id,
@@ -199,7 +201,7 @@ impl StreamTask {
             c.key.clone()
         };
         let span = KeySpan::from_request(&key, &c.range_end);
-        let wsrev = self.engine.stats().revision;
+        let wsrev = self.node.engine().stats().revision;
         let refuse = |reason: &str| WatchResponse {
             header: self.header(wsrev),
             watch_id: -1,
@@ -259,7 +261,7 @@ impl StreamTask {
     /// Registers watcher `id` with the bus from `from` and replays history up to the
     /// bus's revision.
     async fn sync(&mut self, id: i64, from: i64, span: KeySpan) -> Result<(), Gone> {
-        let compact = self.engine.stats().compact_revision;
+        let compact = self.node.engine().stats().compact_revision;
         let Some(w) = self.watchers.get(&id) else {
             return Ok(());
         };
@@ -279,14 +281,17 @@ impl StreamTask {
         if from <= d {
             // Replayed in chunks of revisions: a watcher far behind holds one chunk of
             // events at a time, and each chunk is sent before the next is read.
-            let mut replay = self.engine.replay(&w.key, &w.range_end, from, d, w.prev_kv);
+            let mut replay = self
+                .node
+                .engine()
+                .replay(&w.key, &w.range_end, from, d, w.prev_kv);
             loop {
-                match self.engine.replay_next(&mut replay).await {
+                match self.node.engine().replay_next(&mut replay).await {
                     Ok(Some(events)) => self.send_events(id, d, events.into_iter()).await?,
                     Ok(None) => break,
                     Err(Error::Compacted) => {
                         self.bus.unregister(id);
-                        let compact = self.engine.stats().compact_revision;
+                        let compact = self.node.engine().stats().compact_revision;
                         return self.cancel_compacted(id, compact).await;
                     }
                     Err(e) => {
@@ -411,7 +416,7 @@ impl StreamTask {
     /// Waits (up to a second) until the bus dispatched every revision committed so far,
     /// then sends what was queued for this stream.
     async fn catch_up_with_commits(&mut self) -> Result<(), Gone> {
-        let committed = self.engine.stats().revision;
+        let committed = self.node.engine().stats().revision;
         // Bounded so that a stuck feed cannot hold a cancel forever; generous so that an
         // overloaded machine does not cut off events committed before the cancel.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

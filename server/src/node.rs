@@ -1,0 +1,333 @@
+//! This instance's place among the instances of its keyspace: registration, the writer
+//! role, and the engine it serves with now.
+//!
+//! Every instance registers in the keyspace's `members` table and campaigns for the
+//! writer role ([`Store::campaign`], a claim of [`ROLE_TTL`] on Postgres's clock, taken
+//! with the fencing epoch raised in the same compare-and-swap). The winner opens a
+//! writer engine; the others open follower engines (each on a change feed of its own)
+//! and campaign again every [`TICK`]. The writer renews its claim every tick; when a
+//! renewal is refused (fenced) or none succeeded for a whole [`ROLE_TTL`], it steps down
+//! to a follower, since another instance may be writing. A follower that wins becomes
+//! the writer: a new engine loads the store's state. On every switch the engine is
+//! replaced in the [`Node`] the services read, and the watch feed is restarted over the
+//! new engine (watchers keep their streams: the bus and its revisions go on).
+//!
+//! A single instance campaigns once, wins, and behaves as before. An instance that
+//! restarts under the same `--name` takes its own claim back at once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use pgetcd_engine::{Engine, EngineConfig, Error};
+use pgetcd_storage::{Campaign, MemberInfo, Store};
+use pgetcd_watchbus::Hub;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::watch_feed::{self, WatchSource};
+
+/// How long a writer's claim lasts without renewal; a dead writer is replaced within
+/// about this plus one [`TICK`].
+pub const ROLE_TTL: Duration = Duration::from_secs(2);
+/// How often the writer renews and followers campaign and heartbeat.
+pub const TICK: Duration = Duration::from_millis(500);
+/// Instances seen within this are listed by MemberList.
+pub const MEMBER_LIVE: Duration = Duration::from_secs(5);
+/// How long a follower waits to apply the revision of a write it forwarded.
+pub const FORWARD_APPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The engine this instance serves with now, and what it knows of the others. Cheap to
+/// clone; the services hold one.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+}
+
+struct NodeInner {
+    engine: ArcSwap<Engine>,
+    me: Mutex<MemberInfo>,
+    /// Live instances, refreshed every tick.
+    members: Mutex<Vec<MemberInfo>>,
+    /// The writer's member id (0: unknown).
+    leader_id: AtomicU64,
+    /// A channel to the writer's first client URL, by URL.
+    writer_channel: Mutex<Option<(String, tonic::transport::Channel)>>,
+}
+
+impl Node {
+    fn new(engine: Engine, me: MemberInfo) -> Node {
+        Node {
+            inner: Arc::new(NodeInner {
+                engine: ArcSwap::from_pointee(engine),
+                members: Mutex::new(vec![me.clone()]),
+                me: Mutex::new(me),
+                leader_id: AtomicU64::new(0),
+                writer_channel: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The engine to serve this request with.
+    pub fn engine(&self) -> Arc<Engine> {
+        self.inner.engine.load_full()
+    }
+
+    /// This instance's registration.
+    pub fn me(&self) -> MemberInfo {
+        self.inner.me.lock().clone()
+    }
+
+    /// The live instances (at least this one).
+    pub fn members(&self) -> Vec<MemberInfo> {
+        self.inner.members.lock().clone()
+    }
+
+    /// A channel to the writer, for a follower to forward writes on. `etcdserver: no
+    /// leader` while no instance is known to hold the role.
+    pub fn writer_channel(&self) -> Result<tonic::transport::Channel, tonic::Status> {
+        let no_leader = || tonic::Status::unavailable("etcdserver: no leader");
+        let id = self.inner.leader_id.load(Ordering::Relaxed);
+        let url = self
+            .members()
+            .into_iter()
+            .find(|m| m.member_id == id && id != 0)
+            .and_then(|m| m.client_urls.into_iter().next())
+            .ok_or_else(no_leader)?;
+        let mut cached = self.inner.writer_channel.lock();
+        if let Some((u, ch)) = cached.as_ref()
+            && *u == url
+        {
+            return Ok(ch.clone());
+        }
+        if url.starts_with("https://") {
+            // Instances do not present client certificates to each other yet.
+            return Err(tonic::Status::unavailable(
+                "etcdserver: not leader (forwarding to an https writer is not supported yet)",
+            ));
+        }
+        let ch = tonic::transport::Endpoint::from_shared(url.clone())
+            .map_err(|_| no_leader())?
+            .connect_lazy();
+        *cached = Some((url, ch.clone()));
+        Ok(ch)
+    }
+
+    /// The writer's member id, or 0 when no instance holds the role.
+    pub fn leader_id(&self) -> u64 {
+        if !self.engine().is_follower() {
+            return self.me().member_id;
+        }
+        self.inner.leader_id.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs the role of this instance.
+pub struct Roles {
+    node: Node,
+    store: Arc<dyn Store>,
+    config: EngineConfig,
+    hub: Hub,
+    watch_source: WatchSource,
+    feed: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+    /// The writer's fence, while this instance writes.
+    fence: Option<pgetcd_storage::Fence>,
+    renewed: Instant,
+}
+
+/// The name of this instance's change feed consumer: the keyspace's default slot for
+/// the default name (a single instance keeps the slot it always had), else one derived
+/// from the name.
+pub fn feed_consumer(name: &str) -> Option<String> {
+    if name == "default" {
+        return None;
+    }
+    let cleaned: String = name
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(24)
+        .collect();
+    Some(cleaned)
+}
+
+/// Registers this instance, campaigns once and opens the engine its role calls for.
+pub async fn join(
+    store: Arc<dyn Store>,
+    mut config: EngineConfig,
+    mut me: MemberInfo,
+) -> Result<(Node, Option<pgetcd_storage::Fence>, EngineConfig), Error> {
+    store.setup().await?;
+    me.member_id = store.register(&me).await?;
+    config.member_id = Some(me.member_id);
+    let (engine, fence) = match store.campaign(&me.name, ROLE_TTL).await? {
+        Campaign::Won { fence, meta } => {
+            info!(name = %me.name, epoch = fence.epoch, "writing the keyspace");
+            let engine = Engine::open_fenced(config.clone(), store.clone(), fence, meta).await?;
+            engine.prepare_feed().await?;
+            (engine, Some(fence))
+        }
+        Campaign::Lost { leader } => {
+            info!(name = %me.name, %leader, "following the keyspace's writer");
+            (Engine::follow(config.clone(), store.clone()).await?, None)
+        }
+    };
+    Ok((Node::new(engine, me), fence, config))
+}
+
+impl Roles {
+    /// The role keeper for `node` (joined with `fence` when it writes).
+    pub fn new(
+        node: Node,
+        store: Arc<dyn Store>,
+        config: EngineConfig,
+        fence: Option<pgetcd_storage::Fence>,
+        hub: Hub,
+        watch_source: WatchSource,
+    ) -> Roles {
+        Roles {
+            node,
+            store,
+            config,
+            hub,
+            watch_source,
+            feed: None,
+            fence,
+            renewed: Instant::now(),
+        }
+    }
+
+    /// Keeps the role until `shutdown`.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        self.restart_feed();
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = crate::shutdown::stopped(&mut shutdown) => break,
+            }
+            self.heartbeat().await;
+            if self.fence.is_some() {
+                self.renew().await;
+            } else {
+                self.campaign().await;
+            }
+        }
+        if let Some((stop, task)) = self.feed.take() {
+            let _ = stop.send(true);
+            let _ = task.await;
+        }
+    }
+
+    /// Registers again (the heartbeat) and refreshes what is known of the others.
+    async fn heartbeat(&self) {
+        let me = self.node.me();
+        if let Err(e) = self.store.register(&me).await {
+            warn!(error = %e, "registering this instance");
+        }
+        if let Ok(members) = self.store.members(MEMBER_LIVE).await
+            && !members.is_empty()
+        {
+            if let Ok(Some(leader)) = self.store.leader().await
+                && let Some(m) = members.iter().find(|m| m.name == leader)
+            {
+                self.node
+                    .inner
+                    .leader_id
+                    .store(m.member_id, Ordering::Relaxed);
+            }
+            *self.node.inner.members.lock() = members;
+        }
+    }
+
+    async fn renew(&mut self) {
+        let Some(fence) = self.fence else { return };
+        let name = self.node.me().name;
+        let started = Instant::now();
+        match self.store.renew(&fence, &name, ROLE_TTL).await {
+            Ok(()) => self.renewed = started,
+            Err(e) if e.outcome() == pgetcd_storage::Outcome::Fenced => {
+                warn!(error = %e, "lost the writer role; following");
+                self.step_down().await;
+            }
+            Err(e) => {
+                warn!(error = %e, "renewing the writer role");
+                if self.renewed.elapsed() >= ROLE_TTL {
+                    warn!(
+                        "no renewal for a whole claim; another instance may write now: following"
+                    );
+                    self.step_down().await;
+                }
+            }
+        }
+    }
+
+    async fn campaign(&mut self) {
+        let name = self.node.me().name;
+        match self.store.campaign(&name, ROLE_TTL).await {
+            Ok(Campaign::Won { fence, meta }) => {
+                let started = Instant::now();
+                match Engine::open_fenced(self.config.clone(), self.store.clone(), fence, meta)
+                    .await
+                {
+                    Ok(engine) => {
+                        if let Err(e) = engine.prepare_feed().await {
+                            warn!(error = %e, "preparing the change feed");
+                        }
+                        info!(
+                            %name,
+                            epoch = fence.epoch,
+                            revision = engine.stats().revision,
+                            took_ms = started.elapsed().as_millis() as u64,
+                            "took over the writer role"
+                        );
+                        self.swap(engine);
+                        self.fence = Some(fence);
+                        self.renewed = started;
+                    }
+                    Err(e) => warn!(error = %e, "opening the writer after winning the role"),
+                }
+            }
+            Ok(Campaign::Lost { .. }) => {}
+            Err(e) => warn!(error = %e, "campaigning for the writer role"),
+        }
+    }
+
+    async fn step_down(&mut self) {
+        self.fence = None;
+        match Engine::follow(self.config.clone(), self.store.clone()).await {
+            Ok(engine) => self.swap(engine),
+            Err(e) => warn!(error = %e, "opening a follower after losing the writer role"),
+        }
+    }
+
+    /// Serves with `engine` from now on; retires the old one and restarts the watch feed.
+    fn swap(&mut self, engine: Engine) {
+        let old = self.node.inner.engine.swap(Arc::new(engine));
+        old.retire();
+        self.restart_feed();
+    }
+
+    fn restart_feed(&mut self) {
+        if let Some((stop, _)) = self.feed.take() {
+            let _ = stop.send(true);
+        }
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(watch_feed::run(
+            (*self.node.engine()).clone(),
+            self.hub.clone(),
+            self.watch_source,
+            rx,
+        ));
+        self.feed = Some((stop, task));
+    }
+}

@@ -1,0 +1,201 @@
+//! Several pgetcd instances on one keyspace: one writes, the others follow (serve
+//! reads and watches, forward writes), and a follower takes over when the writer goes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pgetcd_proto::etcdserverpb::{
+    LeaseGrantRequest, LeaseTimeToLiveRequest, MemberListRequest, PutRequest, RangeRequest,
+    StatusRequest, WatchCreateRequest, lease_client::LeaseClient,
+};
+use pgetcd_testkit::watch::TestWatch;
+use pgetcd_testkit::{Clients, TestServer, channel, test_config};
+
+async fn instance(name: &str, keyspace: &str) -> TestServer {
+    let mut config = test_config();
+    config.member.name = name.into();
+    config.storage.keyspace = keyspace.into();
+    TestServer::start(config).await
+}
+
+/// Puts through `c` until one is acknowledged; its revision.
+async fn put_retrying(c: &mut Clients, key: &str, value: &str, within: Duration) -> i64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let r =
+            c.kv.put(PutRequest {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                value: Bytes::copy_from_slice(value.as_bytes()),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(resp) => return resp.into_inner().header.unwrap().revision,
+            Err(status) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no write acknowledged within {within:?}: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn get(c: &mut Clients, key: &str) -> Option<Bytes> {
+    c.kv.range(RangeRequest {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .kvs
+    .pop()
+    .map(|kv| kv.value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_one_writer_and_a_take_over() {
+    let keyspace = pgetcd_testkit::fresh_keyspace();
+    let a = instance("a", &keyspace).await;
+    let b = instance("b", &keyspace).await;
+    let c = instance("c", &keyspace).await;
+    assert!(!a.running.node.engine().is_follower());
+    assert!(b.running.node.engine().is_follower());
+    assert!(c.running.node.engine().is_follower());
+    let ca = Clients::connect(&a.url()).await;
+    let mut cb = Clients::connect(&b.url()).await;
+    let mut cc = Clients::connect(&c.url()).await;
+
+    // Every instance lists the three, and names a as the leader.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let members = cc
+        .cluster
+        .member_list(MemberListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .members;
+    let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    let a_id = members[0].id;
+    let status = cb
+        .maintenance
+        .status(StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.leader, a_id);
+
+    // A watcher on c from the start.
+    let watch = TestWatch::open(&c.url()).await;
+    watch
+        .create(WatchCreateRequest {
+            key: Bytes::from_static(b"/k/"),
+            range_end: Bytes::from_static(b"/k0"),
+            start_revision: 1,
+            prev_kv: true,
+            ..Default::default()
+        })
+        .await;
+
+    // Writes through a follower are forwarded, and read back on the other one at once.
+    let mut acked: BTreeMap<String, i64> = BTreeMap::new();
+    for i in 0..20 {
+        let key = format!("/k/{i}");
+        let (client, other) = if i % 2 == 0 {
+            (&mut cb, &mut cc)
+        } else {
+            (&mut cc, &mut cb)
+        };
+        let rev = put_retrying(client, &key, "v", Duration::from_secs(5)).await;
+        assert_eq!(get(other, &key).await.as_deref(), Some(&b"v"[..]), "{key}");
+        acked.insert(key, rev);
+    }
+    let mut lease = LeaseClient::new(channel(&c.url()).await);
+    let granted = lease
+        .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let ttl = LeaseClient::new(channel(&b.url()).await)
+        .lease_time_to_live(LeaseTimeToLiveRequest {
+            id: granted.id,
+            keys: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ttl.granted_ttl, 60);
+
+    // The writer goes; a follower takes over and writes go on through the other.
+    drop(ca);
+    let stopped = Instant::now();
+    a.stop().await;
+    let rev = put_retrying(&mut cb, "/k/after", "v", Duration::from_secs(10)).await;
+    let took = stopped.elapsed();
+    acked.insert("/k/after".into(), rev);
+    println!("take-over: first write acknowledged {took:?} after the writer stopped");
+    assert!(took < Duration::from_secs(6), "take-over took {took:?}");
+    let writer = if b.running.node.engine().is_follower() {
+        &c
+    } else {
+        &b
+    };
+    assert!(!writer.running.node.engine().is_follower());
+
+    // Nothing acknowledged is lost, on either instance.
+    for (key, rev) in &acked {
+        for cl in [&mut cb, &mut cc] {
+            let kv = cl
+                .kv
+                .range(RangeRequest {
+                    key: Bytes::copy_from_slice(key.as_bytes()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .kvs;
+            assert_eq!(kv.len(), 1, "{key}");
+            assert_eq!(kv[0].mod_revision, *rev, "{key}");
+        }
+    }
+
+    // The watcher on c saw every event once, in order.
+    watch
+        .settle(Duration::from_millis(500), Duration::from_secs(10))
+        .await;
+    let revs: Vec<i64> = watch
+        .responses()
+        .iter()
+        .flat_map(|r| r.events.iter())
+        .map(|e| e.kv.as_ref().unwrap().mod_revision)
+        .collect();
+    let want: Vec<i64> = {
+        let mut v: Vec<i64> = acked.values().copied().collect();
+        v.sort();
+        v
+    };
+    assert_eq!(revs, want, "events seen by the watcher on c");
+
+    // MemberList drops the stopped instance.
+    tokio::time::sleep(pgetcd_server::node::MEMBER_LIVE + Duration::from_secs(1)).await;
+    let names: Vec<String> = cb
+        .cluster
+        .member_list(MemberListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .members
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(names, ["b", "c"]);
+    b.stop().await;
+    c.stop().await;
+}
