@@ -100,6 +100,7 @@ impl Engine {
             handoff_skipped: AtomicU64::new(0),
             applied: tokio::sync::Notify::new(),
             retired: Arc::new(tokio::sync::Notify::new()),
+            claim_until: Mutex::new(None),
         });
         Ok((Engine { core, jobs }, rx))
     }

@@ -69,6 +69,10 @@ pub enum Error {
         /// The keyspace.
         schema: String,
     },
+    /// This instance's claim on the writer role may have lapsed: it cannot tell whether
+    /// another instance writes now, so it serves no linearizable read.
+    #[error("leader changed")]
+    LeaderChanged,
     /// This instance follows the keyspace's writer and does not write itself.
     #[error("this instance follows the keyspace's writer")]
     NotWriter,

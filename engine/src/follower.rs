@@ -74,11 +74,23 @@ impl Engine {
         self.core.follower
     }
 
-    /// A follower's read index: waits until everything committed in the store when
-    /// this was called is applied here. Returns at once on the writer.
+    /// The writer's claim on its role surely holds until `until` (the role keeper sets
+    /// it after each renewal, from the time the renewal was sent).
+    pub fn claim_until(&self, until: std::time::Instant) {
+        *self.core.claim_until.lock() = Some(until);
+    }
+
+    /// Before a linearizable read. A follower waits until everything committed in the
+    /// store when this was called is applied here (its read index). The writer answers
+    /// at once while its claim on the role holds, and refuses with `leader changed` once
+    /// it may have lapsed (a writer paused or cut off cannot know whether another
+    /// instance writes now).
     pub async fn sync(&self) -> Result<()> {
         if !self.core.follower {
-            return Ok(());
+            return match *self.core.claim_until.lock() {
+                Some(until) if std::time::Instant::now() >= until => Err(Error::LeaderChanged),
+                _ => Ok(()),
+            };
         }
         let target = self.core.store.meta().await?.revision;
         self.wait_applied(target, SYNC_TIMEOUT).await

@@ -120,6 +120,9 @@ pub(crate) struct Core {
     pub(crate) handoff_skipped: AtomicU64,
     /// Notified whenever a follower publishes a revision.
     pub(crate) applied: tokio::sync::Notify,
+    /// Until when this writer's claim on the writer role surely holds (None: no claim is
+    /// kept, a single instance opened without an election).
+    pub(crate) claim_until: Mutex<Option<Instant>>,
     /// Notified once when a follower engine is retired (see `Engine::retire`).
     pub(crate) retired: Arc<tokio::sync::Notify>,
 }

@@ -33,10 +33,20 @@ use crate::watch_feed::{self, WatchSource};
 /// How long a writer's claim lasts without renewal; a dead writer is replaced within
 /// about this plus one [`TICK`].
 pub const ROLE_TTL: Duration = Duration::from_secs(2);
+/// How long after sending a renewal (or a won campaign) the writer trusts its claim for
+/// linearizable reads: the claim lasts [`ROLE_TTL`] from when Postgres ran the statement,
+/// which is later; the margin covers clock rate differences.
+pub const CLAIM_SURE: Duration = Duration::from_millis(1700);
 /// How often the writer renews and followers campaign and heartbeat.
 pub const TICK: Duration = Duration::from_millis(500);
 /// Instances seen within this are listed by MemberList.
 pub const MEMBER_LIVE: Duration = Duration::from_secs(5);
+/// A forwarded request not answered within this fails (`Cancelled`, as a client's own
+/// deadline would): the writer it went to may be paused or cut off, and the client
+/// retries, by then through the instance that took over.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a follower tries to connect to the writer.
+pub const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a follower waits to apply the revision of a write it forwarded.
 pub const FORWARD_APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -111,6 +121,8 @@ impl Node {
         }
         let ch = tonic::transport::Endpoint::from_shared(url.clone())
             .map_err(|_| no_leader())?
+            .connect_timeout(FORWARD_CONNECT_TIMEOUT)
+            .timeout(FORWARD_TIMEOUT)
             .connect_lazy();
         *cached = Some((url, ch.clone()));
         Ok(ch)
@@ -169,10 +181,12 @@ pub async fn join(
     store.setup().await?;
     me.member_id = store.register(&me).await?;
     config.member_id = Some(me.member_id);
+    let claimed = Instant::now();
     let (engine, fence) = match store.campaign(&me.name, ROLE_TTL).await? {
         Campaign::Won { fence, meta } => {
             info!(name = %me.name, epoch = fence.epoch, "writing the keyspace");
             let engine = Engine::open_fenced(config.clone(), store.clone(), fence, meta).await?;
+            engine.claim_until(claimed + CLAIM_SURE);
             engine.prepare_feed().await?;
             (engine, Some(fence))
         }
@@ -254,7 +268,10 @@ impl Roles {
         let name = self.node.me().name;
         let started = Instant::now();
         match self.store.renew(&fence, &name, ROLE_TTL).await {
-            Ok(()) => self.renewed = started,
+            Ok(()) => {
+                self.renewed = started;
+                self.node.engine().claim_until(started + CLAIM_SURE);
+            }
             Err(e) if e.outcome() == pgetcd_storage::Outcome::Fenced => {
                 warn!(error = %e, "lost the writer role; following");
                 self.step_down().await;
@@ -273,9 +290,9 @@ impl Roles {
 
     async fn campaign(&mut self) {
         let name = self.node.me().name;
+        let started = Instant::now();
         match self.store.campaign(&name, ROLE_TTL).await {
             Ok(Campaign::Won { fence, meta }) => {
-                let started = Instant::now();
                 match Engine::open_fenced(self.config.clone(), self.store.clone(), fence, meta)
                     .await
                 {
@@ -290,6 +307,7 @@ impl Roles {
                             took_ms = started.elapsed().as_millis() as u64,
                             "took over the writer role"
                         );
+                        engine.claim_until(started + CLAIM_SURE);
                         self.swap(engine);
                         self.fence = Some(fence);
                         self.renewed = started;

@@ -39,6 +39,7 @@ pub fn code_and_message(e: &Error) -> (Code, String) {
         Error::RequestTooLarge => etcd(Code::InvalidArgument, "etcdserver: request is too large"),
         Error::Timeout => etcd(Code::Unavailable, "etcdserver: request timed out"),
         Error::Stopped => etcd(Code::Unavailable, "etcdserver: server stopped"),
+        Error::LeaderChanged => etcd(Code::Unavailable, "etcdserver: leader changed"),
         Error::Fenced { .. } | Error::NotWriter => {
             etcd(Code::Unavailable, "etcdserver: not leader")
         }

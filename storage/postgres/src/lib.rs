@@ -99,6 +99,9 @@ pub struct PgStore {
     pool: Pool,
     writer: tokio::sync::Mutex<commit::WriterState>,
     compactor: tokio::sync::Mutex<Option<Client>>,
+    /// The role keeper's own connection (registration, campaign, renewal), so that a
+    /// busy read pool never delays a renewal.
+    role: tokio::sync::Mutex<Option<Client>>,
     /// Set by a load: the next compaction's data step also sweeps retained versions the
     /// index may not know of (see `compaction::physical`).
     sweep_retained: std::sync::atomic::AtomicBool,
@@ -151,6 +154,7 @@ impl PgStore {
             pool,
             writer: tokio::sync::Mutex::new(commit::WriterState::default()),
             compactor: tokio::sync::Mutex::new(None),
+            role: tokio::sync::Mutex::new(None),
             sweep_retained: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -168,6 +172,15 @@ impl PgStore {
     /// A new dedicated connection.
     pub async fn connect(&self) -> Result<Client> {
         connect(&self.target).await
+    }
+
+    /// The role keeper's connection, reconnected when lost.
+    async fn role_connection(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>> {
+        let mut slot = self.role.lock().await;
+        if slot.as_ref().is_none_or(|c| c.is_closed()) {
+            *slot = Some(self.connect().await?);
+        }
+        Ok(slot)
     }
 
     /// A connection from the read pool.
@@ -211,28 +224,43 @@ impl Store for PgStore {
     }
 
     async fn register(&self, member: &MemberInfo) -> Result<u64> {
-        let client = self.pooled().await?;
-        members::register(&client, &self.layout, member).await
+        let guard = self.role_connection().await?;
+        let Some(client) = guard.as_ref() else {
+            return Err(StoreError::determinate("role connection", "not connected"));
+        };
+        members::register(client, &self.layout, member).await
     }
 
     async fn members(&self, live: std::time::Duration) -> Result<Vec<MemberInfo>> {
-        let client = self.pooled().await?;
-        members::members(&client, &self.layout, live).await
+        let guard = self.role_connection().await?;
+        let Some(client) = guard.as_ref() else {
+            return Err(StoreError::determinate("role connection", "not connected"));
+        };
+        members::members(client, &self.layout, live).await
     }
 
     async fn campaign(&self, name: &str, ttl: std::time::Duration) -> Result<Campaign> {
-        let client = self.pooled().await?;
-        members::campaign(&client, &self.layout, name, ttl).await
+        let guard = self.role_connection().await?;
+        let Some(client) = guard.as_ref() else {
+            return Err(StoreError::determinate("role connection", "not connected"));
+        };
+        members::campaign(client, &self.layout, name, ttl).await
     }
 
     async fn renew(&self, fence: &Fence, name: &str, ttl: std::time::Duration) -> Result<()> {
-        let client = self.pooled().await?;
-        members::renew(&client, &self.layout, fence, name, ttl).await
+        let guard = self.role_connection().await?;
+        let Some(client) = guard.as_ref() else {
+            return Err(StoreError::determinate("role connection", "not connected"));
+        };
+        members::renew(client, &self.layout, fence, name, ttl).await
     }
 
     async fn leader(&self) -> Result<Option<String>> {
-        let client = self.pooled().await?;
-        members::leader(&client, &self.layout).await
+        let guard = self.role_connection().await?;
+        let Some(client) = guard.as_ref() else {
+            return Err(StoreError::determinate("role connection", "not connected"));
+        };
+        members::leader(client, &self.layout).await
     }
 
     /// Settles an in-doubt write first (an uncertain compaction record, say), so the
