@@ -354,7 +354,8 @@ pub struct IgnoredEtcdFlags {
 impl IgnoredEtcdFlags {
     /// The flags given, as (flag, value, why it is ignored).
     pub fn given(&self) -> Vec<(&'static str, &str, &'static str)> {
-        const CLUSTER: &str = "pgetcd is one member; there are no raft peers";
+        const CLUSTER: &str =
+            "there are no raft peers: instances of a keyspace find each other through Postgres";
         const PEER_TLS: &str = "there is no peer traffic to secure";
         const RAFT: &str = "there is no raft log; Postgres keeps the data";
         const CORRUPT: &str = "Postgres checks its own pages; HashKV compares keyspaces";

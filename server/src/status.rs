@@ -140,6 +140,21 @@ mod tests {
                 Code::Unavailable,
                 "etcdserver: not leader",
             ),
+            (
+                Error::NotWriter,
+                Code::Unavailable,
+                "etcdserver: not leader",
+            ),
+            (
+                Error::LeaderChanged,
+                Code::Unavailable,
+                "etcdserver: leader changed",
+            ),
+            (
+                Error::Storage(pgetcd_engine::StoreError::Fenced("x".into())),
+                Code::Unavailable,
+                "etcdserver: not leader",
+            ),
         ];
         for (err, code, msg) in table {
             let s = to_status(err);
