@@ -15,6 +15,8 @@ cd "$REPO"
 cargo build --release --quiet --bin pgetcd --bin loadgen --bin pgetcd-test-postgres
 BIN=$REPO/target/release
 TMP=$(mktemp -d)
+# As root, Postgres runs as the postgres user, which must reach the directory.
+chmod 755 "$TMP"
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -24,8 +26,13 @@ cleanup() {
 trap cleanup EXIT
 "$BIN/pgetcd-test-postgres" "$TMP/pg" --durable >"$TMP/pg.url" 2>"$TMP/pg.log" &
 PIDS+=($!)
-for _ in $(seq 100); do [ -s "$TMP/pg.url" ] && break; sleep 0.2; done
+for _ in $(seq 600); do [ -s "$TMP/pg.url" ] && break; sleep 0.2; done
 PG=$(head -1 "$TMP/pg.url")
+if [ -z "$PG" ]; then
+    echo "the throwaway Postgres did not start:" >&2
+    tail -20 "$TMP/pg.log" >&2
+    exit 1
+fi
 ports=$(python3 -c 'import socket
 s=[socket.socket() for _ in range(6)]
 [x.bind(("127.0.0.1",0)) for x in s]
@@ -48,7 +55,9 @@ start a "$p1" "$m1"
 start b "$p2" "$m2"
 start c "$p3" "$m3"
 A=http://127.0.0.1:$p1 B=http://127.0.0.1:$p2 C=http://127.0.0.1:$p3
-LG="$BIN/loadgen --rounds $ROUNDS"
+# Server CPU of both sides: every pgetcd process and Postgres (all three instances run
+# during both sides' rounds).
+LG="$BIN/loadgen --rounds $ROUNDS --cpu-comm pgetcd,postgres --vs-cpu-comm pgetcd,postgres"
 for c in s l; do
     echo "== range-$c: three instances vs the writer alone" >&2
     $LG --endpoints "$A,$B,$C" --vs "$A" --consistency "$c" --conns 30 --clients 300 --total "$TOTAL" range | tee "$OUT/range-$c.txt"

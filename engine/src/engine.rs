@@ -101,6 +101,8 @@ impl Engine {
             applied: tokio::sync::Notify::new(),
             retired: Arc::new(tokio::sync::Notify::new()),
             claim_until: Mutex::new(None),
+            read_index: tokio::sync::Mutex::new(()),
+            read_index_last: Mutex::new(None),
         });
         Ok((Engine { core, jobs }, rx))
     }

@@ -92,8 +92,26 @@ impl Engine {
                 _ => Ok(()),
             };
         }
-        let target = self.core.store.meta().await?.revision;
+        let target = self.read_index().await?;
         self.wait_applied(target, SYNC_TIMEOUT).await
+    }
+
+    /// The newest revision committed in the store, read once for every caller that
+    /// arrived before the read started: callers queue behind the one read in flight, and
+    /// take the result of a read that started after they arrived (it saw every commit
+    /// acknowledged before they asked), so one round trip serves a crowd.
+    async fn read_index(&self) -> Result<i64> {
+        let arrived = tokio::time::Instant::now();
+        let _one_at_a_time = self.core.read_index.lock().await;
+        if let Some((started, rev)) = *self.core.read_index_last.lock()
+            && started >= arrived
+        {
+            return Ok(rev);
+        }
+        let started = tokio::time::Instant::now();
+        let rev = self.core.store.meta().await?.revision;
+        *self.core.read_index_last.lock() = Some((started, rev));
+        Ok(rev)
     }
 
     /// Waits until revision `rev` is applied (published) here.

@@ -123,6 +123,10 @@ pub(crate) struct Core {
     /// Until when this writer's claim on the writer role surely holds (None: no claim is
     /// kept, a single instance opened without an election).
     pub(crate) claim_until: Mutex<Option<Instant>>,
+    /// One read-index query at a time (see `Engine::sync`).
+    pub(crate) read_index: tokio::sync::Mutex<()>,
+    /// The last read index: when its query started, and the revision it read.
+    pub(crate) read_index_last: Mutex<Option<(tokio::time::Instant, i64)>>,
     /// Notified once when a follower engine is retired (see `Engine::retire`).
     pub(crate) retired: Arc<tokio::sync::Notify>,
 }

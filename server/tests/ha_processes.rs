@@ -1,5 +1,5 @@
 //! Three pgetcd processes on one keyspace under write load: the writer is killed with
-//! SIGKILL five times (and restarted, as a follower), then paused with SIGSTOP until
+//! SIGKILL five times (`PGETCD_HA_KILLS`; and restarted, as a follower), then paused with SIGSTOP until
 //! another instance takes over and resumed. Every acknowledged write must be there at
 //! its revision, revisions must be unique, and the paused writer must answer nothing
 //! stale and commit nothing once resumed. Prints the take-over times.
@@ -183,7 +183,12 @@ async fn the_writer_killed_five_times_and_paused_once_loses_nothing() {
     ));
 
     let mut take_overs = Vec::new();
-    for round in 0..5 {
+    // PGETCD_HA_KILLS=N kills the writer N times instead (to measure the distribution).
+    let kills: usize = std::env::var("PGETCD_HA_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    for round in 0..kills {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let name = writer_name(&urls[round % 3]).await.expect("a writer");
         let victim = instances.iter().position(|i| i.name == name).unwrap();
