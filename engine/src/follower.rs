@@ -208,7 +208,7 @@ async fn apply_feed(
                 let Some(commit) = commit else { return };
                 let Some(core) = core.upgrade() else { return };
                 if !apply(&core, commit.changes) {
-                    resync(&core).await;
+                    core.reload("follower: gap in the change feed").await;
                 }
                 let _ = applied.send(commit.position);
             }
@@ -263,30 +263,6 @@ fn apply(core: &Core, changes: Vec<(bytes::Bytes, pgetcd_storage::Version)>) -> 
         })
     }));
     true
-}
-
-/// Replaces the index with the store's, retrying until it works.
-async fn resync(core: &Core) {
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        match Core::load_state(
-            &core.store,
-            core.config.cache_bytes,
-            core.leases.clone(),
-            core.metrics.clone(),
-        )
-        .await
-        {
-            Ok(state) => {
-                *core.state.write() = Arc::new(state);
-                core.applied.notify_waiters();
-                return;
-            }
-            Err(e) => warn!(error = %e, "follower: reloading the index"),
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
 }
 
 /// Prunes the index to the store's compact revision once it is applied.

@@ -166,6 +166,31 @@ impl Core {
         }
     }
 
+    /// Replaces the published state with a fresh load from the store, retrying with
+    /// backoff until one works (after a failed compaction record, or a follower's gap).
+    pub(crate) async fn reload(&self, why: &'static str) {
+        let mut backoff = std::time::Duration::from_millis(50);
+        loop {
+            let loaded = Core::load_state(
+                &self.store,
+                self.config.cache_bytes,
+                self.leases.clone(),
+                self.metrics.clone(),
+            )
+            .await;
+            match loaded {
+                Ok(state) => {
+                    *self.state.write() = Arc::new(state);
+                    self.applied.notify_waiters();
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, why, "reloading the index"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+        }
+    }
+
     /// Loads a fresh state from the store: the index (values cached while the budget
     /// lasts), and the leases (each with its full TTL from now) with their keys.
     pub(crate) async fn load_state(

@@ -554,26 +554,7 @@ impl Writer {
     /// Replaces the in-memory state with what the store holds, retrying until it works.
     async fn reload(&mut self) {
         self.finish_prune();
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let core = &self.core;
-            match Core::load_state(
-                &core.store,
-                core.config.cache_bytes,
-                core.leases.clone(),
-                core.metrics.clone(),
-            )
-            .await
-            {
-                Ok(state) => {
-                    *self.core.state.write() = Arc::new(state);
-                    return;
-                }
-                Err(e) => warn!(error = %e, "reloading index"),
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-        }
+        self.core.reload("compaction record failed").await;
     }
 }
 

@@ -15,15 +15,7 @@ use pgetcd_storage::{Campaign, Fence, MemberInfo, Result, StoreError};
 use tokio_postgres::Client;
 
 use crate::error::{read_error, write_error};
-use crate::setup::{META_COLUMNS, meta_of};
-
-fn to_i64(v: u64) -> i64 {
-    i64::from_ne_bytes(v.to_ne_bytes())
-}
-
-fn to_u64(v: i64) -> u64 {
-    u64::from_ne_bytes(v.to_ne_bytes())
-}
+use crate::setup::{META_COLUMNS, meta_of, to_i64, to_u64};
 
 fn seconds(d: Duration) -> f64 {
     d.as_secs_f64()

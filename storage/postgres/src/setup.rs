@@ -9,11 +9,13 @@ use tracing::info;
 
 use crate::error::{read_error, write_error};
 
-fn to_i64(v: u64) -> i64 {
+/// A u64 id as Postgres's int8, bit for bit.
+pub(crate) fn to_i64(v: u64) -> i64 {
     i64::from_ne_bytes(v.to_ne_bytes())
 }
 
-fn to_u64(v: i64) -> u64 {
+/// An int8 back to the u64 id, bit for bit.
+pub(crate) fn to_u64(v: i64) -> u64 {
     u64::from_ne_bytes(v.to_ne_bytes())
 }
 
