@@ -100,6 +100,7 @@ impl Engine {
             handoff_skipped: AtomicU64::new(0),
             applied: tokio::sync::Notify::new(),
             retired: Arc::new(tokio::sync::Notify::new()),
+            compact_now: Arc::new(tokio::sync::Notify::new()),
             claim_until: Mutex::new(None),
             read_index: tokio::sync::Mutex::new(()),
             read_index_last: Mutex::new(None),

@@ -114,6 +114,28 @@ impl Engine {
         Ok(rev)
     }
 
+    /// After a compaction at `rev` forwarded to the writer: follows it here at once (so
+    /// that reads below `rev` are refused from now on, as on the writer), waiting at most
+    /// [`SYNC_TIMEOUT`].
+    pub async fn follow_compaction(&self, rev: i64) -> Result<()> {
+        if !self.core.follower {
+            return Ok(());
+        }
+        let wait = async {
+            loop {
+                let applied = self.core.applied.notified();
+                if self.core.state().compact() >= rev {
+                    return;
+                }
+                self.core.compact_now.notify_one();
+                applied.await;
+            }
+        };
+        tokio::time::timeout(SYNC_TIMEOUT, wait)
+            .await
+            .map_err(|_| Error::Timeout)
+    }
+
     /// Waits until revision `rev` is applied (published) here.
     pub async fn wait_applied(&self, rev: i64, timeout: Duration) -> Result<()> {
         let wait = async {
@@ -201,9 +223,17 @@ async fn apply_feed(
     let Some(retired) = core.upgrade().map(|c| c.retired.clone()) else {
         return;
     };
+    let Some(compacted) = core.upgrade().map(|c| c.compact_now.clone()) else {
+        return;
+    };
     loop {
         tokio::select! {
             _ = retired.notified() => return,
+            _ = compacted.notified() => {
+                let Some(core) = core.upgrade() else { return };
+                follow_compaction(&core).await;
+                core.applied.notify_waiters();
+            }
             commit = commits.recv() => {
                 let Some(commit) = commit else { return };
                 let Some(core) = core.upgrade() else { return };

@@ -127,6 +127,8 @@ pub(crate) struct Core {
     pub(crate) read_index: tokio::sync::Mutex<()>,
     /// The last read index: when its query started, and the revision it read.
     pub(crate) read_index_last: Mutex<Option<(tokio::time::Instant, i64)>>,
+    /// Asks a follower's apply task to follow the store's compaction now.
+    pub(crate) compact_now: Arc<tokio::sync::Notify>,
     /// Notified once when a follower engine is retired (see `Engine::retire`).
     pub(crate) retired: Arc<tokio::sync::Notify>,
 }

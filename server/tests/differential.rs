@@ -447,7 +447,16 @@ fn count_kinds(o: &Outcome, stats: &mut [usize; 3]) {
     let _ = ResponseOp::default();
 }
 
-async fn differential(cache_bytes: usize, default_ops: usize) {
+/// Which instance the differential clients talk to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Through {
+    /// The only instance (it writes).
+    Writer,
+    /// A follower beside a writer on the same keyspace (writes forwarded).
+    Follower,
+}
+
+async fn differential(cache_bytes: usize, default_ops: usize, through: Through) {
     let seed: u64 = std::env::var("PGETCD_DIFF_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -463,9 +472,16 @@ async fn differential(cache_bytes: usize, default_ops: usize) {
     let mut config = test_config();
     config.engine.cache_bytes = cache_bytes;
     config.storage.history_partition_revisions = 50;
-    let ours = TestServer::start(config).await;
+    let ours = TestServer::start(config.clone()).await;
+    let follower = if through == Through::Follower {
+        let mut f = config;
+        f.member.name = "follower".into();
+        Some(TestServer::start(f).await)
+    } else {
+        None
+    };
     let mut theirs_c = Clients::connect(&etcd.url).await;
-    let mut ours_c = Clients::connect(&ours.url()).await;
+    let mut ours_c = Clients::connect(&follower.as_ref().map_or(ours.url(), |f| f.url())).await;
     let mut g = Gen {
         rng: StdRng::seed_from_u64(seed),
         revision: 1,
@@ -523,17 +539,26 @@ async fn differential(cache_bytes: usize, default_ops: usize) {
         "differential: {ops} ops identical ({} ok, {} with nested txns, {} errors), final revision {}",
         stats[0], stats[1], stats[2], g.revision
     );
+    if let Some(f) = follower {
+        f.stop().await;
+    }
     ours.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_to_etcd() {
-    differential(pgetcd_engine_cache_default(), 2500).await;
+    differential(pgetcd_engine_cache_default(), 2500, Through::Writer).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_to_etcd_without_value_cache() {
-    differential(0, 800).await;
+    differential(0, 800, Through::Writer).await;
+}
+
+/// The same scenario through a follower: reads served by it, writes forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_to_etcd_through_a_follower() {
+    differential(pgetcd_engine_cache_default(), 800, Through::Follower).await;
 }
 
 fn pgetcd_engine_cache_default() -> usize {

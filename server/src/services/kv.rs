@@ -109,9 +109,15 @@ impl Kv for KvService {
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
         if let Some(mut w) = self.writer().await? {
-            return Ok(Response::new(
-                w.compact(req.into_inner()).await?.into_inner(),
-            ));
+            let rev = req.get_ref().revision;
+            let resp = w.compact(req.into_inner()).await?.into_inner();
+            // Reads below the compact revision are refused here from now on too.
+            self.node
+                .engine()
+                .follow_compaction(rev)
+                .await
+                .map_err(to_status)?;
+            return Ok(Response::new(resp));
         }
         self.node
             .engine()
