@@ -34,7 +34,6 @@ use pgetcd_proto::etcdserverpb::{
 };
 use pgetcd_storage::{
     Batch, CompactionPlan, Fence, LeaseOp, LeaseOps, Outcome as ErrorOutcome, Pruned, Resolution,
-    StoreError,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
@@ -574,11 +573,5 @@ fn undo(st: &State, ev: Evaluated, failure: impl Fn() -> Error) {
     }
     for (reply, _) in ev.answers {
         let _ = reply.send(Err(failure()));
-    }
-}
-
-impl From<StoreError> for Outcome {
-    fn from(e: StoreError) -> Self {
-        Outcome::NotCommitted(e.into())
     }
 }

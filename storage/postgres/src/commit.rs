@@ -179,12 +179,17 @@ impl WriterState {
                 fence.epoch, batch.prev_revision
             )));
         }
-        let err = write_error("commit batch")(source);
+        Err(self.write_failed(backend, write_error("commit batch")(source)))
+    }
+
+    /// A write on `backend` failed with `err`: when its outcome is unknown, that backend
+    /// is the one to settle before anything is read, and its connection is not reused.
+    fn write_failed(&mut self, backend: Backend, err: StoreError) -> StoreError {
         if err.outcome() == pgetcd_storage::Outcome::Indeterminate {
             self.in_doubt = Some(backend);
             self.conn = None;
         }
-        Err(err)
+        err
     }
 
     /// Makes sure the last in-doubt attempt, if any, can no longer commit: terminates
@@ -298,12 +303,7 @@ impl WriterState {
                 )));
             }
             Err(e) => {
-                let err = write_error("record compaction")(e);
-                if err.outcome() == pgetcd_storage::Outcome::Indeterminate {
-                    self.in_doubt = Some(backend);
-                    self.conn = None;
-                }
-                return Err(err);
+                return Err(self.write_failed(backend, write_error("record compaction")(e)));
             }
         }
         if let Some(p) = self.partitions.as_mut() {
