@@ -207,16 +207,21 @@ async fn join(
         client_urls: advertise.to_vec(),
         peer_urls: config.member.initial_advertise_peer_urls.clone(),
     };
-    let (node, fence, engine_config) =
-        node::join(store.clone(), EngineConfig::from(&config.engine), me)
-            .await
-            .map_err(|e| match e {
-                pgetcd_engine::Error::Storage(pgetcd_storage::StoreError::Determinate {
-                    context: "open the replication stream" | "prepare the replication slot",
-                    ..
-                }) => ServerError::Start(format!("preparing the change feed: {e}")),
-                e => ServerError::Engine(e),
-            })?;
+    let forward_tls = transport::forward_tls(&config.tls()).map_err(ServerError::Config)?;
+    let (node, fence, engine_config) = node::join(
+        store.clone(),
+        EngineConfig::from(&config.engine),
+        me,
+        forward_tls,
+    )
+    .await
+    .map_err(|e| match e {
+        pgetcd_engine::Error::Storage(pgetcd_storage::StoreError::Determinate {
+            context: "open the replication stream" | "prepare the replication slot",
+            ..
+        }) => ServerError::Start(format!("preparing the change feed: {e}")),
+        e => ServerError::Engine(e),
+    })?;
     let hub =
         pgetcd_watchbus::Hub::start(config.watch.hub_config(), node.engine().stats().revision);
     let roles = node::Roles::new(

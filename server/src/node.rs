@@ -66,10 +66,16 @@ struct NodeInner {
     leader_id: AtomicU64,
     /// A channel to the writer's first client URL, by URL.
     writer_channel: Mutex<Option<(String, tonic::transport::Channel)>>,
+    /// How to reach a writer whose client URL is https.
+    forward_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Node {
-    fn new(engine: Engine, me: MemberInfo) -> Node {
+    fn new(
+        engine: Engine,
+        me: MemberInfo,
+        forward_tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Node {
         Node {
             inner: Arc::new(NodeInner {
                 engine: ArcSwap::from_pointee(engine),
@@ -77,6 +83,7 @@ impl Node {
                 me: Mutex::new(me),
                 leader_id: AtomicU64::new(0),
                 writer_channel: Mutex::new(None),
+                forward_tls,
             }),
         }
     }
@@ -113,14 +120,20 @@ impl Node {
         {
             return Ok(ch.clone());
         }
+        let mut endpoint =
+            tonic::transport::Endpoint::from_shared(url.clone()).map_err(|_| no_leader())?;
         if url.starts_with("https://") {
-            // Instances do not present client certificates to each other yet.
-            return Err(tonic::Status::unavailable(
-                "etcdserver: not leader (forwarding to an https writer is not supported yet)",
-            ));
+            let Some(tls) = &self.inner.forward_tls else {
+                return Err(tonic::Status::unavailable(
+                    "etcdserver: not leader (forwarding to an https writer needs --trusted-ca-file)",
+                ));
+            };
+            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| {
+                warn!(error = %e, %url, "TLS settings for forwarding to the writer");
+                no_leader()
+            })?;
         }
-        let ch = tonic::transport::Endpoint::from_shared(url.clone())
-            .map_err(|_| no_leader())?
+        let ch = endpoint
             .connect_timeout(FORWARD_CONNECT_TIMEOUT)
             .timeout(FORWARD_TIMEOUT)
             .connect_lazy();
@@ -177,6 +190,7 @@ pub async fn join(
     store: Arc<dyn Store>,
     mut config: EngineConfig,
     mut me: MemberInfo,
+    forward_tls: Option<tonic::transport::ClientTlsConfig>,
 ) -> Result<(Node, Option<pgetcd_storage::Fence>, EngineConfig), Error> {
     store.setup().await?;
     me.member_id = store.register(&me).await?;
@@ -195,7 +209,7 @@ pub async fn join(
             (Engine::follow(config.clone(), store.clone()).await?, None)
         }
     };
-    Ok((Node::new(engine, me), fence, config))
+    Ok((Node::new(engine, me, forward_tls), fence, config))
 }
 
 impl Roles {

@@ -329,6 +329,25 @@ pub fn acceptor(settings: &TlsSettings, hosts: &[SocketAddr]) -> Result<TlsAccep
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// How a follower reaches a writer whose client URL is https: the writer's certificate
+/// is checked against --trusted-ca-file, and this instance presents its own
+/// --cert-file/--key-file (an instance's certificate must then allow client use, as an
+/// etcd member's peer certificate does). None without --trusted-ca-file.
+pub fn forward_tls(
+    settings: &TlsSettings,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let Some(ca) = &settings.trusted_ca_file else {
+        return Ok(None);
+    };
+    let read = |p: &Path| fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+    if let (Some(cert), Some(key)) = (&settings.cert_file, &settings.key_file) {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(Some(tls))
+}
+
 /// Counts an open connection for as long as it lives.
 struct OpenConnection(Arc<Metrics>);
 

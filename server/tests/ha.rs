@@ -199,3 +199,53 @@ async fn three_instances_one_writer_and_a_take_over() {
     b.stop().await;
     c.stop().await;
 }
+
+/// With mutual TLS on the client URLs, a follower forwards over TLS to the writer,
+/// presenting its own certificate (as etcd members present their peer certificates).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_forwards_to_a_writer_over_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pgetcd_testkit::pki::TestPki::generate(dir.path());
+    let keyspace = pgetcd_testkit::fresh_keyspace();
+    let start = |name: &'static str| {
+        let mut config = test_config();
+        config.member.name = name.into();
+        config.storage.keyspace = keyspace.clone();
+        config.member.listen_client_urls = vec!["https://127.0.0.1:0".into()];
+        config.tls.cert_file = Some(pki.member_cert.clone());
+        config.tls.key_file = Some(pki.member_key.clone());
+        config.tls.trusted_ca_file = Some(pki.ca.clone());
+        config.tls.client_cert_auth = true;
+        TestServer::start(config)
+    };
+    let a = start("a").await;
+    let b = start("b").await;
+    assert!(b.running.node.engine().is_follower());
+    // Let b learn who writes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ch =
+        pgetcd_testkit::tls_channel(&b.url(), &pki.ca, Some((&pki.client_cert, &pki.client_key)))
+            .await
+            .unwrap();
+    let mut kv = pgetcd_proto::etcdserverpb::kv_client::KvClient::new(ch);
+    let rev = kv
+        .put(PutRequest {
+            key: Bytes::from_static(b"tls-forwarded"),
+            value: Bytes::from_static(b"v"),
+            ..Default::default()
+        })
+        .await
+        .expect("a put through the follower is forwarded over TLS")
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+    let got = a.running.node.engine().stats().revision;
+    assert!(
+        got >= rev,
+        "the writer is at {got}, the put was acknowledged at {rev}"
+    );
+    drop(kv);
+    b.stop().await;
+    a.stop().await;
+}

@@ -16,6 +16,11 @@ pub struct TestPki {
     pub ca: PathBuf,
     /// Server certificate (localhost, 127.0.0.1) and key.
     pub server_cert: PathBuf,
+    /// A certificate for both ends (localhost, 127.0.0.1; server and client use), as an
+    /// instance that also forwards to other instances needs, and its key.
+    pub member_cert: PathBuf,
+    /// Key of `member_cert`.
+    pub member_key: PathBuf,
     /// Key of `server_cert`.
     pub server_key: PathBuf,
     /// Client certificate signed by `ca`, and its key.
@@ -56,12 +61,12 @@ fn leaf(
     usage: ExtendedKeyUsagePurpose,
     issuer: &Issuer<'_, KeyPair>,
 ) -> (String, String) {
-    leaf_with_serial(names, usage, issuer, None)
+    leaf_with_serial(names, &[usage], issuer, None)
 }
 
 fn leaf_with_serial(
     names: &[&str],
-    usage: ExtendedKeyUsagePurpose,
+    usages: &[ExtendedKeyUsagePurpose],
     issuer: &Issuer<'_, KeyPair>,
     serial: Option<u64>,
 ) -> (String, String) {
@@ -70,7 +75,7 @@ fn leaf_with_serial(
     let mut p = CertificateParams::new(names).expect("leaf params");
     p.serial_number = serial.map(SerialNumber::from);
     p.distinguished_name.push(DnType::CommonName, "pgetcd-test");
-    p.extended_key_usages = vec![usage];
+    p.extended_key_usages = usages.to_vec();
     let cert = p.signed_by(&key, issuer).expect("sign leaf");
     (cert.pem(), key.serialize_pem())
 }
@@ -88,6 +93,15 @@ impl TestPki {
             ExtendedKeyUsagePurpose::ServerAuth,
             &issuer,
         );
+        let member = leaf_with_serial(
+            &["localhost", "127.0.0.1"],
+            &[
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            &issuer,
+            None,
+        );
         let client = leaf(&["client"], ExtendedKeyUsagePurpose::ClientAuth, &issuer);
         let rogue = leaf(
             &["client"],
@@ -96,7 +110,7 @@ impl TestPki {
         );
         let revoked = leaf_with_serial(
             &["client"],
-            ExtendedKeyUsagePurpose::ClientAuth,
+            &[ExtendedKeyUsagePurpose::ClientAuth],
             &issuer,
             Some(REVOKED_SERIAL),
         );
@@ -126,6 +140,8 @@ impl TestPki {
             ca: write("ca.pem", &ca_pem),
             server_cert: write("server.pem", &server.0),
             server_key: write("server-key.pem", &server.1),
+            member_cert: write("member.pem", &member.0),
+            member_key: write("member-key.pem", &member.1),
             client_cert: write("client.pem", &client.0),
             client_key: write("client-key.pem", &client.1),
             rogue_cert: write("rogue.pem", &rogue.0),
