@@ -1,18 +1,23 @@
 //! Following a keyspace that another instance writes: the index and value cache are
 //! kept up to date from the store's change feed, so reads and watches can be served
-//! here (the first half of high availability; forwarding writes and taking over are
-//! not built yet).
+//! here; writes are forwarded to the writer by the server.
 //!
 //! Protocol:
 //! - Open: `setup`, then `prepare_feed` (this instance's own feed, so every commit
 //!   after the next step is in it), then `load` (one snapshot at revision R).
 //! - Apply, in one task, in feed order: changes at or below the published revision are
 //!   skipped (the feed repeats what was not confirmed, and what the snapshot had); the
-//!   next change must be at published + 1, else the follower has a gap (its feed was
-//!   recreated, or lost history) and reloads the index from the store. Each commit's
-//!   versions go into the index, then the revision is published and the batch handed to
-//!   the watch feed, as the writer does. A reader task owns the feed and confirms the
-//!   position of what was applied before it asks for more.
+//!   next change must be at published + 1. Each commit's versions go into the index,
+//!   then the revision is published and the batch handed to the watch feed, as the
+//!   writer does. A reader task owns the feed and confirms the position of what was
+//!   applied before it asks for more.
+//! - Catching up: when the feed has a gap (it was recreated after its slot was dropped
+//!   or lost, or Postgres failed over to a replica without the slot) and each time the
+//!   feed is opened (commits may have been missed with none following yet), the apply
+//!   task reads what it misses from the store's history ([`Store::changes_after`]) and
+//!   applies it in order, so watchers see every revision. Only when that history was
+//!   compacted away (or cannot be read) does it load the keyspace again; the watch feed
+//!   then cancels the watchers it cannot serve as compacted.
 //! - Compaction: the writer records it in the store's meta; the apply task polls meta
 //!   every [`COMPACTION_POLL`] and prunes its index once it has applied up to the
 //!   compact revision (the writer's data step removes the rows).
@@ -24,7 +29,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use pgetcd_storage::{Change, ChangeFeed, CompactionPlan, FeedCommit, Pruned, Store};
+use pgetcd_storage::{Change, ChangeFeed, CompactionPlan, FeedCommit, FeedPrepared, Pruned, Store};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
@@ -55,7 +60,7 @@ impl Engine {
             "following the keyspace's writer"
         );
         tokio::spawn(refuse_writes(jobs));
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = mpsc::channel::<FromFeed>(64);
         let (applied, applied_rx) = watch::channel(0u64);
         tokio::spawn(read_feed(engine.core.store.clone(), tx, applied_rx));
         tokio::spawn(apply_feed(Arc::downgrade(&engine.core), rx, applied));
@@ -160,11 +165,22 @@ async fn refuse_writes(mut jobs: mpsc::Receiver<Job>) {
     }
 }
 
+/// What the feed task hands the apply task.
+enum FromFeed {
+    /// The next committed batch.
+    Commit(FeedCommit),
+    /// The feed was (re)opened: it may start after commits this follower never applied
+    /// (it was recreated, or the store failed over), and none may follow for a while, so
+    /// the apply task catches up from the store's history.
+    Opened,
+}
+
 /// Owns the change feed: confirms what was applied, then reads the next commit;
-/// reopens the feed after an error. Ends when the apply task is gone.
+/// reopens the feed after an error, recreating it when it is gone (a dropped slot, a
+/// Postgres that failed over to a replica without it). Ends when the apply task is gone.
 async fn read_feed(
     store: Arc<dyn Store>,
-    commits: mpsc::Sender<FeedCommit>,
+    commits: mpsc::Sender<FromFeed>,
     applied: watch::Receiver<u64>,
 ) {
     let mut backoff = Duration::from_millis(50);
@@ -172,11 +188,22 @@ async fn read_feed(
         match store.open_feed().await {
             Ok(mut feed) => {
                 backoff = Duration::from_millis(50);
-                if !pump(feed.as_mut(), &commits, &applied).await {
+                if commits.send(FromFeed::Opened).await.is_err()
+                    || !pump(feed.as_mut(), &commits, &applied).await
+                {
                     return;
                 }
             }
             Err(e) => warn!(error = %e.with_causes(), "follower: opening the change feed"),
+        }
+        if commits.is_closed() {
+            return;
+        }
+        // The feed may be gone (a missing slot shows only once streaming starts).
+        match store.prepare_feed().await {
+            Ok(FeedPrepared::Existing) => {}
+            Ok(prepared) => info!(?prepared, "follower: change feed recreated"),
+            Err(e) => warn!(error = %e.with_causes(), "follower: preparing the change feed"),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -186,7 +213,7 @@ async fn read_feed(
 /// Reads one feed until it fails (true) or nobody applies any more (false).
 async fn pump(
     feed: &mut dyn ChangeFeed,
-    commits: &mpsc::Sender<FeedCommit>,
+    commits: &mpsc::Sender<FromFeed>,
     applied: &watch::Receiver<u64>,
 ) -> bool {
     loop {
@@ -201,7 +228,7 @@ async fn pump(
         };
         match next {
             Ok(commit) => {
-                if commits.send(commit).await.is_err() {
+                if commits.send(FromFeed::Commit(commit)).await.is_err() {
                     return false;
                 }
             }
@@ -216,7 +243,7 @@ async fn pump(
 /// Applies commits in order and follows compactions; ends when the engine is dropped.
 async fn apply_feed(
     core: Weak<Core>,
-    mut commits: mpsc::Receiver<FeedCommit>,
+    mut commits: mpsc::Receiver<FromFeed>,
     applied: watch::Sender<u64>,
 ) {
     let mut tick = tokio::time::interval(COMPACTION_POLL);
@@ -234,13 +261,21 @@ async fn apply_feed(
                 follow_compaction(&core).await;
                 core.applied.notify_waiters();
             }
-            commit = commits.recv() => {
-                let Some(commit) = commit else { return };
+            from = commits.recv() => {
+                let Some(from) = from else { return };
                 let Some(core) = core.upgrade() else { return };
-                if !apply(&core, commit.changes) {
-                    core.reload("follower: gap in the change feed").await;
+                match from {
+                    FromFeed::Opened => catch_up(&core).await,
+                    FromFeed::Commit(commit) => {
+                        if !apply(&core, &commit.changes) {
+                            catch_up(&core).await;
+                            if !apply(&core, &commit.changes) {
+                                reload(&core, "follower: gap in the change feed").await;
+                            }
+                        }
+                        let _ = applied.send(commit.position);
+                    }
                 }
-                let _ = applied.send(commit.position);
             }
             _ = tick.tick() => {
                 let Some(core) = core.upgrade() else { return };
@@ -250,13 +285,83 @@ async fn apply_feed(
     }
 }
 
+/// Revisions read per round trip while catching up from the store's history.
+const CATCH_UP_REVISIONS: i64 = 1024;
+
+/// Attempts at reading history before a follower loads the keyspace again instead.
+const CATCH_UP_ATTEMPTS: u32 = 5;
+
+/// Applies what the store committed after the published revision, from its history
+/// (see [`Store::changes_after`]), until it has applied the store's revision as of the
+/// last read. Loads the keyspace again when that history was compacted away (watchers
+/// behind it are then cancelled as compacted by the watch feed) or cannot be read.
+async fn catch_up(core: &Core) {
+    let mut failures = 0;
+    let mut backoff = Duration::from_millis(50);
+    let mut caught_up = 0i64;
+    loop {
+        let published = core.state().published();
+        let read = core
+            .store
+            .changes_after(published, CATCH_UP_REVISIONS)
+            .await;
+        let changes = match read {
+            Ok(c) => c,
+            Err(e) => {
+                failures += 1;
+                warn!(error = %e.with_causes(), published, "follower: reading history to catch up");
+                if failures >= CATCH_UP_ATTEMPTS {
+                    return reload(core, "follower: history to catch up on cannot be read").await;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+                continue;
+            }
+        };
+        if changes.meta.compact_revision > published {
+            return reload(core, "follower: the history it missed was compacted").await;
+        }
+        if changes.changes.is_empty() {
+            if changes.meta.revision > published {
+                // Revisions the store counts but whose rows it does not have: nothing to
+                // apply them from.
+                return reload(core, "follower: history to catch up on is missing").await;
+            }
+            if caught_up > 0 {
+                info!(
+                    revisions = caught_up,
+                    published, "follower: caught up from history"
+                );
+            }
+            return;
+        }
+        let last = changes
+            .changes
+            .last()
+            .map_or(published, |(_, v)| v.mod_revision);
+        if !apply(core, &changes.changes) {
+            return reload(core, "follower: history to catch up on has a gap").await;
+        }
+        caught_up += last - published;
+    }
+}
+
+/// Loads the keyspace again and tells the watch feed up to where (it fills the gap
+/// from the new index, or cancels the watchers it cannot serve as compacted).
+async fn reload(core: &Core, why: &'static str) {
+    core.reload(why).await;
+    let published = core.state().published();
+    core.hand_off(published, &[]);
+}
+
 /// Applies one commit's changes above the published revision; false on a gap.
-fn apply(core: &Core, changes: Vec<(bytes::Bytes, pgetcd_storage::Version)>) -> bool {
+fn apply(core: &Core, changes: &[(bytes::Bytes, pgetcd_storage::Version)]) -> bool {
     let st = core.state();
     let published = st.published();
     let changes: Vec<_> = changes
-        .into_iter()
+        .iter()
         .filter(|(_, v)| v.mod_revision > published)
+        .cloned()
         .collect();
     let Some(first) = changes.first().map(|(_, v)| v.mod_revision) else {
         return true;

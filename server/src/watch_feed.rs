@@ -68,7 +68,8 @@ pub async fn run(
                     .into_iter()
                     .map(|c| (c.key, c.version, Prev::Known(c.prev)))
                     .collect();
-                publish(&engine, &hub, &mut *last.lock().await, changes).await;
+                let upto = batch.last_revision;
+                publish(&engine, &hub, &mut *last.lock().await, changes, upto).await;
             }
         });
     }
@@ -118,12 +119,13 @@ async fn stream_session(engine: &Engine, hub: &Hub, last: &Published) -> Result<
             .next()
             .await
             .map_err(|e: StoreError| e.with_causes())?;
+        let upto = commit.changes.last().map_or(0, |(_, v)| v.mod_revision);
         let changes = commit
             .changes
             .into_iter()
             .map(|(key, version)| (key, version, Prev::Unknown))
             .collect();
-        publish(engine, hub, &mut *last.lock().await, changes).await;
+        publish(engine, hub, &mut *last.lock().await, changes, upto).await;
         stream.confirm(commit.position);
     }
 }
@@ -137,15 +139,26 @@ enum Prev {
 }
 
 /// Publishes the changes above `last` (in revision order), first filling a gap after
-/// `last` from the index, then advances `last`.
-async fn publish(engine: &Engine, hub: &Hub, last: &mut i64, changes: Vec<(Bytes, Version, Prev)>) {
+/// `last` from the index, then advances `last`. `upto` is the batch's newest revision: a
+/// batch without changes above `last` but with a newer `upto` (a follower that loaded the
+/// keyspace again) only fills the gap up to it.
+async fn publish(
+    engine: &Engine,
+    hub: &Hub,
+    last: &mut i64,
+    changes: Vec<(Bytes, Version, Prev)>,
+    upto: i64,
+) {
     let changes: Vec<_> = changes
         .into_iter()
         .filter(|(_, v, _)| v.mod_revision > *last)
         .collect();
-    let Some(first) = changes.first().map(|(_, v, _)| v.mod_revision) else {
-        return;
+    let first = match changes.first() {
+        Some((_, v, _)) => v.mod_revision,
+        None if upto > *last => upto + 1,
+        None => return,
     };
+    let mut filled = false;
     if first > *last + 1 {
         let all = Bytes::from_static(&[0]);
         match engine
@@ -162,6 +175,7 @@ async fn publish(engine: &Engine, hub: &Hub, last: &mut i64, changes: Vec<(Bytes
                     last_revision: first - 1,
                     events,
                 });
+                filled = true;
             }
             Ok(_) => {}
             Err(e) => {
@@ -170,7 +184,17 @@ async fn publish(engine: &Engine, hub: &Hub, last: &mut i64, changes: Vec<(Bytes
             }
         }
     }
-    let last_revision = changes.last().map_or(first, |(_, v, _)| v.mod_revision);
+    let Some(last_revision) = changes.last().map(|(_, v, _)| v.mod_revision) else {
+        if !filled {
+            hub.publish(Batch {
+                last_revision: upto,
+                events: Vec::new(),
+            });
+        }
+        engine.note_published(upto);
+        *last = upto;
+        return;
+    };
     let mut events = Vec::with_capacity(changes.len());
     let mut unknown = Vec::new();
     for (i, (key, v, prev)) in changes.iter().enumerate() {

@@ -22,8 +22,8 @@ use parking_lot::Mutex;
 
 use crate::error::{Result, StoreError};
 use crate::model::{
-    Batch, Campaign, CompactionPlan, FeedPrepared, Fence, Loaded, MemberInfo, Meta, PoolStatus,
-    Pruned, Resolution, VersionId,
+    Batch, Campaign, Changes, CompactionPlan, FeedPrepared, Fence, Loaded, MemberInfo, Meta,
+    PoolStatus, Pruned, Resolution, VersionId,
 };
 use crate::store::{ChangeFeed, LoadVisitor, Store};
 
@@ -167,6 +167,10 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
 
     async fn load(&self, visit: &mut LoadVisitor<'_>) -> Result<Loaded> {
         self.inner.load(visit).await
+    }
+
+    async fn changes_after(&self, after: i64, revisions: i64) -> Result<Changes> {
+        self.inner.changes_after(after, revisions).await
     }
 
     async fn commit(&self, fence: &Fence, batch: Batch<'_>) -> Result<()> {

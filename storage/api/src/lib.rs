@@ -37,7 +37,7 @@ pub mod memory;
 
 pub use error::{BoxError, Outcome, Result, StoreError};
 pub use model::{
-    Batch, Campaign, Change, CompactionPlan, FeedCommit, FeedPrepared, Fence, LeaseOp, LeaseOps,
-    Loaded, MemberInfo, Meta, PoolStatus, Pruned, Resolution, Version, VersionId,
+    Batch, Campaign, Change, Changes, CompactionPlan, FeedCommit, FeedPrepared, Fence, LeaseOp,
+    LeaseOps, Loaded, MemberInfo, Meta, PoolStatus, Pruned, Resolution, Version, VersionId,
 };
 pub use store::{ChangeFeed, LoadVisitor, Store};

@@ -16,8 +16,8 @@ use tokio::time::Instant;
 
 use crate::error::{Result, StoreError};
 use crate::model::{
-    Batch, Campaign, CompactionPlan, FeedCommit, FeedPrepared, Fence, Loaded, MemberInfo, Meta,
-    PoolStatus, Pruned, Resolution, Version, VersionId,
+    Batch, Campaign, Changes, CompactionPlan, FeedCommit, FeedPrepared, Fence, Loaded, MemberInfo,
+    Meta, PoolStatus, Pruned, Resolution, Version, VersionId,
 };
 use crate::store::{ChangeFeed, LoadVisitor, Store};
 
@@ -234,6 +234,24 @@ impl Store for MemoryStore {
             .as_ref()
             .filter(|(_, until)| *until > Instant::now())
             .map(|(h, _)| h.clone()))
+    }
+
+    async fn changes_after(&self, after: i64, revisions: i64) -> Result<Changes> {
+        let g = self.inner.lock();
+        let meta = g.meta.ok_or_else(not_set_up)?;
+        if after < meta.compact_revision {
+            return Ok(Changes {
+                meta,
+                changes: Vec::new(),
+            });
+        }
+        let upto = after.saturating_add(revisions.max(1));
+        let changes = g
+            .history
+            .range((after + 1, 0)..=(upto, u32::MAX))
+            .map(|(_, kv)| kv.clone())
+            .collect();
+        Ok(Changes { meta, changes })
     }
 
     async fn load(&self, visit: &mut LoadVisitor<'_>) -> Result<Loaded> {

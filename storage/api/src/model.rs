@@ -222,6 +222,19 @@ pub struct Loaded {
     pub versions: usize,
 }
 
+/// What [`crate::Store::changes_after`] read: committed changes after a revision, and
+/// the meta record of the same snapshot.
+#[derive(Debug, Clone)]
+pub struct Changes {
+    /// The meta record as of the read. When its compact revision is above the revision
+    /// asked for, history after it may be gone: `changes` is empty, and the reader must
+    /// load the keyspace again.
+    pub meta: Meta,
+    /// Every change of the revisions read, in (revision, sub) order, puts with their
+    /// values; whole revisions only.
+    pub changes: Vec<(Bytes, Version)>,
+}
+
 /// One committed batch from the change feed.
 #[derive(Debug, Clone)]
 pub struct FeedCommit {

@@ -5,8 +5,8 @@ use bytes::Bytes;
 
 use crate::error::Result;
 use crate::model::{
-    Batch, Campaign, CompactionPlan, FeedCommit, FeedPrepared, Fence, Loaded, MemberInfo, Meta,
-    PoolStatus, Pruned, Resolution, Version, VersionId,
+    Batch, Campaign, Changes, CompactionPlan, FeedCommit, FeedPrepared, Fence, Loaded, MemberInfo,
+    Meta, PoolStatus, Pruned, Resolution, Version, VersionId,
 };
 
 /// Called by [`Store::load`] for every retained version: its key, the version (with
@@ -62,6 +62,12 @@ pub trait Store: Send + Sync + 'static {
     /// the leases of the same snapshot.
     async fn load(&self, visit: &mut LoadVisitor<'_>) -> Result<Loaded>;
 
+    /// The changes committed after revision `after`, up to `revisions` revisions of them
+    /// (fewer when the store has fewer), in one snapshot with the meta record: how a
+    /// follower catches up on what its change feed cannot give it (a feed recreated
+    /// after its slot was dropped or lost, or a Postgres that failed over). Nothing is
+    /// read when `after` is below the compact revision (see [`Changes::meta`]).
+    async fn changes_after(&self, after: i64, revisions: i64) -> Result<Changes>;
     /// Writes one batch atomically, only if the store still holds `fence`'s epoch and
     /// `batch.prev_revision` as its revision (else [`crate::StoreError::Fenced`]).
     async fn commit(&self, fence: &Fence, batch: Batch<'_>) -> Result<()>;

@@ -44,7 +44,7 @@ use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use pgetcd_partitioning::Layout;
 use pgetcd_storage::{
-    Batch, Campaign, ChangeFeed, CompactionPlan, FeedPrepared, Fence, LoadVisitor, Loaded,
+    Batch, Campaign, ChangeFeed, Changes, CompactionPlan, FeedPrepared, Fence, LoadVisitor, Loaded,
     MemberInfo, Meta, PoolStatus, Pruned, Resolution, Result, Store, StoreError, VersionId,
 };
 use pgetcd_wal::FeedNames;
@@ -265,6 +265,11 @@ impl Store for PgStore {
 
     /// Settles an in-doubt write first (an uncertain compaction record, say), so the
     /// snapshot cannot be overtaken by it.
+    async fn changes_after(&self, after: i64, revisions: i64) -> Result<Changes> {
+        let mut client = self.pooled().await?;
+        load::changes_after(&mut client, &self.layout, after, revisions).await
+    }
+
     async fn load(&self, visit: &mut LoadVisitor<'_>) -> Result<Loaded> {
         let mut w = self.writer.lock().await;
         w.settle_in_doubt(&self.target).await?;
