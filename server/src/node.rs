@@ -49,6 +49,27 @@ pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 pub const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a follower waits to apply the revision of a write it forwarded.
 pub const FORWARD_APPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// An instance that has not seen a live writer (the writer: has not renewed its claim)
+/// for this long has no leader: it refuses new require-leader streams and ends the open
+/// ones with `etcdserver: no leader`, as an etcd member does a few election timeouts
+/// after losing its leader. Longer than a take-over, so one does not end them.
+pub const LEADER_LOST_AFTER: Duration = Duration::from_millis(2500);
+
+/// The gRPC metadata key and value of etcd's require-leader streams
+/// (clientv3.WithRequireLeader; kube-apiserver's watches use it).
+const REQUIRE_LEADER: (&str, &str) = ("hasleader", "true");
+
+/// Whether a request asks for a stream that needs a leader.
+pub fn requires_leader(metadata: &tonic::metadata::MetadataMap) -> bool {
+    metadata
+        .get(REQUIRE_LEADER.0)
+        .is_some_and(|v| v.as_bytes() == REQUIRE_LEADER.1.as_bytes())
+}
+
+/// etcd's error for a require-leader stream on a member without a leader.
+pub fn no_leader() -> tonic::Status {
+    tonic::Status::unavailable("etcdserver: no leader")
+}
 
 /// The engine this instance serves with now, and what it knows of the others. Cheap to
 /// clone; the services hold one.
@@ -68,6 +89,8 @@ struct NodeInner {
     writer_channel: Mutex<Option<(String, tonic::transport::Channel)>>,
     /// How to reach a writer whose client URL is https.
     forward_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// When a live writer was last seen (by the writer: when its claim was last renewed).
+    leader_seen: Mutex<Instant>,
 }
 
 impl Node {
@@ -84,6 +107,7 @@ impl Node {
                 leader_id: AtomicU64::new(0),
                 writer_channel: Mutex::new(None),
                 forward_tls,
+                leader_seen: Mutex::new(Instant::now()),
             }),
         }
     }
@@ -106,7 +130,6 @@ impl Node {
     /// A channel to the writer, for a follower to forward writes on. `etcdserver: no
     /// leader` while no instance is known to hold the role.
     pub fn writer_channel(&self) -> Result<tonic::transport::Channel, tonic::Status> {
-        let no_leader = || tonic::Status::unavailable("etcdserver: no leader");
         let id = self.inner.leader_id.load(Ordering::Relaxed);
         let url = self
             .members()
@@ -139,6 +162,37 @@ impl Node {
             .connect_lazy();
         *cached = Some((url, ch.clone()));
         Ok(ch)
+    }
+
+    /// Whether this instance knows of a live writer (itself, or another it saw within
+    /// [`LEADER_LOST_AFTER`]).
+    pub fn has_leader(&self) -> bool {
+        self.inner.leader_seen.lock().elapsed() < LEADER_LOST_AFTER
+    }
+
+    fn saw_leader(&self) {
+        *self.inner.leader_seen.lock() = Instant::now();
+    }
+
+    /// Resolves once this instance has no leader (see [`Node::has_leader`]): what ends a
+    /// require-leader stream.
+    pub async fn leader_lost(&self) {
+        while self.has_leader() {
+            tokio::time::sleep(TICK).await;
+        }
+    }
+
+    /// For a stream opened with `metadata`: refuses it when it requires a leader and
+    /// there is none; else whether it must end when the leader is lost.
+    pub fn admit_stream(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<bool, tonic::Status> {
+        let required = requires_leader(metadata);
+        if required && !self.has_leader() {
+            return Err(no_leader());
+        }
+        Ok(required)
     }
 
     /// The writer's member id, or 0 when no instance holds the role.
@@ -265,13 +319,21 @@ impl Roles {
         if let Ok(members) = self.store.members(MEMBER_LIVE).await
             && !members.is_empty()
         {
-            if let Ok(Some(leader)) = self.store.leader().await
-                && let Some(m) = members.iter().find(|m| m.name == leader)
-            {
-                self.node
-                    .inner
-                    .leader_id
-                    .store(m.member_id, Ordering::Relaxed);
+            match self.store.leader().await {
+                Ok(Some(leader)) => {
+                    if let Some(m) = members.iter().find(|m| m.name == leader) {
+                        self.node
+                            .inner
+                            .leader_id
+                            .store(m.member_id, Ordering::Relaxed);
+                        // The writer counts its own renewals, not its registration.
+                        if self.fence.is_none() {
+                            self.node.saw_leader();
+                        }
+                    }
+                }
+                Ok(None) => self.node.inner.leader_id.store(0, Ordering::Relaxed),
+                Err(_) => {}
             }
             *self.node.inner.members.lock() = members;
         }
@@ -285,6 +347,7 @@ impl Roles {
             Ok(()) => {
                 self.renewed = started;
                 self.node.engine().claim_until(started + CLAIM_SURE);
+                self.node.saw_leader();
             }
             Err(e) if e.outcome() == pgetcd_storage::Outcome::Fenced => {
                 warn!(error = %e, "lost the writer role; following");
@@ -323,6 +386,7 @@ impl Roles {
                         );
                         engine.claim_until(started + CLAIM_SURE);
                         self.swap(engine);
+                        self.node.saw_leader();
                         self.fence = Some(fence);
                         self.renewed = started;
                     }

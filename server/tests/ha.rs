@@ -132,6 +132,10 @@ async fn three_instances_one_writer_and_a_take_over() {
         .into_inner();
     assert_eq!(ttl.granted_ttl, 60);
 
+    // A require-leader watch on c outlives the take-over (as an etcd member's does a
+    // quick election).
+    let mut required = require_leader_watch(&c.url()).await.unwrap();
+
     // The writer goes; a follower takes over and writes go on through the other.
     drop(ca);
     let stopped = Instant::now();
@@ -196,6 +200,11 @@ async fn three_instances_one_writer_and_a_take_over() {
         .map(|m| m.name)
         .collect();
     assert_eq!(names, ["b", "c"]);
+    let still_open = tokio::time::timeout(Duration::from_millis(200), required.message()).await;
+    assert!(
+        still_open.is_err(),
+        "the require-leader watch ended: {still_open:?}"
+    );
     b.stop().await;
     c.stop().await;
 }
@@ -246,6 +255,92 @@ async fn a_follower_forwards_to_a_writer_over_mutual_tls() {
         "the writer is at {got}, the put was acknowledged at {rev}"
     );
     drop(kv);
+    b.stop().await;
+    a.stop().await;
+}
+
+/// A Watch call with etcd's require-leader metadata (clientv3.WithRequireLeader).
+async fn require_leader_watch(
+    url: &str,
+) -> Result<tonic::Streaming<pgetcd_proto::etcdserverpb::WatchResponse>, tonic::Status> {
+    use pgetcd_proto::etcdserverpb::{WatchRequest, watch_client::WatchClient, watch_request};
+    let mut client = WatchClient::new(channel(url).await);
+    let create = WatchRequest {
+        request_union: Some(watch_request::RequestUnion::CreateRequest(
+            WatchCreateRequest {
+                key: Bytes::from_static(b"/rl"),
+                ..Default::default()
+            },
+        )),
+    };
+    // Keep the request side open: the stream lives as long as the test holds it.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(create).await.unwrap();
+    std::mem::forget(tx);
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("hasleader", "true".parse().unwrap());
+    let mut stream = client.watch(req).await?.into_inner();
+    let created = stream.message().await?.unwrap();
+    assert!(created.created);
+    Ok(stream)
+}
+
+/// Require-leader streams, as with etcd: an instance cut off from Postgres (it sees no
+/// writer) ends them with `etcdserver: no leader` and refuses new ones, while other
+/// watches go on; once it sees the writer again they are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_leader_watches_end_when_the_instance_loses_the_writer() {
+    let keyspace = pgetcd_testkit::fresh_keyspace();
+    let a = instance("a", &keyspace).await;
+    let pg = pgetcd_testkit::postgres();
+    let proxy =
+        pgetcd_testkit::proxy::TcpProxy::start(([127, 0, 0, 1], pg.options().port).into()).await;
+    let mut config = test_config();
+    config.member.name = "b".into();
+    config.storage.keyspace = keyspace.clone();
+    config.storage.postgres_url = Some(format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+        proxy.port()
+    ));
+    let b = TestServer::start(config).await;
+    assert!(b.running.node.engine().is_follower());
+
+    let mut required = require_leader_watch(&b.url()).await.unwrap();
+    let plain = TestWatch::open(&b.url()).await;
+    plain
+        .create(WatchCreateRequest {
+            key: Bytes::from_static(b"/rl"),
+            ..Default::default()
+        })
+        .await;
+
+    proxy.pause();
+    let cut = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), required.message())
+        .await
+        .expect("the require-leader watch did not end");
+    let status = ended.expect_err("it must end with an error");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert_eq!(status.message(), "etcdserver: no leader");
+    assert!(
+        cut.elapsed() >= Duration::from_secs(2),
+        "ended after {:?}",
+        cut.elapsed()
+    );
+    let refused = require_leader_watch(&b.url()).await.unwrap_err();
+    assert_eq!(refused.message(), "etcdserver: no leader");
+    assert!(plain.error.lock().is_none(), "the plain watch ended");
+
+    proxy.resume();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match require_leader_watch(&b.url()).await {
+            Ok(_) => break,
+            Err(s) => assert!(Instant::now() < deadline, "still refused: {s:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     b.stop().await;
     a.stop().await;
 }

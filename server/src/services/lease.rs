@@ -83,10 +83,19 @@ impl Lease for LeaseService {
         &self,
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<KeepAliveStream>, Status> {
+        let require_leader = self.node.admit_stream(req.metadata())?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let node = self.node.clone();
         let mut shutdown = self.shutdown.clone();
+        let watcher = node.clone();
+        let leader_lost = async move {
+            if require_leader {
+                watcher.leader_lost().await
+            } else {
+                std::future::pending().await
+            }
+        };
         if let Some(mut w) = self.writer()? {
             // A follower pipes the stream to the writer's.
             let (up, up_rx) = mpsc::channel(16);
@@ -95,8 +104,13 @@ impl Lease for LeaseService {
                 .await?
                 .into_inner();
             tokio::spawn(async move {
+                tokio::pin!(leader_lost);
                 loop {
                     tokio::select! {
+                        _ = &mut leader_lost => {
+                            let _ = tx.send(Err(crate::node::no_leader())).await;
+                            return;
+                        }
                         m = inbound.message() => match m {
                             Ok(Some(r)) => if up.send(r).await.is_err() { return },
                             _ => return,
@@ -113,8 +127,13 @@ impl Lease for LeaseService {
             return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
         }
         tokio::spawn(async move {
+            tokio::pin!(leader_lost);
             loop {
                 let msg = tokio::select! {
+                    _ = &mut leader_lost => {
+                        let _ = tx.send(Err(crate::node::no_leader())).await;
+                        return;
+                    }
                     m = inbound.message() => m,
                     _ = crate::shutdown::stopped(&mut shutdown) => return,
                 };

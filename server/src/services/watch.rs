@@ -81,6 +81,7 @@ impl Watch for WatchService {
         &self,
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
+        let require_leader = self.node.admit_stream(req.metadata())?;
         let inbound = req.into_inner();
         let (out, rx) = mpsc::channel(16);
         let task = StreamTask {
@@ -92,7 +93,7 @@ impl Watch for WatchService {
             progress_pending: false,
             settings: self.settings,
         };
-        tokio::spawn(task.run(inbound, self.shutdown.clone()));
+        tokio::spawn(task.run(inbound, self.shutdown.clone(), require_leader));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -131,7 +132,17 @@ impl StreamTask {
         mut self,
         mut inbound: Streaming<WatchRequest>,
         mut shutdown: watch::Receiver<bool>,
+        require_leader: bool,
     ) {
+        let node = self.node.clone();
+        let leader_lost = async move {
+            if require_leader {
+                node.leader_lost().await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::pin!(leader_lost);
         let mut ticker = tokio::time::interval(self.settings.progress_interval);
         ticker.tick().await;
         let slow = self.bus.slow_signal();
@@ -140,6 +151,10 @@ impl StreamTask {
             let step = tokio::select! {
                 biased;
                 _ = crate::shutdown::stopped(&mut shutdown) => return,
+                _ = &mut leader_lost => {
+                    let _ = self.out.send(Err(crate::node::no_leader())).await;
+                    return;
+                }
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => self.request(req).await,
                     _ => return,
