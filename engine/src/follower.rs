@@ -318,6 +318,17 @@ async fn catch_up(core: &Core) {
                 continue;
             }
         };
+        if changes.meta.revision < published {
+            // Acknowledged writes are gone: a replica that had not received them was
+            // promoted (asynchronous replication). Serve what the store has.
+            tracing::error!(
+                published,
+                store_revision = changes.meta.revision,
+                "follower: the store is behind what this instance applied; \
+                 acknowledged writes were lost by the store (use synchronous replication)"
+            );
+            return reload(core, "follower: the store went back in time").await;
+        }
         if changes.meta.compact_revision > published {
             return reload(core, "follower: the history it missed was compacted").await;
         }

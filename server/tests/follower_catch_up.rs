@@ -6,15 +6,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
 use pgetcd_proto::etcdserverpb::{
-    CompactionRequest, PutRequest, RangeRequest, RangeResponse, WatchCreateRequest, WatchResponse,
+    CompactionRequest, PutRequest, RangeRequest, RangeResponse, WatchCreateRequest,
 };
 use pgetcd_testkit::proxy::TcpProxy;
-use pgetcd_testkit::watch::TestWatch;
+use pgetcd_testkit::watch::{TestWatch, assert_every_revision};
 use pgetcd_testkit::{Clients, TestServer, admin_client, fresh_keyspace, postgres, test_config};
 
 async fn instance(name: &str, keyspace: &str, postgres_url: String) -> TestServer {
@@ -98,27 +97,6 @@ async fn wait_for(w: &TestWatch, rev: i64) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// The watch saw every revision of `from..=to` once, in order, each with the prev_kv
-/// its key had (every change here is one put).
-fn assert_every_revision(responses: &[WatchResponse], from: i64, to: i64) {
-    let mut values: HashMap<Bytes, Bytes> = HashMap::new();
-    let mut want = from;
-    for r in responses {
-        assert!(!r.canceled, "watch cancelled: {r:?}");
-        for e in &r.events {
-            let kv = e.kv.as_ref().unwrap();
-            assert_eq!(kv.mod_revision, want, "revisions out of order or missing");
-            let prev = e.prev_kv.as_ref().map(|p| p.value.clone());
-            if let Some(known) = values.get(&kv.key) {
-                assert_eq!(prev.as_ref(), Some(known), "prev_kv at {want}");
-            }
-            values.insert(kv.key.clone(), kv.value.clone());
-            want += 1;
-        }
-    }
-    assert_eq!(want, to + 1, "watch ended before revision {to}");
 }
 
 async fn all(server: &TestServer, revision: i64) -> RangeResponse {

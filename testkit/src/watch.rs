@@ -1,8 +1,10 @@
 //! A watch stream driven by a test: send requests, collect every response.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use pgetcd_proto::etcdserverpb::{
     WatchCancelRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse,
@@ -159,4 +161,26 @@ impl TestWatch {
             }
         }
     }
+}
+
+/// The responses of one watch of every key with prev_kv hold every revision of
+/// `from..=to` once, in order, each with the prev_kv its key had (for workloads where
+/// every revision is one put), and no cancellation.
+pub fn assert_every_revision(responses: &[WatchResponse], from: i64, to: i64) {
+    let mut values: HashMap<Bytes, Bytes> = HashMap::new();
+    let mut want = from;
+    for r in responses {
+        assert!(!r.canceled, "watch cancelled: {r:?}");
+        for e in &r.events {
+            let kv = e.kv.as_ref().unwrap();
+            assert_eq!(kv.mod_revision, want, "revisions out of order or missing");
+            let prev = e.prev_kv.as_ref().map(|p| p.value.clone());
+            if let Some(known) = values.get(&kv.key) {
+                assert_eq!(prev.as_ref(), Some(known), "prev_kv at {want}");
+            }
+            values.insert(kv.key.clone(), kv.value.clone());
+            want += 1;
+        }
+    }
+    assert_eq!(want, to + 1, "watch ended before revision {to}");
 }
