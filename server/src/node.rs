@@ -298,7 +298,12 @@ impl Roles {
                 _ = crate::shutdown::stopped(&mut shutdown) => break,
             }
             self.heartbeat().await;
-            if self.fence.is_some() {
+            if self.fence.is_some() && self.node.engine().writer_failed() {
+                // Its commit found the store elsewhere than it expected (fenced): give the
+                // role up; the next campaign opens a writer on what the store holds.
+                warn!("the writer stopped; following, then campaigning again");
+                self.step_down().await;
+            } else if self.fence.is_some() {
                 self.renew().await;
             } else {
                 self.campaign().await;
