@@ -142,6 +142,11 @@ impl Engine {
         self.core.raft_term
     }
 
+    /// The newest revision committed and published here.
+    pub fn revision(&self) -> i64 {
+        self.core.state().published()
+    }
+
     /// Current figures.
     pub fn stats(&self) -> Stats {
         let st = self.core.state();

@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use pgetcd_engine::{Engine, EngineConfig, Error};
 use pgetcd_storage::{Campaign, MemberInfo, Store};
 use pgetcd_watchbus::Hub;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -91,16 +91,37 @@ struct NodeInner {
     forward_tls: Option<tonic::transport::ClientTlsConfig>,
     /// When a live writer was last seen (by the writer: when its claim was last renewed).
     leader_seen: Mutex<Instant>,
+    /// Requests to the role keeper (MoveLeader).
+    role_requests: mpsc::Sender<RoleRequest>,
+    /// Their receiving end, until the role keeper takes it.
+    role_inbox: Mutex<Option<mpsc::Receiver<RoleRequest>>>,
+    /// The keyspace's store (MoveLeader watches the epoch in it).
+    store: Arc<dyn Store>,
 }
+
+/// Asks the role keeper to hand the writer role to the named instance; answers with the
+/// epoch it held.
+struct RoleRequest {
+    to: String,
+    reply: oneshot::Sender<Result<i64, tonic::Status>>,
+}
+
+/// How long MoveLeader waits for the new writer to take the role.
+pub const MOVE_LEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Node {
     fn new(
+        store: Arc<dyn Store>,
         engine: Engine,
         me: MemberInfo,
         forward_tls: Option<tonic::transport::ClientTlsConfig>,
     ) -> Node {
+        let (role_requests, role_inbox) = mpsc::channel(4);
         Node {
             inner: Arc::new(NodeInner {
+                role_requests,
+                role_inbox: Mutex::new(Some(role_inbox)),
+                store,
                 engine: ArcSwap::from_pointee(engine),
                 members: Mutex::new(vec![me.clone()]),
                 me: Mutex::new(me),
@@ -195,6 +216,49 @@ impl Node {
         Ok(required)
     }
 
+    /// MoveLeader: hands the writer role from this instance to the live instance
+    /// `target`, and returns once it took it (etcd's errors: `not leader` on a follower,
+    /// `bad leader transferee` for an unknown target, a timeout when the target did not
+    /// take over).
+    pub async fn move_leader(&self, target: u64) -> Result<(), tonic::Status> {
+        if self.engine().is_follower() {
+            return Err(tonic::Status::unavailable("etcdserver: not leader"));
+        }
+        if target == self.me().member_id {
+            return Ok(());
+        }
+        let Some(to) = self.members().into_iter().find(|m| m.member_id == target) else {
+            return Err(tonic::Status::failed_precondition(
+                "etcdserver: bad leader transferee",
+            ));
+        };
+        let (reply, answer) = oneshot::channel();
+        let gone = || tonic::Status::unavailable("etcdserver: not leader");
+        self.inner
+            .role_requests
+            .send(RoleRequest {
+                to: to.name.clone(),
+                reply,
+            })
+            .await
+            .map_err(|_| gone())?;
+        let epoch = answer.await.map_err(|_| gone())??;
+        let deadline = Instant::now() + MOVE_LEADER_TIMEOUT;
+        loop {
+            if let Ok(meta) = self.inner.store.meta().await
+                && meta.leader_epoch > epoch
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(tonic::Status::deadline_exceeded(
+                    "etcdserver: request timed out, leader transfer took too long",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The writer's member id, or 0 when no instance holds the role.
     pub fn leader_id(&self) -> u64 {
         if !self.engine().is_follower() {
@@ -263,7 +327,7 @@ pub async fn join(
             (Engine::follow(config.clone(), store.clone()).await?, None)
         }
     };
-    Ok((Node::new(engine, me, forward_tls), fence, config))
+    Ok((Node::new(store, engine, me, forward_tls), fence, config))
 }
 
 impl Roles {
@@ -288,13 +352,24 @@ impl Roles {
         }
     }
 
-    /// Keeps the role until `shutdown`.
+    /// Keeps the role until `shutdown`; then a writer gives it up, so that another
+    /// instance takes over at its next campaign rather than once the claim lapses.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         self.restart_feed();
         let mut tick = tokio::time::interval(TICK);
+        let mut requests = self.node.inner.role_inbox.lock().take();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                Some(req) = async {
+                    match requests.as_mut() {
+                        Some(r) => r.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.hand_over(req).await;
+                    continue;
+                }
                 _ = crate::shutdown::stopped(&mut shutdown) => break,
             }
             self.heartbeat().await;
@@ -309,9 +384,47 @@ impl Roles {
                 self.campaign().await;
             }
         }
+        if let Some(fence) = self.fence.take() {
+            let name = self.node.me().name;
+            let resign = self.store.hand_over(&fence, &name, None, ROLE_TTL);
+            match tokio::time::timeout(TICK, resign).await {
+                Ok(Ok(())) => info!(%name, "gave the writer role up"),
+                Ok(Err(e)) => warn!(error = %e, "giving the writer role up"),
+                Err(_) => warn!("giving the writer role up: no answer"),
+            }
+        }
         if let Some((stop, task)) = self.feed.take() {
             let _ = stop.send(true);
             let _ = task.await;
+        }
+    }
+
+    /// MoveLeader's part here: gives the claim to `req.to` and follows.
+    async fn hand_over(&mut self, req: RoleRequest) {
+        let Some(fence) = self.fence else {
+            let _ = req
+                .reply
+                .send(Err(tonic::Status::unavailable("etcdserver: not leader")));
+            return;
+        };
+        let name = self.node.me().name;
+        match self
+            .store
+            .hand_over(&fence, &name, Some(&req.to), ROLE_TTL)
+            .await
+        {
+            Ok(()) => {
+                info!(to = %req.to, epoch = fence.epoch, "handing the writer role over");
+                // Forwarded requests wait for the new writer rather than come back here.
+                self.node.inner.leader_id.store(0, Ordering::Relaxed);
+                let _ = req.reply.send(Ok(fence.epoch));
+                self.step_down().await;
+            }
+            Err(e) => {
+                let _ = req.reply.send(Err(tonic::Status::unavailable(format!(
+                    "etcdserver: leader transfer failed: {e}"
+                ))));
+            }
         }
     }
 

@@ -119,12 +119,18 @@ async fn stream_session(engine: &Engine, hub: &Hub, last: &Published) -> Result<
             .next()
             .await
             .map_err(|e: StoreError| e.with_causes())?;
-        let upto = commit.changes.last().map_or(0, |(_, v)| v.mod_revision);
-        let changes = commit
+        // Only what this writer committed: a commit past it is another writer's (this one
+        // was deposed and has not stepped down yet), and this index cannot give its
+        // prev_kv (it may even hold this writer's own fenced batch). The follower engine
+        // that replaces this one publishes it.
+        let own = engine.revision();
+        let changes: Vec<_> = commit
             .changes
             .into_iter()
+            .filter(|(_, v)| v.mod_revision <= own)
             .map(|(key, version)| (key, version, Prev::Unknown))
             .collect();
+        let upto = changes.last().map_or(0, |(_, v, _)| v.mod_revision);
         publish(engine, hub, &mut *last.lock().await, changes, upto).await;
         stream.confirm(commit.position);
     }

@@ -344,3 +344,86 @@ async fn require_leader_watches_end_when_the_instance_loses_the_writer() {
     b.stop().await;
     a.stop().await;
 }
+
+async fn status_leader(url: &str) -> u64 {
+    pgetcd_proto::etcdserverpb::maintenance_client::MaintenanceClient::new(channel(url).await)
+        .status(StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .leader
+}
+
+/// MoveLeader hands the writer role to another instance (etcd's errors otherwise), and
+/// a writer that stops gracefully gives the role up, so the next writer takes over at
+/// its next campaign instead of when the claim lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_leader_hands_the_role_over_and_a_stopping_writer_gives_it_up() {
+    use pgetcd_proto::etcdserverpb::{MoveLeaderRequest, maintenance_client::MaintenanceClient};
+    let keyspace = pgetcd_testkit::fresh_keyspace();
+    let a = instance("a", &keyspace).await;
+    let b = instance("b", &keyspace).await;
+    let c = instance("c", &keyspace).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let id = |s: &TestServer| s.running.node.me().member_id;
+    let mut ma = MaintenanceClient::new(channel(&a.url()).await);
+    let mut mb = MaintenanceClient::new(channel(&b.url()).await);
+
+    // etcd's errors: to a follower, and to an id that is no member.
+    let not_leader = mb
+        .move_leader(MoveLeaderRequest { target_id: id(&c) })
+        .await
+        .unwrap_err();
+    assert_eq!(not_leader.code(), tonic::Code::Unavailable);
+    assert_eq!(not_leader.message(), "etcdserver: not leader");
+    let bad = ma
+        .move_leader(MoveLeaderRequest { target_id: 12345 })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(bad.message(), "etcdserver: bad leader transferee");
+    // To itself: nothing to do.
+    ma.move_leader(MoveLeaderRequest { target_id: id(&a) })
+        .await
+        .unwrap();
+
+    let mut cc = Clients::connect(&c.url()).await;
+    let before = put_retrying(&mut cc, "/m/before", "1", Duration::from_secs(5)).await;
+    let moved = Instant::now();
+    let answer = ma
+        .move_leader(MoveLeaderRequest { target_id: id(&b) })
+        .await
+        .unwrap()
+        .into_inner();
+    println!("MoveLeader answered after {:?}", moved.elapsed());
+    assert!(answer.header.is_none(), "etcd 3.5 answers without a header");
+    // It answers once b took the role (raised the epoch); b then loads and serves.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.running.node.engine().is_follower() || !a.running.node.engine().is_follower() {
+        assert!(
+            Instant::now() < deadline,
+            "b does not write, or a does not follow"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = put_retrying(&mut cc, "/m/after", "2", Duration::from_secs(5)).await;
+    assert!(after > before);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status_leader(&c.url()).await != id(&b) || status_leader(&a.url()).await != id(&b) {
+        assert!(Instant::now() < deadline, "Status does not name b");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut ca = Clients::connect(&a.url()).await;
+    assert_eq!(get(&mut ca, "/m/before").await.as_deref(), Some(&b"1"[..]));
+    assert_eq!(get(&mut ca, "/m/after").await.as_deref(), Some(&b"2"[..]));
+
+    // b stops: a or c writes within a tick or two, not after the 2 s claim.
+    let stopped = Instant::now();
+    b.stop().await;
+    put_retrying(&mut cc, "/m/after-stop", "3", Duration::from_secs(10)).await;
+    let took = stopped.elapsed();
+    println!("first write after the writer's graceful stop: {took:?}");
+    assert!(took < Duration::from_millis(1800), "took {took:?}");
+    c.stop().await;
+    a.stop().await;
+}

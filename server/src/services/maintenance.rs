@@ -103,14 +103,9 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        if req.get_ref().target_id != self.node.leader_id() {
-            return Err(Status::failed_precondition(
-                "etcdserver: bad leader transferee",
-            ));
-        }
-        Ok(Response::new(MoveLeaderResponse {
-            header: Some(self.node.engine().header()),
-        }))
+        // As etcd 3.5, the answer carries no header.
+        self.node.move_leader(req.get_ref().target_id).await?;
+        Ok(Response::new(MoveLeaderResponse { header: None }))
     }
 
     async fn status(

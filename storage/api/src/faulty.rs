@@ -161,6 +161,16 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
         self.inner.renew(fence, name, ttl).await
     }
 
+    async fn hand_over(
+        &self,
+        fence: &Fence,
+        name: &str,
+        to: Option<&str>,
+        ttl: std::time::Duration,
+    ) -> Result<()> {
+        self.inner.hand_over(fence, name, to, ttl).await
+    }
+
     async fn leader(&self) -> Result<Option<String>> {
         self.inner.leader().await
     }

@@ -228,6 +228,24 @@ impl Store for MemoryStore {
         }
     }
 
+    async fn hand_over(
+        &self,
+        fence: &Fence,
+        name: &str,
+        to: Option<&str>,
+        ttl: std::time::Duration,
+    ) -> Result<()> {
+        let mut g = self.inner.lock();
+        let epoch = g.meta.ok_or_else(not_set_up)?.leader_epoch;
+        match &g.leader {
+            Some((holder, _)) if holder == name && epoch == fence.epoch => {
+                g.leader = to.map(|t| (t.to_owned(), Instant::now() + ttl));
+                Ok(())
+            }
+            _ => Err(StoreError::Fenced("the writer role was lost".into())),
+        }
+    }
+
     async fn leader(&self) -> Result<Option<String>> {
         let g = self.inner.lock();
         Ok(g.leader

@@ -50,6 +50,17 @@ pub trait Store: Send + Sync + 'static {
     /// when the claim was lost (another instance's epoch).
     async fn renew(&self, fence: &Fence, name: &str, ttl: std::time::Duration) -> Result<()>;
 
+    /// Gives the writer role away while `name` holds it at `fence`'s epoch: to `to`, with
+    /// a claim of `ttl` that `to` takes over at its next campaign (raising the epoch), or
+    /// to whoever campaigns first (`None`). Fenced when the claim was lost already. The
+    /// giver must stop writing: its commits still pass until the taker raises the epoch.
+    async fn hand_over(
+        &self,
+        fence: &Fence,
+        name: &str,
+        to: Option<&str>,
+        ttl: std::time::Duration,
+    ) -> Result<()>;
     /// The holder of the writer role, if its claim has not lapsed.
     async fn leader(&self) -> Result<Option<String>>;
 

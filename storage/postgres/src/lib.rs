@@ -255,6 +255,20 @@ impl Store for PgStore {
         members::renew(client, &self.layout, fence, name, ttl).await
     }
 
+    async fn hand_over(
+        &self,
+        fence: &Fence,
+        name: &str,
+        to: Option<&str>,
+        ttl: std::time::Duration,
+    ) -> Result<()> {
+        let guard = self.role_connection().await?;
+        let Some(client) = guard.as_ref() else {
+            return Err(StoreError::determinate("role connection", "not connected"));
+        };
+        members::hand_over(client, &self.layout, fence, name, to, ttl).await
+    }
+
     async fn leader(&self) -> Result<Option<String>> {
         let guard = self.role_connection().await?;
         let Some(client) = guard.as_ref() else {

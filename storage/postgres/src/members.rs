@@ -134,6 +134,37 @@ pub(crate) async fn renew(
     }
 }
 
+pub(crate) async fn hand_over(
+    client: &Client,
+    layout: &Layout,
+    fence: &Fence,
+    name: &str,
+    to: Option<&str>,
+    ttl: Duration,
+) -> Result<()> {
+    // `to` holds the claim (a campaign of its own name wins and raises the epoch); an
+    // empty holder is free for anyone.
+    let n = client
+        .execute(
+            &format!(
+                "UPDATE {} SET leader = $3, leader_until = now() + make_interval(secs => $4) \
+                 WHERE id = 1 AND leader = $1 AND leader_epoch = $2",
+                layout.table("meta")
+            ),
+            &[&name, &fence.epoch, &to.unwrap_or(""), &seconds(ttl)],
+        )
+        .await
+        .map_err(write_error("hand the writer role over"))?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Fenced(format!(
+            "{name} no longer holds the writer role at epoch {}",
+            fence.epoch
+        )))
+    }
+}
+
 pub(crate) async fn leader(client: &Client, layout: &Layout) -> Result<Option<String>> {
     let row = client
         .query_one(
