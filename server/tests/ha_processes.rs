@@ -21,13 +21,30 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use pgetcd_proto::etcdserverpb::{
-    MemberListRequest, PutRequest, RangeRequest, StatusRequest, WatchCreateRequest, WatchRequest,
-    cluster_client::ClusterClient, kv_client::KvClient, maintenance_client::MaintenanceClient,
-    watch_client::WatchClient, watch_request::RequestUnion,
+    LeaseGrantRequest, LeaseKeepAliveRequest, LeaseTimeToLiveRequest, MemberListRequest,
+    PutRequest, RangeRequest, StatusRequest, WatchCreateRequest, WatchRequest,
+    cluster_client::ClusterClient, kv_client::KvClient, lease_client::LeaseClient,
+    maintenance_client::MaintenanceClient, watch_client::WatchClient, watch_request::RequestUnion,
 };
 use pgetcd_proto::mvccpb::{Event, KeyValue, event::EventType};
 use pgetcd_testkit::{fresh_keyspace, postgres_url};
 use tonic::transport::{Channel, Endpoint};
+
+/// Prints a step of the test with the wall clock (UTC, as in pgetcd's logs), to line
+/// it up with the processes' logs when something fails.
+fn timeline(what: &str) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let secs = now.as_secs() % 86_400;
+    println!(
+        "{:02}:{:02}:{:02}.{:03} {what}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        now.subsec_millis()
+    );
+}
 
 struct Instance {
     name: String,
@@ -37,7 +54,22 @@ struct Instance {
 }
 
 impl Instance {
+    /// Starts the process; with `PGETCD_HA_LOGS=dir`, its info log is appended to
+    /// `dir/<name>.log` (else only warnings, dropped).
     fn start(&mut self, keyspace: &str) {
+        let (level, out) = match std::env::var_os("PGETCD_HA_LOGS") {
+            Some(dir) => {
+                let path = std::path::Path::new(&dir).join(format!("{}.log", self.name));
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap();
+                ("info", Stdio::from(file))
+            }
+            None => ("warn", Stdio::null()),
+        };
+        timeline(&format!("{} starts", self.name));
         let child = Command::new(env!("CARGO_BIN_EXE_pgetcd"))
             .args(["--name", &self.name])
             .args(["--postgres-url", &postgres_url()])
@@ -49,9 +81,9 @@ impl Instance {
                 &format!("http://127.0.0.1:{}", self.metrics),
             ])
             .args(["--read-pool-size", "2"])
-            .env("PGETCD_LOG", "warn")
+            .env("PGETCD_LOG", level)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(out)
             .spawn()
             .unwrap();
         self.child = Some(child);
@@ -62,6 +94,11 @@ impl Instance {
     }
 
     fn signal(&self, sig: &str) {
+        timeline(&format!(
+            "{} gets SIG{}",
+            self.name,
+            sig.trim_start_matches('-')
+        ));
         let ok = Command::new("kill")
             .args([sig, &self.pid().to_string()])
             .status()
@@ -204,6 +241,54 @@ async fn load(
     std::mem::take(&mut *sent.lock())
 }
 
+/// The TTL of the lease kept alive across the pause (seconds).
+const LEASE_TTL: i64 = 5;
+
+/// Keepalive answers: when each came and its TTL, or why the stream failed.
+type KeepAlives = Arc<Mutex<Vec<(Instant, Result<i64, String>)>>>;
+
+/// Keeps lease `id` alive through `url` every 500 ms until `stop`, as an etcd client
+/// does: one LeaseKeepAlive stream, opened again when it fails or stops answering.
+async fn keep_alive(
+    url: String,
+    id: i64,
+    log: KeepAlives,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    while !*stop.borrow() {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(LeaseKeepAliveRequest { id }).await.unwrap();
+        let call = LeaseClient::new(channel(&url))
+            .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
+        let mut down = match call {
+            Ok(s) => s.into_inner(),
+            Err(e) => {
+                log.lock().push((Instant::now(), Err(format!("open: {e}"))));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        loop {
+            match tokio::time::timeout(Duration::from_secs(2), down.message()).await {
+                Ok(Ok(Some(r))) => log.lock().push((Instant::now(), Ok(r.ttl))),
+                other => {
+                    log.lock().push((Instant::now(), Err(format!("{other:?}"))));
+                    break;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// What one instance's watcher saw.
 #[derive(Default)]
 struct Seen {
@@ -295,59 +380,71 @@ async fn watcher(
     }
 }
 
+/// Fails the check it is in with a message, unless `cond`.
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
 /// Checks one watcher's events: every revision in `first..=last` exactly once, in
 /// order; each a put under [`PREFIX`] equal to the write acknowledged at its revision
-/// (else to a value the load sent), with the key's previous version as prev_kv.
+/// (else to a value the load sent), with the key's previous version as prev_kv. The
+/// first thing wrong, if any.
 fn check_history(
-    who: &str,
     seen: &Seen,
     first: i64,
     last: i64,
     acked: &BTreeMap<i64, (Bytes, Bytes)>,
     sent: &BTreeMap<Bytes, Bytes>,
-) {
-    assert!(seen.failures.is_empty(), "{who}: {:?}", seen.failures);
+) -> Result<(), String> {
+    ensure!(seen.failures.is_empty(), "{:?}", seen.failures);
     let mut latest: BTreeMap<Bytes, KeyValue> = BTreeMap::new();
     let mut want = first;
     for e in &seen.events {
         let kv = e.kv.as_ref().unwrap();
         let rev = kv.mod_revision;
-        assert_eq!(rev, want, "{who}: event at revision {rev}, expected {want}");
+        ensure!(rev == want, "event at revision {rev}, expected {want}");
         want += 1;
-        assert_eq!(e.r#type, EventType::Put as i32, "{who}: revision {rev}");
-        assert!(kv.key.starts_with(PREFIX), "{who}: revision {rev}: {kv:?}");
+        ensure!(e.r#type == EventType::Put as i32, "revision {rev}: {e:?}");
+        ensure!(kv.key.starts_with(PREFIX), "revision {rev}: {kv:?}");
         match acked.get(&rev) {
-            Some((key, value)) => assert_eq!(
-                (&kv.key, &kv.value),
-                (key, value),
-                "{who}: revision {rev} is not the acknowledged write"
+            Some((key, value)) => ensure!(
+                (&kv.key, &kv.value) == (key, value),
+                "revision {rev} is {kv:?}, not the acknowledged write {key:?} = {value:?}"
             ),
             // Not acknowledged (the put failed, its outcome unknown, or a probe whose
             // answer was lost): it must be a put the test sent.
-            None => assert!(
+            None => ensure!(
                 sent.get(&kv.value) == Some(&kv.key) || kv.key.starts_with(b"/ha/probe/"),
-                "{who}: revision {rev}: a write nobody sent: {kv:?}"
+                "revision {rev}: a write nobody sent: {kv:?}"
             ),
         }
         let prev = latest.insert(kv.key.clone(), kv.clone());
-        assert_eq!(e.prev_kv, prev, "{who}: prev_kv at revision {rev}");
+        ensure!(
+            e.prev_kv == prev,
+            "prev_kv at revision {rev} is {:?}, the key's previous event {prev:?}",
+            e.prev_kv
+        );
         match prev {
-            Some(p) => {
-                assert_eq!(kv.version, p.version + 1, "{who}: version at {rev}");
-                assert_eq!(kv.create_revision, p.create_revision, "{who}: at {rev}");
-            }
-            None => {
-                assert_eq!(kv.version, 1, "{who}: version at {rev}");
-                assert_eq!(kv.create_revision, rev, "{who}: create_revision at {rev}");
-            }
+            Some(p) => ensure!(
+                kv.version == p.version + 1 && kv.create_revision == p.create_revision,
+                "revision {rev}: {kv:?} after {p:?}"
+            ),
+            None => ensure!(
+                kv.version == 1 && kv.create_revision == rev,
+                "revision {rev}: {kv:?} is the key's first event"
+            ),
         }
     }
-    assert_eq!(
-        want - 1,
-        last,
-        "{who}: events end at {}, expected {last}",
+    ensure!(
+        want - 1 == last,
+        "events end at {}, expected {last}",
         want - 1
     );
+    Ok(())
 }
 
 /// The current revision as `url`'s instance answers a linearizable read, retried.
@@ -453,6 +550,9 @@ async fn the_writer_killed_five_times_and_paused_once_loses_nothing() {
             if let Ok(resp) = r {
                 let rev = resp.into_inner().header.unwrap().revision;
                 ack(&acked, rev, probe, Bytes::from_static(b"v"));
+                timeline(&format!(
+                    "round {round}: probe acknowledged at revision {rev}"
+                ));
                 break killed.elapsed();
             }
             assert!(
@@ -470,6 +570,26 @@ async fn the_writer_killed_five_times_and_paused_once_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let name = writer_name(&urls[0]).await.expect("a writer");
     let paused = instances.iter().position(|i| i.name == name).unwrap();
+    // A lease (no keys, so no revision) kept alive on a stream to the writer, opened
+    // before the pause and used on after it resumed, as by a client on that endpoint.
+    let lease = LeaseClient::new(channel(&instances[paused].url))
+        .lease_grant(LeaseGrantRequest {
+            ttl: LEASE_TTL,
+            id: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let keep_alives: KeepAlives = Arc::default();
+    let (stop_keeper, stop_rx) = tokio::sync::watch::channel(false);
+    let keeper = tokio::spawn(keep_alive(
+        instances[paused].url.clone(),
+        lease,
+        keep_alives.clone(),
+        stop_rx,
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
     instances[paused].signal("-STOP");
     let stopped_at = Instant::now();
     let before = acked.lock().len();
@@ -503,6 +623,7 @@ async fn the_writer_killed_five_times_and_paused_once_loses_nothing() {
                     Bytes::from_static(b"/ha/fresh"),
                     Bytes::from_static(b"after the pause"),
                 );
+                timeline(&format!("after the pause: /ha/fresh acknowledged at {rev}"));
                 break rev;
             }
             Err(e) => {
@@ -512,6 +633,7 @@ async fn the_writer_killed_five_times_and_paused_once_loses_nothing() {
         }
     };
     instances[paused].signal("-CONT");
+    let resumed = Instant::now();
     // Straight after resuming: a linearizable read is refused or fresh, never stale.
     let got = KvClient::new(channel(&instances[paused].url))
         .range(RangeRequest {
@@ -534,6 +656,7 @@ async fn the_writer_killed_five_times_and_paused_once_loses_nothing() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+
     let sent = load_task.await.unwrap();
     let acked = acked.lock().clone();
 
@@ -561,16 +684,16 @@ async fn the_writer_killed_five_times_and_paused_once_loses_nothing() {
         .into_iter()
         .map(|s| std::mem::take(&mut *s.lock()))
         .collect();
-    for (inst, s) in instances.iter().zip(&seen) {
-        check_history(
-            &format!("watcher on {}", inst.name),
-            s,
-            2,
-            last,
-            &acked,
-            &sent,
-        );
-    }
+    let wrong: Vec<String> = instances
+        .iter()
+        .zip(&seen)
+        .filter_map(|(inst, s)| {
+            check_history(s, 2, last, &acked, &sent)
+                .err()
+                .map(|e| format!("watcher on {}: {e}", inst.name))
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:#?}");
     for s in &seen[1..] {
         assert!(
             s.events == seen[0].events,
@@ -605,7 +728,9 @@ async fn the_writer_killed_five_times_and_paused_once_loses_nothing() {
         let _ = stop_again.send(true);
         w.await.unwrap();
         let again = std::mem::take(&mut *again.lock());
-        check_history(&who, &again, 2, last, &acked, &sent);
+        if let Err(e) = check_history(&again, 2, last, &acked, &sent) {
+            panic!("{who}: {e}");
+        }
         assert_eq!(again.broken, 0, "{who}");
         assert!(
             again.events == seen[0].events,
@@ -632,6 +757,39 @@ async fn the_writer_killed_five_times_and_paused_once_loses_nothing() {
         );
     }
     let n = acked.len();
+
+    // Last (it waits): the lease is alive wherever it is asked, a whole TTL after the
+    // resume, so the keepalives sent to the resumed (now following) instance reached the
+    // writer. etcd forwards a keepalive to the leader; pgetcd ends a stream opened on the
+    // writer once that instance follows, and the client's next stream is piped to the
+    // writer.
+    tokio::time::sleep_until((resumed + Duration::from_secs(LEASE_TTL as u64 + 1)).into()).await;
+    let _ = stop_keeper.send(true);
+    keeper.await.unwrap();
+    let log = keep_alives.lock().clone();
+    let answered: Vec<i64> = log
+        .iter()
+        .filter(|(at, _)| *at > resumed)
+        .filter_map(|(_, r)| r.as_ref().ok().copied())
+        .collect();
+    for inst in &instances {
+        let t = LeaseClient::new(channel(&inst.url))
+            .lease_time_to_live(LeaseTimeToLiveRequest {
+                id: lease,
+                keys: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            t.ttl > 0,
+            "the lease kept alive through {} (paused, resumed) is gone, asked through {} \
+             (TTL {}); keepalives after the resume answered TTLs {answered:?}",
+            instances[paused].name,
+            inst.name,
+            t.ttl
+        );
+    }
     take_overs.sort();
     println!(
         "take-over after SIGKILL of the writer, {} kills: min {:?}, p50 {:?}, max {:?}; {} writes acknowledged",
