@@ -1,18 +1,25 @@
 //! Several pgetcd instances on one keyspace: one writes, the others follow (serve
 //! reads and watches, forward writes), and a follower takes over when the writer goes.
+//! Leases survive the take-over, each with its full TTL again from the take-over (as
+//! etcd's new leader does, `lessor.Promote`).
 
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use pgetcd_proto::etcdserverpb::{
-    LeaseGrantRequest, LeaseTimeToLiveRequest, MemberListRequest, PutRequest, RangeRequest,
-    StatusRequest, WatchCreateRequest, lease_client::LeaseClient,
+    LeaseGrantRequest, LeaseKeepAliveRequest, LeaseTimeToLiveRequest, MemberListRequest,
+    PutRequest, RangeRequest, StatusRequest, WatchCreateRequest, lease_client::LeaseClient,
 };
+use pgetcd_proto::mvccpb::event::EventType;
 use pgetcd_testkit::watch::TestWatch;
 use pgetcd_testkit::{Clients, TestServer, channel, test_config};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 
 async fn instance(name: &str, keyspace: &str) -> TestServer {
     let mut config = test_config();
@@ -205,6 +212,289 @@ async fn three_instances_one_writer_and_a_take_over() {
         still_open.is_err(),
         "the require-leader watch ended: {still_open:?}"
     );
+    b.stop().await;
+    c.stop().await;
+}
+
+/// A lease's TTL in the tests below (seconds).
+const TTL: i64 = 5;
+
+/// Keepalive answers: when each came and its TTL, or why the stream failed.
+type KeepAlives = Arc<Mutex<Vec<(Instant, Result<i64, String>)>>>;
+
+/// Keeps lease `id` alive through `url` every 500 ms until `stop`, as an etcd client
+/// does: one LeaseKeepAlive stream, opened again when it fails or stops answering.
+async fn keep_alive(url: String, id: i64, log: KeepAlives, mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        let mut client = LeaseClient::new(channel(&url).await);
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(LeaseKeepAliveRequest { id }).await.unwrap();
+        let mut down = match client.lease_keep_alive(ReceiverStream::new(rx)).await {
+            Ok(s) => s.into_inner(),
+            Err(e) => {
+                log.lock().push((Instant::now(), Err(format!("open: {e}"))));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        loop {
+            match tokio::time::timeout(Duration::from_secs(2), down.message()).await {
+                Ok(Ok(Some(r))) => log.lock().push((Instant::now(), Ok(r.ttl))),
+                other => {
+                    log.lock().push((Instant::now(), Err(format!("{other:?}"))));
+                    break;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Puts `key` attached to `lease` through `c`.
+async fn put_with_lease(c: &mut Clients, key: &str, lease: i64) -> i64 {
+    c.kv.put(PutRequest {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        value: Bytes::from_static(b"v"),
+        lease,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .header
+    .unwrap()
+    .revision
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_survive_a_take_over_with_their_full_ttl() {
+    let keyspace = pgetcd_testkit::fresh_keyspace();
+    let a = instance("a", &keyspace).await;
+    let b = instance("b", &keyspace).await;
+    let c = instance("c", &keyspace).await;
+    assert!(!a.running.node.engine().is_follower());
+    let mut cb = Clients::connect(&b.url()).await;
+    let mut cc = Clients::connect(&c.url()).await;
+    let mut lease_b = LeaseClient::new(channel(&b.url()).await);
+    let mut lease_c = LeaseClient::new(channel(&c.url()).await);
+
+    // Watchers on both followers, from before the leases.
+    let start = cb.revision().await + 1;
+    let mut watches = Vec::new();
+    for url in [b.url(), c.url()] {
+        let w = TestWatch::open(&url).await;
+        w.create(WatchCreateRequest {
+            key: Bytes::from_static(b"/lease/"),
+            range_end: Bytes::from_static(b"/lease0"),
+            start_revision: start,
+            prev_kv: true,
+            ..Default::default()
+        })
+        .await;
+        watches.push(w);
+    }
+
+    // Two leases granted through the followers, two keys on each: `kept` is kept alive
+    // through b, `lapsed` is refreshed once through c and then left to expire.
+    let kept = lease_b
+        .lease_grant(LeaseGrantRequest { ttl: TTL, id: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let lapsed = lease_c
+        .lease_grant(LeaseGrantRequest { ttl: TTL, id: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let mut puts = Vec::new();
+    for k in ["/lease/kept/0", "/lease/kept/1"] {
+        puts.push(put_with_lease(&mut cb, k, kept).await);
+    }
+    for k in ["/lease/lapsed/0", "/lease/lapsed/1"] {
+        puts.push(put_with_lease(&mut cc, k, lapsed).await);
+    }
+    let (stop_keep_alive, stop_rx) = watch::channel(false);
+    let kept_log: KeepAlives = Arc::default();
+    let keeper = tokio::spawn(keep_alive(b.url(), kept, kept_log.clone(), stop_rx));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let refreshed = Instant::now();
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(LeaseKeepAliveRequest { id: lapsed }).await.unwrap();
+    let once = lease_c
+        .lease_keep_alive(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(once.ttl, TTL, "refreshing the lapsing lease");
+    drop(tx);
+
+    // The writer goes, one second later; a follower takes over.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopped = Instant::now();
+    a.stop().await;
+    put_retrying(&mut cb, "/probe", "v", Duration::from_secs(10)).await;
+    let took_over = Instant::now();
+    println!(
+        "take-over: first write acknowledged {:?} after the writer stopped",
+        took_over - stopped
+    );
+
+    // The lapsed lease's keys go in one revision, seen by both followers' watchers, no
+    // earlier than TTL after its refresh and after the take-over (its full TTL again),
+    // and not much later.
+    let deadline = took_over + Duration::from_secs(TTL as u64 + 5);
+    let deleted_at = loop {
+        let deleted = watches.iter().any(|w| {
+            w.responses()
+                .iter()
+                .flat_map(|r| r.events.iter())
+                .any(|e| e.r#type == EventType::Delete as i32)
+        });
+        if deleted {
+            break Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lapsed lease's keys were never deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let ttl = Duration::from_secs(TTL as u64);
+    println!(
+        "lapsed lease: keys deleted {:?} after its refresh, {:?} after the writer stopped, {:?} after the first write of the new writer",
+        deleted_at - refreshed,
+        deleted_at - stopped,
+        deleted_at - took_over
+    );
+    assert!(
+        deleted_at >= refreshed + ttl,
+        "the lapsed lease expired {:?} after its last refresh (TTL {ttl:?})",
+        deleted_at - refreshed
+    );
+    assert!(
+        deleted_at >= stopped + ttl,
+        "the lapsed lease expired {:?} after the writer stopped: no full TTL from the take-over",
+        deleted_at - stopped
+    );
+    assert!(
+        deleted_at <= took_over + ttl + Duration::from_secs(3),
+        "the lapsed lease expired {:?} after the take-over (TTL {ttl:?})",
+        deleted_at - took_over
+    );
+
+    // Some time later, the kept lease and its keys are still there, as every instance
+    // sees it; the lapsed one is gone.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (name, l) in [("b", &mut lease_b), ("c", &mut lease_c)] {
+        let t = l
+            .lease_time_to_live(LeaseTimeToLiveRequest {
+                id: kept,
+                keys: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(t.granted_ttl, TTL, "kept lease through {name}");
+        assert!(
+            t.ttl > 0 && t.ttl <= TTL,
+            "kept lease through {name}: TTL {}",
+            t.ttl
+        );
+        let mut keys = t.keys.clone();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [&b"/lease/kept/0"[..], &b"/lease/kept/1"[..]],
+            "kept lease's keys through {name}"
+        );
+        let t = l
+            .lease_time_to_live(LeaseTimeToLiveRequest {
+                id: lapsed,
+                keys: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(t.ttl, -1, "lapsed lease through {name}");
+    }
+    for cl in [&mut cb, &mut cc] {
+        for k in ["/lease/kept/0", "/lease/kept/1"] {
+            assert!(get(cl, k).await.is_some(), "{k}");
+        }
+        for k in ["/lease/lapsed/0", "/lease/lapsed/1"] {
+            assert!(get(cl, k).await.is_none(), "{k}");
+        }
+    }
+    let _ = stop_keep_alive.send(true);
+    keeper.await.unwrap();
+
+    // The keepalive stream answered the full TTL whenever it answered (never 0: the
+    // lease was never unknown), and again once the new writer had taken over.
+    let log = kept_log.lock().clone();
+    for (at, r) in &log {
+        if let Ok(ttl) = r {
+            assert_eq!(*ttl, TTL, "keepalive at {:?} after the stop", *at - stopped);
+        }
+    }
+    assert!(
+        log.iter().any(|(at, r)| *at > took_over && r.is_ok()),
+        "no keepalive answered after the take-over: {log:?}"
+    );
+    let failures: Vec<_> = log.iter().filter(|(_, r)| r.is_err()).collect();
+    println!(
+        "keepalives through b: {} answers, {} stream failures",
+        log.len() - failures.len(),
+        failures.len()
+    );
+
+    // Both watchers saw the four puts, then the lapsed lease's two keys deleted at one
+    // revision, and nothing of the kept lease deleted.
+    for w in &watches {
+        let events: Vec<_> = w
+            .responses()
+            .iter()
+            .flat_map(|r| r.events.clone())
+            .collect();
+        let got: Vec<(i32, Bytes, i64)> = events
+            .iter()
+            .map(|e| {
+                let kv = e.kv.as_ref().unwrap();
+                (e.r#type, kv.key.clone(), kv.mod_revision)
+            })
+            .collect();
+        let del = got.last().unwrap().2;
+        let put = EventType::Put as i32;
+        let delete = EventType::Delete as i32;
+        let want: Vec<(i32, Bytes, i64)> = vec![
+            (put, Bytes::from_static(b"/lease/kept/0"), puts[0]),
+            (put, Bytes::from_static(b"/lease/kept/1"), puts[1]),
+            (put, Bytes::from_static(b"/lease/lapsed/0"), puts[2]),
+            (put, Bytes::from_static(b"/lease/lapsed/1"), puts[3]),
+            (delete, Bytes::from_static(b"/lease/lapsed/0"), del),
+            (delete, Bytes::from_static(b"/lease/lapsed/1"), del),
+        ];
+        assert_eq!(got, want);
+        for e in &events[4..] {
+            assert_eq!(
+                e.prev_kv.as_ref().map(|p| p.lease),
+                Some(lapsed),
+                "prev_kv of a deleted key"
+            );
+        }
+    }
     b.stop().await;
     c.stop().await;
 }

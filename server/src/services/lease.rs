@@ -1,6 +1,8 @@
 //! Lease service: Grant and Revoke go through the engine's writer (durable), KeepAlive
 //! and TimeToLive answer from memory. On a follower every lease request is forwarded to
-//! the writer (a keepalive stream is piped to one of the writer's).
+//! the writer (a keepalive stream is piped to one of the writer's). A keepalive stream
+//! opened on the writer ends with `etcdserver: leader changed` once this instance
+//! follows, so that the client's next stream reaches the writer.
 
 use pgetcd_proto::etcdserverpb::{
     LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
@@ -139,7 +141,16 @@ impl Lease for LeaseService {
                 };
                 match msg {
                     Ok(Some(r)) => {
-                        let resp = node.engine().lease_keep_alive(r.id);
+                        let engine = node.engine();
+                        if engine.is_follower() {
+                            // This instance stopped writing since the stream opened: its
+                            // lease table no longer decides expiry. The client opens a
+                            // new stream, which goes to the writer.
+                            let leader_changed = to_status(pgetcd_engine::Error::LeaderChanged);
+                            let _ = tx.send(Err(leader_changed)).await;
+                            return;
+                        }
+                        let resp = engine.lease_keep_alive(r.id);
                         if tx.send(Ok(resp)).await.is_err() {
                             return;
                         }
