@@ -24,7 +24,9 @@ const haKeyspace = "kubernetes"
 // startMembers starts one throwaway Postgres and c.opts.instances pgetcd
 // processes on it, each with its own name and ports, as docs/operations.md
 // ("Several instances") says, and waits until each serves. The first one
-// started does not always become the writer: they campaign.
+// serves before the others start: started together on a fresh keyspace, all
+// but one may exit ("preparing the change feed: prepare the replication
+// slot"), as they race to create the keyspace's publication.
 func (c *cluster) startMembers(ctx context.Context) error {
 	pgURL, err := c.startPostgres()
 	if err != nil {
@@ -54,10 +56,13 @@ func (c *cluster) startMembers(ctx context.Context) error {
 		urls = append(urls, url)
 		if i == 1 {
 			c.metricsURL = metrics + "/metrics"
+			if err := c.waitMember(ctx, m); err != nil {
+				return err
+			}
 		}
 	}
 	c.storageURL = strings.Join(urls, ",")
-	for _, m := range c.members {
+	for _, m := range c.members[1:] {
 		if err := c.waitMember(ctx, m); err != nil {
 			return err
 		}
