@@ -484,7 +484,7 @@ func (c *cluster) runHA(ctx context.Context, o haOptions) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	lost, unsurePresent, err := c.verifyNothingLost(ctx, rec)
+	lost, unsurePresent, pendingApplied, err := c.verifyNothingLost(ctx, rec)
 	if err != nil {
 		return false, err
 	}
@@ -576,8 +576,8 @@ func (c *cluster) runHA(ctx context.Context, o haOptions) (bool, error) {
 	}
 	fmt.Printf("kube-apiserver watch caches that relisted during the run: %d (%.0f relists)\n", relisted, relists)
 
-	fmt.Printf("objects: %d acknowledged, %d lost; %d creates failed: %d of them present anyway\n",
-		len(rec.last), len(lost), len(rec.unsure), unsurePresent)
+	fmt.Printf("objects: %d acknowledged, %d lost; %d creates failed: %d of them present anyway; %d objects' last update failed: %d of them applied anyway\n",
+		len(rec.last), len(lost), len(rec.unsure), unsurePresent, len(rec.pending), pendingApplied)
 	if len(lost) > 0 {
 		fail("%d acknowledged objects lost or not at their last acknowledged state: %s", len(lost), firstFew(lost))
 	}
@@ -596,13 +596,13 @@ func (c *cluster) runHA(ctx context.Context, o haOptions) (bool, error) {
 // below it: every object's last acknowledged state must be there, with that
 // content, resourceVersion and mod revision. It returns what is not, and how
 // many of the objects whose create failed exist anyway.
-func (c *cluster) verifyNothingLost(ctx context.Context, rec *haRecord) (lost []string, unsurePresent int, err error) {
+func (c *cluster) verifyNothingLost(ctx context.Context, rec *haRecord) (lost []string, unsurePresent, pendingApplied int, err error) {
 	cms := c.client.CoreV1().ConfigMaps(haNS)
 	objects := map[string]corev1.ConfigMap{}
 	for cont := ""; ; {
 		list, err := cms.List(ctx, metav1.ListOptions{Limit: 500, Continue: cont})
 		if err != nil {
-			return nil, 0, fmt.Errorf("list from storage: %w", err)
+			return nil, 0, 0, fmt.Errorf("list from storage: %w", err)
 		}
 		for _, cm := range list.Items {
 			objects[cm.Name] = cm
@@ -613,13 +613,13 @@ func (c *cluster) verifyNothingLost(ctx context.Context, rec *haRecord) (lost []
 	}
 	cli, err := c.etcdClient()
 	if err != nil {
-		return nil, 0, err
+		return nil, 0, 0, err
 	}
 	defer cli.Close()
 	prefix := "/registry/configmaps/" + haNS + "/"
 	resp, err := cli.Get(ctx, prefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
 	if err != nil {
-		return nil, 0, fmt.Errorf("etcd get %s: %w", prefix, err)
+		return nil, 0, 0, fmt.Errorf("etcd get %s: %w", prefix, err)
 	}
 	modRevision := map[string]int64{}
 	for _, kv := range resp.Kvs {
@@ -629,6 +629,7 @@ func (c *cluster) verifyNothingLost(ctx context.Context, rec *haRecord) (lost []
 		cm, ok := objects[name]
 		if p := rec.pending[name]; ok && rvOf(&cm) > s.rv && maps.Equal(cm.Data, p) {
 			s = state{rv: rvOf(&cm), data: p} // a failed update that was applied
+			pendingApplied++
 		}
 		switch {
 		case !ok:
@@ -645,7 +646,7 @@ func (c *cluster) verifyNothingLost(ctx context.Context, rec *haRecord) (lost []
 			unsurePresent++
 		}
 	}
-	return lost, unsurePresent, nil
+	return lost, unsurePresent, pendingApplied, nil
 }
 
 // coveredByRelist says whether a list after a 410 Gone showed the object
