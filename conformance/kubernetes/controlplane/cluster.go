@@ -33,8 +33,8 @@ type options struct {
 	eventTTL   time.Duration
 	apiArgs    []string // more kube-apiserver flags
 	// instances > 0: that many pgetcd processes on one keyspace of one
-	// throwaway Postgres, over plain http (ha.go), instead of one pgetcd with
-	// its managed Postgres over mutual TLS.
+	// throwaway Postgres (ha.go), instead of one pgetcd with its managed
+	// Postgres.
 	instances int
 	// The instances' --watch-progress-notify-interval; 0 leaves pgetcd's
 	// default (10m, etcd's).

@@ -14,7 +14,7 @@ import (
 // name, client URL and process; the keyspace and its Postgres are shared.
 type member struct {
 	name string
-	url  string // plain http: forwarding to an https writer is not there yet
+	url  string // https, mutual TLS: the instances forward to each other with it too
 	proc *proc
 }
 
@@ -23,7 +23,7 @@ const haKeyspace = "kubernetes"
 
 // startMembers starts one throwaway Postgres and c.opts.instances pgetcd
 // processes on it, each with its own name and ports, as docs/operations.md
-// ("Several instances") says, and waits until each serves. The first one
+// ("Several instances") says, over mutual TLS like the single pgetcd, and waits until each serves. The first one
 // serves before the others start: started together on a fresh keyspace, all
 // but one may exit ("preparing the change feed: prepare the replication
 // slot"), as they race to create the keyspace's publication.
@@ -35,7 +35,7 @@ func (c *cluster) startMembers(ctx context.Context) error {
 	var urls []string
 	for i := 1; i <= c.opts.instances; i++ {
 		name := "pgetcd-" + strconv.Itoa(i)
-		url := "http://127.0.0.1:" + strconv.Itoa(freePort())
+		url := "https://127.0.0.1:" + strconv.Itoa(freePort())
 		metrics := "http://127.0.0.1:" + strconv.Itoa(freePort())
 		m := &member{name: name, url: url}
 		args := []string{c.opts.pgetcd,
@@ -44,6 +44,9 @@ func (c *cluster) startMembers(ctx context.Context) error {
 			"--keyspace", haKeyspace,
 			"--listen-client-urls", url, "--advertise-client-urls", url,
 			"--listen-metrics-urls", metrics,
+			// One certificate for all: server and client use, 127.0.0.1.
+			"--cert-file", c.pki.path("storage.crt"), "--key-file", c.pki.path("storage.key"),
+			"--trusted-ca-file", c.pki.path("ca.crt"), "--client-cert-auth",
 		}
 		if c.opts.progressNotify > 0 {
 			args = append(args, "--watch-progress-notify-interval", c.opts.progressNotify.String())
