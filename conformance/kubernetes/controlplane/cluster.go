@@ -32,6 +32,13 @@ type options struct {
 	compaction time.Duration
 	eventTTL   time.Duration
 	apiArgs    []string // more kube-apiserver flags
+	// instances > 0: that many pgetcd processes on one keyspace of one
+	// throwaway Postgres (ha.go), instead of one pgetcd with its managed
+	// Postgres.
+	instances int
+	// The instances' --watch-progress-notify-interval; 0 leaves pgetcd's
+	// default (10m, etcd's).
+	progressNotify time.Duration
 }
 
 // cluster is a running control plane: a storage server, kube-apiserver over
@@ -40,10 +47,11 @@ type cluster struct {
 	opts       options
 	pki        *pki
 	storage    *proc
-	postgres   *proc // kine's Postgres
-	storageURL string
-	metricsURL string // the storage server's /metrics
-	dataDir    string // what "size on disk" measures
+	postgres   *proc     // kine's Postgres, or the one the pgetcd instances share
+	members    []*member // with instances > 0; storage is nil then
+	storageURL string    // the endpoints, comma-separated
+	metricsURL string    // the storage server's /metrics
+	dataDir    string    // what "size on disk" measures
 
 	apiserver, controllers, scheduler, kwok *proc
 	apiURL                                  string
@@ -89,6 +97,12 @@ func startCluster(ctx context.Context, o options) (*cluster, error) {
 // startStorage starts the storage server of the chosen backend on fresh
 // ports and waits until it serves.
 func (c *cluster) startStorage(ctx context.Context) error {
+	if c.opts.instances > 0 {
+		if c.opts.backend != "pgetcd" {
+			return fmt.Errorf("several instances of %s: only pgetcd", c.opts.backend)
+		}
+		return c.startMembers(ctx)
+	}
 	port, mport := freePort(), freePort()
 	c.storageURL = "https://127.0.0.1:" + strconv.Itoa(port)
 	c.metricsURL = "http://127.0.0.1:" + strconv.Itoa(mport) + "/metrics"
@@ -149,7 +163,8 @@ func (c *cluster) waitStorage(ctx context.Context) error {
 	})
 }
 
-// startPostgres starts the Postgres kine runs on: the same durable throwaway
+// startPostgres starts the Postgres kine (or several pgetcd instances) runs
+// on: the same durable throwaway
 // cluster settings pgetcd's harnesses use, the same server version.
 func (c *cluster) startPostgres() (string, error) {
 	c.dataDir = c.path("postgres")
@@ -207,12 +222,15 @@ current-context: harness
 		return err
 	}
 	bin := func(name string) string { return filepath.Join(c.opts.bin, name) }
-	var err error
-	c.apiserver, err = startProc(c.opts.dir, "kube-apiserver", append([]string{bin("kube-apiserver"),
-		"--etcd-servers", c.storageURL,
-		"--etcd-cafile", p("ca.crt"),
-		"--etcd-certfile", p("apiserver-etcd-client.crt"),
-		"--etcd-keyfile", p("apiserver-etcd-client.key"),
+	etcd := []string{"--etcd-servers", c.storageURL}
+	if strings.HasPrefix(c.storageURL, "https://") {
+		etcd = append(etcd,
+			"--etcd-cafile", p("ca.crt"),
+			"--etcd-certfile", p("apiserver-etcd-client.crt"),
+			"--etcd-keyfile", p("apiserver-etcd-client.key"))
+	}
+	args := append([]string{bin("kube-apiserver")}, etcd...)
+	args = append(args,
 		"--etcd-compaction-interval", c.opts.compaction.String(),
 		"--event-ttl", c.opts.eventTTL.String(),
 		"--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
@@ -226,7 +244,9 @@ current-context: harness
 		"--service-cluster-ip-range", "10.96.0.0/16",
 		"--authorization-mode", "Node,RBAC",
 		"--max-requests-inflight", "800", "--max-mutating-requests-inflight", "400",
-	}, c.opts.apiArgs...)...)
+	)
+	var err error
+	c.apiserver, err = startProc(c.opts.dir, "kube-apiserver", append(args, c.opts.apiArgs...)...)
 	if err != nil {
 		return err
 	}
@@ -291,7 +311,11 @@ current-context: harness
 
 // stop ends every process, the apiserver's clients first.
 func (c *cluster) stop() {
-	for _, p := range []*proc{c.kwok, c.scheduler, c.controllers, c.apiserver, c.storage, c.postgres} {
+	procs := []*proc{c.kwok, c.scheduler, c.controllers, c.apiserver, c.storage}
+	for _, m := range c.members {
+		procs = append(procs, m.proc)
+	}
+	for _, p := range append(procs, c.postgres) {
 		p.stop()
 	}
 }

@@ -11,7 +11,8 @@
 // server under the running apiserver. It prints one line per check and a
 // closing "N passed, N failed" line, and exits 1 when a check failed.
 //
-// With -bench it runs the benchmark workload of bench.go instead.
+// With -bench it runs the benchmark workload of bench.go instead; with -ha N,
+// the high-availability scenario of haload.go on N pgetcd instances.
 package main
 
 import (
@@ -33,6 +34,7 @@ func main() {
 	var o options
 	var nodes int
 	var bench benchOptions
+	var ha haOptions
 	flag.StringVar(&o.backend, "backend", "pgetcd", "storage server: pgetcd, etcd or kine")
 	flag.StringVar(&o.dir, "dir", "", "working directory of the run (wiped first)")
 	flag.StringVar(&o.bin, "bin", "", "directory of kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok and kine")
@@ -48,6 +50,16 @@ func main() {
 	flag.IntVar(&bench.listObjects, "bench-list-objects", 10000, "objects of one resource for the LIST latency phase")
 	flag.StringVar(&bench.report, "bench-report", "", "where the benchmark writes its JSON report")
 	flag.IntVar(&bench.listRounds, "bench-list-rounds", 30, "LISTs timed in the LIST phase, full and paged each")
+	flag.IntVar(&o.instances, "ha", 0, "run the high-availability scenario on this many pgetcd instances of one keyspace instead of the checks")
+	flag.DurationVar(&ha.duration, "ha-duration", 80*time.Second, "how long the high-availability load runs")
+	flag.IntVar(&ha.workers, "ha-workers", 4, "load workers, each creating and updating ConfigMaps of its own")
+	flag.Float64Var(&ha.rate, "ha-rate", 10, "requests per second of each load worker")
+	flag.IntVar(&ha.kills, "ha-kills", 3, "how often the writer is killed (SIGKILL) during the load")
+	flag.DurationVar(&ha.warmup, "ha-warmup", 10*time.Second, "load before the first kill")
+	flag.DurationVar(&ha.killEvery, "ha-kill-every", 20*time.Second, "time from one kill to the next")
+	flag.DurationVar(&ha.down, "ha-down", 5*time.Second, "how long a killed writer stays down before its restart")
+	flag.DurationVar(&o.progressNotify, "ha-progress-notify", 5*time.Second,
+		"the instances' --watch-progress-notify-interval (kubeadm writes 5s for etcd); 0: pgetcd's default, 10m")
 	flag.Parse()
 	if bench.enabled {
 		// LISTs of the benchmark's PodTemplates go to storage, not the watch cache.
@@ -76,6 +88,17 @@ func main() {
 	defer c.stop()
 	logf("kube-apiserver at %s on %s at %s", c.apiURL, o.backend, c.storageURL)
 
+	if o.instances > 0 {
+		passed, err := c.runHA(ctx, ha)
+		if err != nil {
+			fmt.Printf("high-availability scenario failed: %v\n", err)
+		}
+		if err != nil || !passed {
+			c.stop()
+			os.Exit(1)
+		}
+		return
+	}
 	if bench.enabled {
 		if err := c.runBench(ctx, nodes, bench); err != nil {
 			fmt.Printf("benchmark failed: %v\n", err)

@@ -73,6 +73,15 @@ func (p *proc) stop() {
 	}
 }
 
+// kill sends SIGKILL to the process group and waits until the process is gone.
+func (p *proc) kill() {
+	if p == nil || p.cmd == nil || !p.running() {
+		return
+	}
+	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+	<-p.done
+}
+
 // tail returns the last lines of the process's log, for error messages.
 func (p *proc) tail(n int) string {
 	data, _ := os.ReadFile(p.log)

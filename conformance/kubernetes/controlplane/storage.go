@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -15,6 +16,15 @@ import (
 // etcdClient connects to the storage server with the apiserver's client
 // certificate, for checks that look below the apiserver.
 func (c *cluster) etcdClient() (*clientv3.Client, error) {
+	return c.etcdClientAt(strings.Split(c.storageURL, ",")...)
+}
+
+// etcdClientAt connects to the given endpoints: over mutual TLS with the
+// apiserver's client certificate to https ones, plainly to http ones.
+func (c *cluster) etcdClientAt(endpoints ...string) (*clientv3.Client, error) {
+	if !strings.HasPrefix(endpoints[0], "https://") {
+		return clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	}
 	cert, err := tls.LoadX509KeyPair(c.pki.path("apiserver-etcd-client.crt"), c.pki.path("apiserver-etcd-client.key"))
 	if err != nil {
 		return nil, err
@@ -26,7 +36,7 @@ func (c *cluster) etcdClient() (*clientv3.Client, error) {
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(caPEM)
 	return clientv3.New(clientv3.Config{
-		Endpoints:   []string{c.storageURL},
+		Endpoints:   endpoints,
 		DialTimeout: 5 * time.Second,
 		TLS:         &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool},
 		Logger:      zap.NewNop(),
