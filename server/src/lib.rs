@@ -216,10 +216,12 @@ async fn join(
     )
     .await
     .map_err(|e| match e {
-        pgetcd_engine::Error::Storage(pgetcd_storage::StoreError::Determinate {
-            context: "open the replication stream" | "prepare the replication slot",
-            ..
-        }) => ServerError::Start(format!("preparing the change feed: {e}")),
+        pgetcd_engine::Error::Storage(
+            s @ pgetcd_storage::StoreError::Determinate {
+                context: "open the replication stream" | "prepare the replication slot",
+                ..
+            },
+        ) => ServerError::Start(format!("preparing the change feed: {}", s.with_causes())),
         e => ServerError::Engine(e),
     })?;
     let hub =

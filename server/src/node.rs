@@ -41,9 +41,9 @@ pub const CLAIM_SURE: Duration = Duration::from_millis(1700);
 pub const TICK: Duration = Duration::from_millis(500);
 /// Instances seen within this are listed by MemberList.
 pub const MEMBER_LIVE: Duration = Duration::from_secs(5);
-/// A forwarded request not answered within this fails (`Cancelled`, as a client's own
-/// deadline would): the writer it went to may be paused or cut off, and the client
-/// retries, by then through the instance that took over.
+/// A forwarded request not answered within this fails (see [`forwarded`]): the writer it
+/// went to may be paused or cut off, and the client retries, by then through the
+/// instance that took over.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a follower tries to connect to the writer.
 pub const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -64,6 +64,23 @@ pub fn requires_leader(metadata: &tonic::metadata::MetadataMap) -> bool {
     metadata
         .get(REQUIRE_LEADER.0)
         .is_some_and(|v| v.as_bytes() == REQUIRE_LEADER.1.as_bytes())
+}
+
+/// What a client sees when a request forwarded to the writer fails: the writer's own
+/// answer as it is; a failure to reach the writer or to hear back (it died, is cut off
+/// or paused; a write may or may not have happened) becomes etcd's error for a request
+/// cut short by a leader failure, which clients retry, instead of the transport's
+/// (`Unknown "transport error"` is not retried).
+pub fn forwarded(status: tonic::Status) -> tonic::Status {
+    use std::error::Error as _;
+    let from_transport = status.source().is_some() || status.code() == tonic::Code::Unknown;
+    if from_transport {
+        tonic::Status::unavailable(
+            "etcdserver: request timed out, possibly due to previous leader failure",
+        )
+    } else {
+        status
+    }
 }
 
 /// etcd's error for a require-leader stream on a member without a leader.
@@ -543,5 +560,28 @@ impl Roles {
             rx,
         ));
         self.feed = Some((stop, task));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarding_failures_become_etcds_leader_failure_error() {
+        let leader_failure =
+            "etcdserver: request timed out, possibly due to previous leader failure";
+        // The transport's own errors (connect, reset, timeout) carry their cause.
+        let transport = tonic::Status::from_error(Box::new(std::io::Error::other("reset")));
+        let unknown = tonic::Status::unknown("transport error");
+        for s in [transport, unknown] {
+            let f = forwarded(s);
+            assert_eq!(f.code(), tonic::Code::Unavailable);
+            assert_eq!(f.message(), leader_failure);
+        }
+        // The writer's own answers pass as they are.
+        let answer = tonic::Status::invalid_argument("etcdserver: key is not provided");
+        assert_eq!(forwarded(answer.clone()).message(), answer.message());
+        assert_eq!(forwarded(no_leader()).message(), "etcdserver: no leader");
     }
 }

@@ -717,3 +717,25 @@ async fn move_leader_hands_the_role_over_and_a_stopping_writer_gives_it_up() {
     c.stop().await;
     a.stop().await;
 }
+
+/// Instances started at the same moment on a new keyspace race to create its
+/// publication and slots; every one must start (the losers once exited).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_started_together_on_a_new_keyspace_all_start() {
+    for _ in 0..8 {
+        let keyspace = pgetcd_testkit::fresh_keyspace();
+        let (a, b, c) = tokio::join!(
+            instance("a", &keyspace),
+            instance("b", &keyspace),
+            instance("c", &keyspace)
+        );
+        let writers = [&a, &b, &c]
+            .iter()
+            .filter(|s| !s.running.node.engine().is_follower())
+            .count();
+        assert_eq!(writers, 1);
+        for s in [c, b, a] {
+            s.stop().await;
+        }
+    }
+}

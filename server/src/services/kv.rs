@@ -11,7 +11,7 @@ use pgetcd_proto::etcdserverpb::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::node::Node;
+use crate::node::{Node, forwarded};
 use crate::status::to_status;
 
 /// etcd's KV service over the engine.
@@ -59,7 +59,11 @@ impl Kv for KvService {
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         if let Some(mut w) = self.writer().await? {
-            let resp = w.put(req.into_inner()).await?.into_inner();
+            let resp = w
+                .put(req.into_inner())
+                .await
+                .map_err(forwarded)?
+                .into_inner();
             self.applied(&resp.header).await?;
             return Ok(Response::new(resp));
         }
@@ -76,7 +80,11 @@ impl Kv for KvService {
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
         if let Some(mut w) = self.writer().await? {
-            let resp = w.delete_range(req.into_inner()).await?.into_inner();
+            let resp = w
+                .delete_range(req.into_inner())
+                .await
+                .map_err(forwarded)?
+                .into_inner();
             self.applied(&resp.header).await?;
             return Ok(Response::new(resp));
         }
@@ -92,7 +100,11 @@ impl Kv for KvService {
         if !txn_is_read_only(req.get_ref())
             && let Some(mut w) = self.writer().await?
         {
-            let resp = w.txn(req.into_inner()).await?.into_inner();
+            let resp = w
+                .txn(req.into_inner())
+                .await
+                .map_err(forwarded)?
+                .into_inner();
             self.applied(&resp.header).await?;
             return Ok(Response::new(resp));
         }
@@ -110,7 +122,11 @@ impl Kv for KvService {
     ) -> Result<Response<CompactionResponse>, Status> {
         if let Some(mut w) = self.writer().await? {
             let rev = req.get_ref().revision;
-            let resp = w.compact(req.into_inner()).await?.into_inner();
+            let resp = w
+                .compact(req.into_inner())
+                .await
+                .map_err(forwarded)?
+                .into_inner();
             // Reads below the compact revision are refused here from now on too.
             self.node
                 .engine()

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::node::Node;
+use crate::node::{Node, forwarded};
 use crate::status::to_status;
 
 /// etcd's Lease service.
@@ -49,7 +49,7 @@ impl Lease for LeaseService {
         req: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
         if let Some(mut w) = self.writer()? {
-            return w.lease_grant(req.into_inner()).await;
+            return w.lease_grant(req.into_inner()).await.map_err(forwarded);
         }
         self.node
             .engine()
@@ -64,7 +64,11 @@ impl Lease for LeaseService {
         req: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
         if let Some(mut w) = self.writer()? {
-            let resp = w.lease_revoke(req.into_inner()).await?.into_inner();
+            let resp = w
+                .lease_revoke(req.into_inner())
+                .await
+                .map_err(forwarded)?
+                .into_inner();
             let rev = resp.header.as_ref().map_or(0, |h| h.revision);
             self.node
                 .engine()
@@ -103,7 +107,8 @@ impl Lease for LeaseService {
             let (up, up_rx) = mpsc::channel(16);
             let mut down = w
                 .lease_keep_alive(ReceiverStream::new(up_rx))
-                .await?
+                .await
+                .map_err(forwarded)?
                 .into_inner();
             tokio::spawn(async move {
                 tokio::pin!(leader_lost);
@@ -120,7 +125,7 @@ impl Lease for LeaseService {
                         r = down.message() => match r {
                             Ok(Some(resp)) => if tx.send(Ok(resp)).await.is_err() { return },
                             Ok(None) => return,
-                            Err(status) => { let _ = tx.send(Err(status)).await; return }
+                            Err(status) => { let _ = tx.send(Err(forwarded(status))).await; return }
                         },
                         _ = crate::shutdown::stopped(&mut shutdown) => return,
                     }
@@ -167,7 +172,10 @@ impl Lease for LeaseService {
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         if let Some(mut w) = self.writer()? {
-            return w.lease_time_to_live(req.into_inner()).await;
+            return w
+                .lease_time_to_live(req.into_inner())
+                .await
+                .map_err(forwarded);
         }
         Ok(Response::new(
             self.node.engine().lease_time_to_live(req.get_ref()),
@@ -179,7 +187,7 @@ impl Lease for LeaseService {
         req: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
         if let Some(mut w) = self.writer()? {
-            return w.lease_leases(req.into_inner()).await;
+            return w.lease_leases(req.into_inner()).await.map_err(forwarded);
         }
         Ok(Response::new(self.node.engine().lease_leases()))
     }

@@ -183,13 +183,18 @@ pub async fn ensure_slot(
         .await?
         .is_some();
     if !has_pub {
-        client
+        let created = client
             .batch_execute(&format!(
                 "CREATE PUBLICATION {publication} FOR TABLE {schema}.history \
                  WITH (publish = 'insert', publish_via_partition_root = true)"
             ))
-            .await?;
-        info!(%publication, "created publication");
+            .await;
+        match created {
+            Ok(()) => info!(%publication, "created publication"),
+            // Another instance of the keyspace created it at the same moment.
+            Err(e) if created_meanwhile(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let slot = client
         .query_opt(
@@ -206,16 +211,30 @@ pub async fn ensure_slot(
             Ok(SlotState::Existing)
         }
         None => {
-            client
+            let created = client
                 .execute(
                     "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
                     &[&name],
                 )
-                .await?;
-            info!(slot = %name, "created logical replication slot");
-            Ok(SlotState::Created)
+                .await;
+            match created {
+                Ok(_) => {
+                    info!(slot = %name, "created logical replication slot");
+                    Ok(SlotState::Created)
+                }
+                Err(e) if created_meanwhile(&e) => Ok(SlotState::Existing),
+                Err(e) => Err(e.into()),
+            }
         }
     }
+}
+
+/// Whether creating an object failed because a concurrent session created it first
+/// (a publication's catalog row, or a slot of that name).
+fn created_meanwhile(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.code()
+        .is_some_and(|c| *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::DUPLICATE_OBJECT)
 }
 
 /// Drops the consumer's slot (to recreate it after it was lost).
