@@ -276,6 +276,36 @@ impl Node {
         }
     }
 
+    /// MemberRemove: forgets an instance that is gone for good and drops its replication
+    /// slot (which otherwise keeps WAL for it); the live instances after it. A running
+    /// instance would register again at once, so it is refused until it stops.
+    pub async fn remove_member(&self, id: u64) -> Result<Vec<MemberInfo>, tonic::Status> {
+        const EVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+        let storage =
+            |e: pgetcd_storage::StoreError| crate::status::to_status(pgetcd_engine::Error::from(e));
+        let store = &self.inner.store;
+        let not_found = || tonic::Status::not_found("etcdserver: member not found");
+        let all = store.members(EVER).await.map_err(storage)?;
+        let Some(m) = all.into_iter().find(|m| m.member_id == id) else {
+            return Err(not_found());
+        };
+        let feed = feed_consumer(&m.name);
+        match store
+            .remove_member(&m.name, feed.as_deref(), MEMBER_LIVE)
+            .await
+            .map_err(storage)?
+        {
+            pgetcd_storage::Removal::Removed => {
+                info!(name = %m.name, member_id = id, "removed a departed instance");
+                store.members(MEMBER_LIVE).await.map_err(storage)
+            }
+            pgetcd_storage::Removal::Unknown => Err(not_found()),
+            pgetcd_storage::Removal::Live => Err(tonic::Status::failed_precondition(format!(
+                "etcdserver: member {id:x} is running (seen within {MEMBER_LIVE:?}): stop it first"
+            ))),
+        }
+    }
+
     /// The writer's member id, or 0 when no instance holds the role.
     pub fn leader_id(&self) -> u64 {
         if !self.engine().is_follower() {

@@ -767,3 +767,78 @@ async fn instances_started_together_on_a_new_keyspace_all_start() {
         }
     }
 }
+
+/// MemberRemove forgets an instance that is gone for good and drops its replication
+/// slot (which would keep WAL for it forever); a running instance or an unknown id is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_remove_drops_a_departed_instance_and_its_slot() {
+    use pgetcd_proto::etcdserverpb::{MemberRemoveRequest, cluster_client::ClusterClient};
+    let keyspace = pgetcd_testkit::fresh_keyspace();
+    let a = instance("a", &keyspace).await;
+    let b = instance("b", &keyspace).await;
+    let c = instance("c", &keyspace).await;
+    let id = |s: &TestServer| s.running.node.me().member_id;
+    let (b_id, c_id) = (id(&b), id(&c));
+    let slot = format!("pgetcd_{keyspace}_c");
+    let admin = pgetcd_testkit::admin_client().await;
+    let slots = || async {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(slots().await, 1);
+    c.stop().await;
+    let mut cluster = ClusterClient::new(channel(&a.url()).await);
+
+    // Still counted as running until MEMBER_LIVE passed.
+    let live = cluster
+        .member_remove(MemberRemoveRequest { id: b_id })
+        .await
+        .unwrap_err();
+    assert_eq!(live.code(), tonic::Code::FailedPrecondition, "{live:?}");
+    tokio::time::sleep(pgetcd_server::node::MEMBER_LIVE + Duration::from_secs(1)).await;
+
+    // Through etcdctl, as an operator would.
+    let out = std::process::Command::new(pgetcd_testkit::etcdctl_binary())
+        .env("ETCDCTL_API", "3")
+        .args([
+            &format!("--endpoints={}", a.url()),
+            "member",
+            "remove",
+            &format!("{c_id:x}"),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("Member {c_id:x} removed")), "{stdout}");
+    assert_eq!(slots().await, 0, "the departed instance's slot is dropped");
+    let again = cluster
+        .member_remove(MemberRemoveRequest { id: c_id })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::NotFound);
+    assert_eq!(again.message(), "etcdserver: member not found");
+    let names: Vec<String> = cluster
+        .member_list(MemberListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .members
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+    b.stop().await;
+    a.stop().await;
+}

@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use crate::error::{Result, StoreError};
 use crate::model::{
     Batch, Campaign, Changes, CompactionPlan, FeedPrepared, Fence, Loaded, MemberInfo, Meta,
-    PoolStatus, Pruned, Resolution, VersionId,
+    PoolStatus, Pruned, Removal, Resolution, VersionId,
 };
 use crate::store::{ChangeFeed, LoadVisitor, Store};
 
@@ -151,6 +151,15 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
 
     async fn members(&self, live: std::time::Duration) -> Result<Vec<MemberInfo>> {
         self.inner.members(live).await
+    }
+
+    async fn remove_member(
+        &self,
+        name: &str,
+        feed: Option<&str>,
+        live: std::time::Duration,
+    ) -> Result<Removal> {
+        self.inner.remove_member(name, feed, live).await
     }
 
     async fn campaign(&self, name: &str, ttl: std::time::Duration) -> Result<Campaign> {

@@ -38,6 +38,7 @@ pub mod memory;
 pub use error::{BoxError, Outcome, Result, StoreError};
 pub use model::{
     Batch, Campaign, Change, Changes, CompactionPlan, FeedCommit, FeedPrepared, Fence, LeaseOp,
-    LeaseOps, Loaded, MemberInfo, Meta, PoolStatus, Pruned, Resolution, Version, VersionId,
+    LeaseOps, Loaded, MemberInfo, Meta, PoolStatus, Pruned, Removal, Resolution, Version,
+    VersionId,
 };
 pub use store::{ChangeFeed, LoadVisitor, Store};

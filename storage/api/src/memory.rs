@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::error::{Result, StoreError};
 use crate::model::{
     Batch, Campaign, Changes, CompactionPlan, FeedCommit, FeedPrepared, Fence, Loaded, MemberInfo,
-    Meta, PoolStatus, Pruned, Resolution, Version, VersionId,
+    Meta, PoolStatus, Pruned, Removal, Resolution, Version, VersionId,
 };
 use crate::store::{ChangeFeed, LoadVisitor, Store};
 
@@ -192,6 +192,24 @@ impl Store for MemoryStore {
             .filter(|(_, seen)| seen.elapsed() <= live)
             .map(|(m, _)| m.clone())
             .collect())
+    }
+
+    async fn remove_member(
+        &self,
+        name: &str,
+        feed: Option<&str>,
+        live: std::time::Duration,
+    ) -> Result<Removal> {
+        let mut g = self.inner.lock();
+        match g.members.get(name) {
+            None => return Ok(Removal::Unknown),
+            Some((_, seen)) if seen.elapsed() <= live => return Ok(Removal::Live),
+            Some(_) => {}
+        }
+        g.members.remove(name);
+        g.consumers.remove(feed.unwrap_or(""));
+        g.trim_feed();
+        Ok(Removal::Removed)
     }
 
     async fn campaign(&self, name: &str, ttl: std::time::Duration) -> Result<Campaign> {

@@ -257,6 +257,17 @@ pub enum FeedPrepared {
     Recreated,
 }
 
+/// What [`crate::Store::remove_member`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// The instance and its change feed are gone.
+    Removed,
+    /// No instance of that name is registered.
+    Unknown,
+    /// It registered within the liveness window: it runs, and would register again.
+    Live,
+}
+
 /// One instance of a keyspace, as it registers itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberInfo {

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use crate::error::Result;
 use crate::model::{
     Batch, Campaign, Changes, CompactionPlan, FeedCommit, FeedPrepared, Fence, Loaded, MemberInfo,
-    Meta, PoolStatus, Pruned, Resolution, Version, VersionId,
+    Meta, PoolStatus, Pruned, Removal, Resolution, Version, VersionId,
 };
 
 /// Called by [`Store::load`] for every retained version: its key, the version (with
@@ -41,6 +41,16 @@ pub trait Store: Send + Sync + 'static {
     /// The instances that registered within `live`, by name.
     async fn members(&self, live: std::time::Duration) -> Result<Vec<MemberInfo>>;
 
+    /// Forgets the instance `name` unless it registered within `live`, and drops the
+    /// change feed of its consumer `feed` (None: the keyspace's default one), so the
+    /// store stops keeping history for an instance that is gone for good (etcd's
+    /// MemberRemove).
+    async fn remove_member(
+        &self,
+        name: &str,
+        feed: Option<&str>,
+        live: std::time::Duration,
+    ) -> Result<Removal>;
     /// Claims the writer role for `ttl` if nobody holds it, its holder's claim lapsed, or
     /// `name` holds it already (a restart): raises the fencing epoch in the same
     /// compare-and-swap, so every earlier writer's commits fail from then on.

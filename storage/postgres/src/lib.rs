@@ -45,7 +45,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use pgetcd_partitioning::Layout;
 use pgetcd_storage::{
     Batch, Campaign, ChangeFeed, Changes, CompactionPlan, FeedPrepared, Fence, LoadVisitor, Loaded,
-    MemberInfo, Meta, PoolStatus, Pruned, Resolution, Result, Store, StoreError, VersionId,
+    MemberInfo, Meta, PoolStatus, Pruned, Removal, Resolution, Result, Store, StoreError,
+    VersionId,
 };
 use pgetcd_wal::FeedNames;
 use tokio_postgres::Client;
@@ -253,6 +254,22 @@ impl Store for PgStore {
             return Err(StoreError::determinate("role connection", "not connected"));
         };
         members::renew(client, &self.layout, fence, name, ttl).await
+    }
+
+    async fn remove_member(
+        &self,
+        name: &str,
+        feed: Option<&str>,
+        live: std::time::Duration,
+    ) -> Result<Removal> {
+        let schema = self.layout.schema();
+        let names = match feed {
+            None => FeedNames::new(schema),
+            Some(c) => FeedNames::for_consumer(schema, c)
+                .map_err(|e| StoreError::Misconfigured(e.to_string()))?,
+        };
+        let client = self.pooled().await?;
+        members::remove(&client, &self.layout, name, &names, live).await
     }
 
     async fn hand_over(

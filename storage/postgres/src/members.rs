@@ -11,7 +11,8 @@
 use std::time::Duration;
 
 use pgetcd_partitioning::Layout;
-use pgetcd_storage::{Campaign, Fence, MemberInfo, Result, StoreError};
+use pgetcd_storage::{Campaign, Fence, MemberInfo, Removal, Result, StoreError};
+use pgetcd_wal::FeedNames;
 use tokio_postgres::Client;
 
 use crate::error::{read_error, write_error};
@@ -68,6 +69,52 @@ pub(crate) async fn members(
             peer_urls: r.get(3),
         })
         .collect())
+}
+
+/// Deletes the member row unless it registered within `live`, then drops its slot
+/// (unless something streams from it: then it is not gone).
+pub(crate) async fn remove(
+    client: &Client,
+    layout: &Layout,
+    name: &str,
+    feed: &FeedNames,
+    live: Duration,
+) -> Result<Removal> {
+    let members = layout.table("members");
+    let removed = client
+        .execute(
+            &format!(
+                "DELETE FROM {members} WHERE name = $1 \
+                 AND seen < now() - make_interval(secs => $2)"
+            ),
+            &[&name, &seconds(live)],
+        )
+        .await
+        .map_err(write_error("remove member"))?;
+    if removed == 0 {
+        let known = client
+            .query_opt(
+                &format!("SELECT 1 FROM {members} WHERE name = $1"),
+                &[&name],
+            )
+            .await
+            .map_err(read_error("read member"))?
+            .is_some();
+        return Ok(if known {
+            Removal::Live
+        } else {
+            Removal::Unknown
+        });
+    }
+    client
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name = $1 AND NOT active",
+            &[&feed.slot],
+        )
+        .await
+        .map_err(write_error("drop the member's replication slot"))?;
+    Ok(Removal::Removed)
 }
 
 pub(crate) async fn campaign(
