@@ -66,6 +66,32 @@ pub fn requires_leader(metadata: &tonic::metadata::MetadataMap) -> bool {
         .is_some_and(|v| v.as_bytes() == REQUIRE_LEADER.1.as_bytes())
 }
 
+/// How long a follower holds a write while no writer can take it (no writer known, or
+/// the known one refuses connections: it died and its claim has not lapsed yet) before
+/// answering `etcdserver: no leader`: long enough for a take-over, as an etcd member
+/// holds proposals through an election.
+pub const FORWARD_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether a forwarding attempt failed before the request reached a writer (so it can
+/// be sent again without risk of applying it twice): no writer known, or the connection
+/// to it refused.
+fn never_sent(status: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    if status.message() == "etcdserver: no leader" && status.source().is_none() {
+        return true;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = status.source();
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// What a client sees when a request forwarded to the writer fails: the writer's own
 /// answer as it is; a failure to reach the writer or to hear back (it died, is cut off
 /// or paused; a write may or may not have happened) becomes etcd's error for a request
@@ -303,6 +329,32 @@ impl Node {
             pgetcd_storage::Removal::Live => Err(tonic::Status::failed_precondition(format!(
                 "etcdserver: member {id:x} is running (seen within {MEMBER_LIVE:?}): stop it first"
             ))),
+        }
+    }
+
+    /// Sends a request to the writer with `call` (given a channel to it), holding it
+    /// through a take-over: an attempt that never reached a writer ([`never_sent`]) is
+    /// made again, every 50 ms for up to [`FORWARD_WAIT`], so a client sees a pause
+    /// rather than an error. Any other failure is answered at once ([`forwarded`]): a
+    /// request the writer may have received is never sent twice.
+    pub async fn forward<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut(tonic::transport::Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let deadline = Instant::now() + FORWARD_WAIT;
+        loop {
+            let attempt = match self.writer_channel() {
+                Ok(ch) => call(ch).await,
+                Err(s) => Err(s),
+            };
+            match attempt {
+                Err(s) if never_sent(&s) && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(s) if never_sent(&s) => return Err(no_leader()),
+                r => return r.map_err(forwarded),
+            }
         }
     }
 

@@ -765,6 +765,19 @@ async fn instances_started_together_on_a_new_keyspace_all_start() {
         for s in [c, b, a] {
             s.stop().await;
         }
+        // Free this keyspace's slots for the other tests of this Postgres.
+        pgetcd_testkit::admin_client()
+            .await
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE slot_name = ANY($1) AND NOT active",
+                &[&["", "_a", "_b", "_c"]
+                    .iter()
+                    .map(|s| format!("pgetcd_{keyspace}{s}"))
+                    .collect::<Vec<_>>()],
+            )
+            .await
+            .unwrap();
     }
 }
 
@@ -821,7 +834,10 @@ async fn member_remove_drops_a_departed_instance_and_its_slot() {
         "{stdout} {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains(&format!("Member {c_id:x} removed")), "{stdout}");
+    assert!(
+        stdout.contains(&format!("Member {c_id:x} removed")),
+        "{stdout}"
+    );
     assert_eq!(slots().await, 0, "the departed instance's slot is dropped");
     let again = cluster
         .member_remove(MemberRemoveRequest { id: c_id })

@@ -84,7 +84,12 @@ pub fn postgres() -> &'static LocalPostgres {
         let port = free_port().expect("free port");
         let dir = tmp.join(format!("pgetcd-test-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("test dir");
-        LocalPostgres::start(throwaway_options(&dir, port, Vec::new()))
+        // Tests of several instances each take a slot per instance, in parallel.
+        let slots = vec![
+            ("max_replication_slots".to_owned(), "200".to_owned()),
+            ("max_wal_senders".to_owned(), "200".to_owned()),
+        ];
+        LocalPostgres::start(throwaway_options(&dir, port, slots))
             .expect("start throwaway postgres")
     })
 }

@@ -11,7 +11,7 @@ use pgetcd_proto::etcdserverpb::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::node::{Node, forwarded};
+use crate::node::Node;
 use crate::status::to_status;
 
 /// etcd's KV service over the engine.
@@ -25,14 +25,9 @@ impl KvService {
         Self { node }
     }
 
-    /// The writer's KV client, when this instance follows.
-    async fn writer(&self) -> Result<Option<KvClient<tonic::transport::Channel>>, Status> {
-        if !self.node.engine().is_follower() {
-            return Ok(None);
-        }
-        Ok(Some(
-            KvClient::new(self.node.writer_channel()?).max_decoding_message_size(usize::MAX),
-        ))
+    /// Whether requests that write go to the writer (this instance follows).
+    fn forwards(&self) -> bool {
+        self.node.engine().is_follower()
     }
 
     /// Waits until the follower applied the revision of a forwarded answer.
@@ -58,11 +53,15 @@ impl Kv for KvService {
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        if let Some(mut w) = self.writer().await? {
-            let resp = w
-                .put(req.into_inner())
-                .await
-                .map_err(forwarded)?
+        if self.forwards() {
+            let req = req.into_inner();
+            let resp = self
+                .node
+                .forward(|ch| {
+                    let req = req.clone();
+                    async move { writer_kv(ch).put(req).await }
+                })
+                .await?
                 .into_inner();
             self.applied(&resp.header).await?;
             return Ok(Response::new(resp));
@@ -79,11 +78,15 @@ impl Kv for KvService {
         &self,
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
-        if let Some(mut w) = self.writer().await? {
-            let resp = w
-                .delete_range(req.into_inner())
-                .await
-                .map_err(forwarded)?
+        if self.forwards() {
+            let req = req.into_inner();
+            let resp = self
+                .node
+                .forward(|ch| {
+                    let req = req.clone();
+                    async move { writer_kv(ch).delete_range(req).await }
+                })
+                .await?
                 .into_inner();
             self.applied(&resp.header).await?;
             return Ok(Response::new(resp));
@@ -97,13 +100,15 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        if !txn_is_read_only(req.get_ref())
-            && let Some(mut w) = self.writer().await?
-        {
-            let resp = w
-                .txn(req.into_inner())
-                .await
-                .map_err(forwarded)?
+        if !txn_is_read_only(req.get_ref()) && self.forwards() {
+            let req = req.into_inner();
+            let resp = self
+                .node
+                .forward(|ch| {
+                    let req = req.clone();
+                    async move { writer_kv(ch).txn(req).await }
+                })
+                .await?
                 .into_inner();
             self.applied(&resp.header).await?;
             return Ok(Response::new(resp));
@@ -120,12 +125,13 @@ impl Kv for KvService {
         &self,
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
-        if let Some(mut w) = self.writer().await? {
+        if self.forwards() {
             let rev = req.get_ref().revision;
-            let resp = w
-                .compact(req.into_inner())
-                .await
-                .map_err(forwarded)?
+            let req = req.into_inner();
+            let resp = self
+                .node
+                .forward(|ch| async move { writer_kv(ch).compact(req).await })
+                .await?
                 .into_inner();
             // Reads below the compact revision are refused here from now on too.
             self.node
@@ -142,4 +148,9 @@ impl Kv for KvService {
             .map(Response::new)
             .map_err(to_status)
     }
+}
+
+/// A KV client on the writer's channel.
+fn writer_kv(ch: tonic::transport::Channel) -> KvClient<tonic::transport::Channel> {
+    KvClient::new(ch).max_decoding_message_size(usize::MAX)
 }

@@ -29,12 +29,9 @@ impl LeaseService {
         Self { node, shutdown }
     }
 
-    /// The writer's Lease client, when this instance follows.
-    fn writer(&self) -> Result<Option<LeaseClient<tonic::transport::Channel>>, Status> {
-        if !self.node.engine().is_follower() {
-            return Ok(None);
-        }
-        Ok(Some(LeaseClient::new(self.node.writer_channel()?)))
+    /// Whether lease requests go to the writer (this instance follows).
+    fn forwards(&self) -> bool {
+        self.node.engine().is_follower()
     }
 }
 
@@ -48,8 +45,12 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
-        if let Some(mut w) = self.writer()? {
-            return w.lease_grant(req.into_inner()).await.map_err(forwarded);
+        if self.forwards() {
+            let req = req.into_inner();
+            return self
+                .node
+                .forward(|ch| async move { LeaseClient::new(ch).lease_grant(req).await })
+                .await;
         }
         self.node
             .engine()
@@ -63,11 +64,12 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
-        if let Some(mut w) = self.writer()? {
-            let resp = w
-                .lease_revoke(req.into_inner())
-                .await
-                .map_err(forwarded)?
+        if self.forwards() {
+            let req = req.into_inner();
+            let resp = self
+                .node
+                .forward(|ch| async move { LeaseClient::new(ch).lease_revoke(req).await })
+                .await?
                 .into_inner();
             let rev = resp.header.as_ref().map_or(0, |h| h.revision);
             self.node
@@ -102,14 +104,19 @@ impl Lease for LeaseService {
                 std::future::pending().await
             }
         };
-        if let Some(mut w) = self.writer()? {
-            // A follower pipes the stream to the writer's.
-            let (up, up_rx) = mpsc::channel(16);
-            let mut down = w
-                .lease_keep_alive(ReceiverStream::new(up_rx))
-                .await
-                .map_err(forwarded)?
-                .into_inner();
+        if self.forwards() {
+            // A follower pipes the stream to the writer's (opened once a writer takes it).
+            let (up, down) = self
+                .node
+                .forward(|ch| async move {
+                    let (up, up_rx) = mpsc::channel(16);
+                    let down = LeaseClient::new(ch)
+                        .lease_keep_alive(ReceiverStream::new(up_rx))
+                        .await?;
+                    Ok((up, down))
+                })
+                .await?;
+            let mut down = down.into_inner();
             tokio::spawn(async move {
                 tokio::pin!(leader_lost);
                 loop {
@@ -171,11 +178,12 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        if let Some(mut w) = self.writer()? {
-            return w
-                .lease_time_to_live(req.into_inner())
-                .await
-                .map_err(forwarded);
+        if self.forwards() {
+            let req = req.into_inner();
+            return self
+                .node
+                .forward(|ch| async move { LeaseClient::new(ch).lease_time_to_live(req).await })
+                .await;
         }
         Ok(Response::new(
             self.node.engine().lease_time_to_live(req.get_ref()),
@@ -186,8 +194,12 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        if let Some(mut w) = self.writer()? {
-            return w.lease_leases(req.into_inner()).await.map_err(forwarded);
+        if self.forwards() {
+            let req = req.into_inner();
+            return self
+                .node
+                .forward(|ch| async move { LeaseClient::new(ch).lease_leases(req).await })
+                .await;
         }
         Ok(Response::new(self.node.engine().lease_leases()))
     }
