@@ -48,7 +48,13 @@ pub async fn run(
     source: WatchSource,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let last: Published = Arc::new(tokio::sync::Mutex::new(hub.dispatched()));
+    // A new engine behind what the bus delivered (the store lost acknowledged writes)
+    // rewinds the bus.
+    let (dispatched, revision) = (hub.dispatched(), engine.revision());
+    if revision < dispatched {
+        hub.rewind(revision);
+    }
+    let last: Published = Arc::new(tokio::sync::Mutex::new(dispatched.min(revision)));
     // A follower's engine consumes this instance's change feed itself and hands every
     // applied batch over, as the writer does.
     let hand_off_only = engine.is_follower();
@@ -63,13 +69,20 @@ pub async fn run(
                     _ = crate::shutdown::stopped(&mut stop) => None,
                 };
                 let Some(batch) = batch else { return };
-                let changes = batch
+                let changes: Vec<_> = batch
                     .changes
                     .into_iter()
                     .map(|c| (c.key, c.version, Prev::Known(c.prev)))
                     .collect();
                 let upto = batch.last_revision;
-                publish(&engine, &hub, &mut *last.lock().await, changes, upto).await;
+                let mut last = last.lock().await;
+                if changes.is_empty() && upto < *last {
+                    // A follower that reloaded found the store behind it.
+                    hub.rewind(upto);
+                    *last = upto;
+                    continue;
+                }
+                publish(&engine, &hub, &mut last, changes, upto).await;
             }
         });
     }

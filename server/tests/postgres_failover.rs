@@ -350,6 +350,23 @@ async fn instances_go_on_after_an_asynchronous_replica_lost_acknowledged_writes(
     let keyspace = pgetcd_testkit::fresh_keyspace();
     let a = instance("a", &keyspace, &url).await;
     let b = instance("b", &keyspace, &url).await;
+    let from = Clients::connect(&a.url()).await.put("/start", "0").await;
+    let watch_from_start = |url: String| async move {
+        let w = TestWatch::open(&url).await;
+        w.create(WatchCreateRequest {
+            key: Bytes::from_static(b"\0"),
+            range_end: Bytes::from_static(b"\0"),
+            start_revision: from,
+            prev_kv: true,
+            ..Default::default()
+        })
+        .await;
+        w
+    };
+    let early = [
+        watch_from_start(a.url()).await,
+        watch_from_start(b.url()).await,
+    ];
     let acked: Acked = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let loading = tokio::spawn(load(vec![a.url(), b.url()], acked.clone(), stop.clone()));
@@ -414,6 +431,40 @@ async fn instances_go_on_after_an_asynchronous_replica_lost_acknowledged_writes(
         "{} puts acknowledged, {lost} lost with the asynchronous replica",
         acked.len()
     );
+    assert!(lost > 0, "the replica lost nothing: the test did not test");
+
+    // Watchers that were told of lost revisions are cancelled as compacted (their
+    // revisions are assigned again), never left to skip; a watcher opened now sees the
+    // store's history, every revision once.
+    for w in &early {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !w.responses().iter().any(|r| r.canceled) {
+            assert!(
+                Instant::now() < deadline,
+                "a watcher that saw lost revisions goes on"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let cancel = w.responses().into_iter().find(|r| r.canceled).unwrap();
+        assert!(cancel.compact_revision > 0, "{cancel:?}");
+    }
+    for s in [&a, &b] {
+        let w = watch_from_start(s.url()).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !w
+            .responses()
+            .iter()
+            .flat_map(|r| r.events.iter())
+            .any(|e| e.kv.as_ref().unwrap().mod_revision == store_revision)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the new watcher did not reach {store_revision}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_every_revision(&w.responses(), from, store_revision);
+    }
     b.stop().await;
     a.stop().await;
     drop(replica);

@@ -145,7 +145,14 @@ enum Cmd {
         stream: u64,
     },
     ResyncAll,
+    Rewind {
+        revision: i64,
+    },
 }
+
+/// The revision a watcher turned slow by [`Hub::rewind`] is given: the store went back
+/// below revisions the bus delivered, so what the watcher saw may no longer exist.
+pub const REWOUND: i64 = i64::MIN;
 
 /// Figures of the bus for `/metrics`.
 #[derive(Debug, Default)]
@@ -255,6 +262,13 @@ impl Hub {
     /// history, or the watchers are cancelled as compacted).
     pub fn resync_all(&self) {
         let _ = self.cmds.send(Cmd::ResyncAll);
+    }
+
+    /// The store went back to `revision`, below revisions the bus delivered (it lost
+    /// acknowledged writes): the bus continues from `revision`, and every watcher turns
+    /// slow with [`REWOUND`], for its stream to cancel it if it saw a lost revision.
+    pub fn rewind(&self, revision: i64) {
+        let _ = self.cmds.send(Cmd::Rewind { revision });
     }
 
     /// Opens a stream: its queue and slow list.
@@ -415,6 +429,14 @@ impl Dispatcher {
                 self.remove(id);
             }
             Cmd::ResyncAll => self.lagged(0),
+            Cmd::Rewind { revision } => {
+                warn!(revision, "watch bus rewound: the store went back");
+                self.dispatched.store(revision, Ordering::Release);
+                let ids: Vec<WatcherId> = self.watchers.keys().copied().collect();
+                for id in ids {
+                    self.mark_slow(id, REWOUND);
+                }
+            }
             Cmd::DropStream { stream } => {
                 let ids: Vec<WatcherId> = self
                     .watchers

@@ -32,7 +32,8 @@ pub mod ring;
 use pgetcd_proto::mvccpb::Event;
 
 pub use hub::{
-    Delivery, Hub, HubConfig, HubStats, SlowSignal, StreamHandle, WatcherGauge, WatcherSpec,
+    Delivery, Hub, HubConfig, HubStats, REWOUND, SlowSignal, StreamHandle, WatcherGauge,
+    WatcherSpec,
 };
 pub use index::{KeySpan, WatcherId};
 pub use ring::{Lagged, Ring};

@@ -92,6 +92,7 @@ impl Watch for WatchService {
             next_id: 0,
             progress_pending: false,
             settings: self.settings,
+            told: Default::default(),
         };
         tokio::spawn(task.run(inbound, self.shutdown.clone(), require_leader));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -122,6 +123,8 @@ struct StreamTask {
     next_id: i64,
     progress_pending: bool,
     settings: WatchSettings,
+    /// The newest revision a response of this stream named (its header's).
+    told: std::sync::atomic::AtomicI64,
 }
 
 /// The stream's client went away.
@@ -177,6 +180,10 @@ impl StreamTask {
     }
 
     async fn send(&self, resp: WatchResponse) -> Result<(), Gone> {
+        if let Some(h) = &resp.header {
+            self.told
+                .fetch_max(h.revision, std::sync::atomic::Ordering::Relaxed);
+        }
         self.out.send(Ok(resp)).await.map_err(|_| Gone)
     }
 
@@ -418,6 +425,24 @@ impl StreamTask {
         for (id, from) in self.bus.take_slow() {
             let Some(w) = self.watchers.get_mut(&id) else {
                 continue;
+            };
+            let from = if from == pgetcd_watchbus::REWOUND {
+                // The store went back (it lost acknowledged writes). A client told of a
+                // revision it no longer has must start over, as after a compaction:
+                // the revisions after the store's are assigned again.
+                let now = self.node.engine().stats().revision;
+                if self.told.load(std::sync::atomic::Ordering::Relaxed) > now {
+                    tracing::warn!(
+                        watch_id = id,
+                        revision = now,
+                        "cancelling a watcher: the store went back"
+                    );
+                    self.cancel_compacted(id, now).await?;
+                    continue;
+                }
+                w.next_rev
+            } else {
+                from
             };
             debug!(watch_id = id, from, "watcher catching up from history");
             w.synced = false;
