@@ -44,6 +44,14 @@ pub const COMPACTION_POLL: Duration = Duration::from_secs(1);
 /// Keys pruned per slice of a follower's compaction (yielding between slices).
 const PRUNE_SLICE_KEYS: usize = 16 * 1024;
 
+/// What a linearizable read on a follower waits for: the store's newest committed
+/// revision and its compact revision, as of a read that started after the reader came.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReadIndex {
+    pub(crate) revision: i64,
+    pub(crate) compact_revision: i64,
+}
+
 /// How long [`Engine::sync`] waits for the read index to be applied.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -98,14 +106,20 @@ impl Engine {
             };
         }
         let target = self.read_index().await?;
-        self.wait_applied(target, SYNC_TIMEOUT).await
+        self.wait_applied(target.revision, SYNC_TIMEOUT).await?;
+        // A compaction recorded before the read is followed before answering, so that
+        // reads below it are refused here as on the writer.
+        if target.compact_revision > self.core.state().compact() {
+            self.follow_compaction(target.compact_revision).await?;
+        }
+        Ok(())
     }
 
     /// The newest revision committed in the store, read once for every caller that
     /// arrived before the read started: callers queue behind the one read in flight, and
     /// take the result of a read that started after they arrived (it saw every commit
     /// acknowledged before they asked), so one round trip serves a crowd.
-    async fn read_index(&self) -> Result<i64> {
+    async fn read_index(&self) -> Result<ReadIndex> {
         let arrived = tokio::time::Instant::now();
         let _one_at_a_time = self.core.read_index.lock().await;
         if let Some((started, rev)) = *self.core.read_index_last.lock()
@@ -114,7 +128,11 @@ impl Engine {
             return Ok(rev);
         }
         let started = tokio::time::Instant::now();
-        let rev = self.core.store.meta().await?.revision;
+        let meta = self.core.store.meta().await?;
+        let rev = ReadIndex {
+            revision: meta.revision,
+            compact_revision: meta.compact_revision,
+        };
         *self.core.read_index_last.lock() = Some((started, rev));
         Ok(rev)
     }

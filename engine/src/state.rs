@@ -2,6 +2,7 @@
 //! revisions, leases) and the core (store, ids, config, alarms, the hand-off to the
 //! watch feed).
 
+use crate::follower::ReadIndex;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -126,7 +127,7 @@ pub(crate) struct Core {
     /// One read-index query at a time (see `Engine::sync`).
     pub(crate) read_index: tokio::sync::Mutex<()>,
     /// The last read index: when its query started, and the revision it read.
-    pub(crate) read_index_last: Mutex<Option<(tokio::time::Instant, i64)>>,
+    pub(crate) read_index_last: Mutex<Option<(tokio::time::Instant, ReadIndex)>>,
     /// Asks a follower's apply task to follow the store's compaction now.
     pub(crate) compact_now: Arc<tokio::sync::Notify>,
     /// Notified once when a follower engine is retired (see `Engine::retire`).

@@ -79,6 +79,19 @@ async fn a_follower_on_its_own_slot_serves_what_the_writer_committed() {
         })
         .await
         .unwrap();
+    // A linearizable read right after it (before the follower's poll) is refused below
+    // the compaction, as on the writer.
+    let below = follower
+        .range(&RangeRequest {
+            key: Bytes::from_static(b"/a/0"),
+            revision: last - 1,
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        matches!(below, Err(pgetcd_engine::Error::Compacted)),
+        "{below:?}"
+    );
     let deadline = tokio::time::Instant::now() + COMPACTION_POLL * 5;
     while follower.stats().compact_revision != last {
         assert!(
