@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use parking_lot::Mutex;
 use pgetcd_proto::etcdserverpb::{
     LeaseGrantRequest, LeaseKeepAliveRequest, LeaseTimeToLiveRequest, MemberListRequest,
     PutRequest, RangeRequest, StatusRequest, WatchCreateRequest, lease_client::LeaseClient,
@@ -219,43 +218,7 @@ async fn three_instances_one_writer_and_a_take_over() {
 /// A lease's TTL in the tests below (seconds).
 const TTL: i64 = 5;
 
-/// Keepalive answers: when each came and its TTL, or why the stream failed.
-type KeepAlives = Arc<Mutex<Vec<(Instant, Result<i64, String>)>>>;
-
-/// Keeps lease `id` alive through `url` every 500 ms until `stop`, as an etcd client
-/// does: one LeaseKeepAlive stream, opened again when it fails or stops answering.
-async fn keep_alive(url: String, id: i64, log: KeepAlives, mut stop: watch::Receiver<bool>) {
-    while !*stop.borrow() {
-        let mut client = LeaseClient::new(channel(&url).await);
-        let (tx, rx) = mpsc::channel(4);
-        tx.send(LeaseKeepAliveRequest { id }).await.unwrap();
-        let mut down = match client.lease_keep_alive(ReceiverStream::new(rx)).await {
-            Ok(s) => s.into_inner(),
-            Err(e) => {
-                log.lock().push((Instant::now(), Err(format!("open: {e}"))));
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        loop {
-            match tokio::time::timeout(Duration::from_secs(2), down.message()).await {
-                Ok(Ok(Some(r))) => log.lock().push((Instant::now(), Ok(r.ttl))),
-                other => {
-                    log.lock().push((Instant::now(), Err(format!("{other:?}"))));
-                    break;
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-            if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+use pgetcd_testkit::keepalive::{KeepAlives, keep_alive};
 
 /// Puts `key` attached to `lease` through `c`.
 async fn put_with_lease(c: &mut Clients, key: &str, lease: i64) -> i64 {

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use pgetcd_proto::etcdserverpb::{
-    LeaseGrantRequest, LeaseKeepAliveRequest, LeaseTimeToLiveRequest, MemberListRequest,
-    PutRequest, RangeRequest, StatusRequest, WatchCreateRequest, WatchRequest,
-    cluster_client::ClusterClient, kv_client::KvClient, lease_client::LeaseClient,
-    maintenance_client::MaintenanceClient, watch_client::WatchClient, watch_request::RequestUnion,
+    LeaseGrantRequest, LeaseTimeToLiveRequest, MemberListRequest, PutRequest, RangeRequest,
+    StatusRequest, WatchCreateRequest, WatchRequest, cluster_client::ClusterClient,
+    kv_client::KvClient, lease_client::LeaseClient, maintenance_client::MaintenanceClient,
+    watch_client::WatchClient, watch_request::RequestUnion,
 };
 use pgetcd_proto::mvccpb::{Event, KeyValue, event::EventType};
 use pgetcd_testkit::{fresh_keyspace, postgres_url};
@@ -244,50 +244,7 @@ async fn load(
 /// The TTL of the lease kept alive across the pause (seconds).
 const LEASE_TTL: i64 = 5;
 
-/// Keepalive answers: when each came and its TTL, or why the stream failed.
-type KeepAlives = Arc<Mutex<Vec<(Instant, Result<i64, String>)>>>;
-
-/// Keeps lease `id` alive through `url` every 500 ms until `stop`, as an etcd client
-/// does: one LeaseKeepAlive stream, opened again when it fails or stops answering.
-async fn keep_alive(
-    url: String,
-    id: i64,
-    log: KeepAlives,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    while !*stop.borrow() {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(LeaseKeepAliveRequest { id }).await.unwrap();
-        let call = LeaseClient::new(channel(&url))
-            .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await;
-        let mut down = match call {
-            Ok(s) => s.into_inner(),
-            Err(e) => {
-                log.lock().push((Instant::now(), Err(format!("open: {e}"))));
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        loop {
-            match tokio::time::timeout(Duration::from_secs(2), down.message()).await {
-                Ok(Ok(Some(r))) => log.lock().push((Instant::now(), Ok(r.ttl))),
-                other => {
-                    log.lock().push((Instant::now(), Err(format!("{other:?}"))));
-                    break;
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-            if tx.send(LeaseKeepAliveRequest { id }).await.is_err() {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+use pgetcd_testkit::keepalive::{KeepAlives, keep_alive};
 
 /// What one instance's watcher saw.
 #[derive(Default)]

@@ -13,6 +13,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 /// A test-driven watch stream.
+/// Leases kept alive as etcd clients do.
+pub mod keepalive;
 /// Throwaway certificates for TLS tests.
 pub mod pki;
 /// A TCP proxy whose connections tests cut.

@@ -35,6 +35,33 @@ fn version_of(row: &tokio_postgres::Row) -> (Bytes, Version, Option<&[u8]>) {
     )
 }
 
+/// A read-only REPEATABLE READ transaction and the meta record it sees.
+async fn snapshot<'c>(
+    client: &'c mut Client,
+    layout: &Layout,
+    what: &'static str,
+) -> Result<(tokio_postgres::Transaction<'c>, pgetcd_storage::Meta)> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(read_error(what))?;
+    let meta = meta_of(
+        &tx.query_one(
+            &format!(
+                "SELECT {META_COLUMNS} FROM {}.meta WHERE id = 1",
+                layout.schema()
+            ),
+            &[],
+        )
+        .await
+        .map_err(read_error("read meta"))?,
+    );
+    Ok((tx, meta))
+}
+
 /// Changes after revision `after`, at most `revisions` revisions of them, with meta, in
 /// one REPEATABLE READ snapshot. Above the compact revision `history` holds every
 /// change, so the answer is complete unless `after` is below it.
@@ -45,21 +72,7 @@ pub(crate) async fn changes_after(
     revisions: i64,
 ) -> Result<Changes> {
     let s = layout.schema();
-    let tx = client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(read_error("begin catch-up read"))?;
-    let meta = meta_of(
-        &tx.query_one(
-            &format!("SELECT {META_COLUMNS} FROM {s}.meta WHERE id = 1"),
-            &[],
-        )
-        .await
-        .map_err(read_error("read meta"))?,
-    );
+    let (tx, meta) = snapshot(client, layout, "begin catch-up read").await?;
     let mut changes = Vec::new();
     if after >= meta.compact_revision {
         let upto = after.saturating_add(revisions.max(1));
@@ -90,21 +103,7 @@ pub(crate) async fn load(
     visit: &mut LoadVisitor<'_>,
 ) -> Result<Loaded> {
     let s = layout.schema();
-    let tx = client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(read_error("begin load"))?;
-    let meta = meta_of(
-        &tx.query_one(
-            &format!("SELECT {META_COLUMNS} FROM {s}.meta WHERE id = 1"),
-            &[],
-        )
-        .await
-        .map_err(read_error("read meta"))?,
-    );
+    let (tx, meta) = snapshot(client, layout, "begin load").await?;
     let leases = tx
         .query(&format!("SELECT id, ttl FROM {s}.leases ORDER BY id"), &[])
         .await

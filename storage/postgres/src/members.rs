@@ -171,14 +171,7 @@ pub(crate) async fn renew(
         )
         .await
         .map_err(write_error("renew the writer role"))?;
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(StoreError::Fenced(format!(
-            "{name} no longer holds the writer role at epoch {}",
-            fence.epoch
-        )))
-    }
+    held(n, name, fence)
 }
 
 pub(crate) async fn hand_over(
@@ -202,14 +195,7 @@ pub(crate) async fn hand_over(
         )
         .await
         .map_err(write_error("hand the writer role over"))?;
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(StoreError::Fenced(format!(
-            "{name} no longer holds the writer role at epoch {}",
-            fence.epoch
-        )))
-    }
+    held(n, name, fence)
 }
 
 pub(crate) async fn leader(client: &Client, layout: &Layout) -> Result<Option<String>> {
@@ -225,4 +211,17 @@ pub(crate) async fn leader(client: &Client, layout: &Layout) -> Result<Option<St
         .map_err(read_error("read the writer role"))?;
     let name: String = row.get(0);
     Ok((!name.is_empty()).then_some(name))
+}
+
+/// The outcome of an `UPDATE` of the role made only while `name` holds it at `fence`'s
+/// epoch: `n` rows changed.
+fn held(n: u64, name: &str, fence: &Fence) -> Result<()> {
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Fenced(format!(
+            "{name} no longer holds the writer role at epoch {}",
+            fence.epoch
+        )))
+    }
 }
