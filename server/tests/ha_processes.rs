@@ -242,7 +242,11 @@ async fn load(
 }
 
 /// The TTL of the lease kept alive across the pause (seconds).
-const LEASE_TTL: i64 = 5;
+/// Long enough that the keepalives, which go on to the paused instance only (as a
+/// client pinned to one endpoint), reach the new writer through it within a TTL of the
+/// take-over on a loaded machine: the instance must first resume, find itself fenced
+/// and follow.
+const LEASE_TTL: i64 = 10;
 
 use pgetcd_testkit::keepalive::{KeepAlives, keep_alive};
 
