@@ -821,3 +821,83 @@ async fn member_remove_drops_a_departed_instance_and_its_slot() {
     b.stop().await;
     a.stop().await;
 }
+
+/// The writer's connections to Postgres blackholed (nothing passes, nothing closes):
+/// another instance takes over within the claim, writes go on through it, the cut-off
+/// writer refuses linearizable reads once its claim may have lapsed, and when the
+/// network heals it follows and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_cut_off_from_postgres_is_replaced_and_follows_when_healed() {
+    let keyspace = pgetcd_testkit::fresh_keyspace();
+    let pg = pgetcd_testkit::postgres();
+    let proxy =
+        pgetcd_testkit::proxy::TcpProxy::start(([127, 0, 0, 1], pg.options().port).into()).await;
+    let mut config = test_config();
+    config.member.name = "a".into();
+    config.storage.keyspace = keyspace.clone();
+    config.storage.postgres_url = Some(format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+        proxy.port()
+    ));
+    let a = TestServer::start(config).await;
+    let b = instance("b", &keyspace).await;
+    assert!(!a.running.node.engine().is_follower());
+    let mut ca = Clients::connect(&a.url()).await;
+    let mut cb = Clients::connect(&b.url()).await;
+    let before = put_retrying(&mut cb, "/cut/before", "1", Duration::from_secs(5)).await;
+
+    proxy.pause();
+    let cut = Instant::now();
+    let deadline = cut + Duration::from_secs(10);
+    while b.running.node.engine().is_follower() {
+        assert!(Instant::now() < deadline, "b did not take over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = cut.elapsed();
+    println!("take-over after the writer was cut off: {took:?}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    let after = put_retrying(&mut cb, "/cut/after", "2", Duration::from_secs(5)).await;
+    assert!(after > before);
+    // The cut-off writer no longer answers linearizable reads.
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        ca.kv.range(RangeRequest {
+            key: Bytes::from_static(b"/cut/before"),
+            ..Default::default()
+        }),
+    )
+    .await;
+    assert!(
+        !matches!(read, Ok(Ok(_))),
+        "a cut-off writer answered a linearizable read: {read:?}"
+    );
+
+    proxy.resume();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !a.running.node.engine().is_follower() {
+        assert!(Instant::now() < deadline, "a did not follow once healed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = (
+            get(&mut ca, "/cut/before").await,
+            get(&mut ca, "/cut/after").await,
+        );
+        if got
+            == (
+                Some(Bytes::from_static(b"1")),
+                Some(Bytes::from_static(b"2")),
+            )
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a does not serve what b wrote: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.stop().await;
+    a.stop().await;
+}
