@@ -798,7 +798,7 @@ async fn member_remove_drops_a_departed_instance_and_its_slot() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains(&format!("Member {c_id:x} removed")),
+        stdout.contains(&format!("Member {c_id:16x} removed")),
         "{stdout}"
     );
     assert_eq!(slots().await, 0, "the departed instance's slot is dropped");
