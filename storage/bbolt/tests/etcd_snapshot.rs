@@ -205,12 +205,12 @@ async fn snapshots_of_real_etcd_read_back_revision_by_revision() {
             copy[at] ^= (state >> 32) as u8 | 1;
             state = state.rotate_left(11);
         }
-        if let Ok(db) = Db::open(&copy) {
-            if let Ok(names) = db.bucket_names() {
-                for n in names {
-                    if let Ok(Some(b)) = db.bucket(&n) {
-                        let _ = b.len();
-                    }
+        if let Ok(db) = Db::open(&copy)
+            && let Ok(names) = db.bucket_names()
+        {
+            for n in names {
+                if let Ok(Some(b)) = db.bucket(&n) {
+                    let _ = b.len();
                 }
             }
         }
