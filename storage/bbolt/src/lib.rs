@@ -1,4 +1,5 @@
-//! Reads bbolt database files: etcd's backend, and so the body of an etcd snapshot.
+//! Reads and writes bbolt database files: etcd's backend, and so the body of an etcd
+//! snapshot ([`Writer`] writes them; see `write.rs`).
 //!
 //! The format (bbolt's, version 2), as far as reading needs it:
 //! - The file is a run of pages of the size the meta page gives (4096 for etcd). Every
@@ -19,6 +20,10 @@
 //! checked: a truncated or corrupt file is an [`Error`], never a panic.
 
 use std::fmt;
+
+mod write;
+
+pub use write::Writer;
 
 /// bbolt's magic number.
 pub const MAGIC: u32 = 0xED0C_DAED;
