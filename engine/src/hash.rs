@@ -127,32 +127,41 @@ pub(crate) fn hash(items: &[Item]) -> Result<u32> {
     h.write(b"key");
     let mut buf = Vec::new();
     for it in items {
-        let v = &it.version;
-        let tomb = v.is_tombstone();
-        h.write(&revision_key(v.mod_revision, v.sub, tomb));
-        let kv = if tomb {
-            KeyValue {
-                key: it.key.clone(),
-                ..Default::default()
-            }
-        } else {
-            KeyValue {
-                key: it.key.clone(),
-                create_revision: v.create_revision,
-                mod_revision: v.mod_revision,
-                version: v.version,
-                value: v.value.clone().ok_or(Error::MissingValue {
-                    revision: v.mod_revision,
-                    sub: v.sub,
-                })?,
-                lease: v.lease,
-            }
-        };
+        h.write(&revision_key(
+            it.version.mod_revision,
+            it.version.sub,
+            it.version.is_tombstone(),
+        ));
         buf.clear();
-        kv.encode(&mut buf).map_err(|_| Error::Stopped)?;
+        stored_value(it, &mut buf)?;
         h.write(&buf);
     }
     Ok(h.sum())
+}
+
+/// What etcd's `key` bucket stores for `item` (value filled): the protobuf
+/// `mvccpb.KeyValue`, only the key for a tombstone; appended to `buf`.
+pub(crate) fn stored_value(it: &Item, buf: &mut Vec<u8>) -> Result<()> {
+    let v = &it.version;
+    let kv = if v.is_tombstone() {
+        KeyValue {
+            key: it.key.clone(),
+            ..Default::default()
+        }
+    } else {
+        KeyValue {
+            key: it.key.clone(),
+            create_revision: v.create_revision,
+            mod_revision: v.mod_revision,
+            version: v.version,
+            value: v.value.clone().ok_or(Error::MissingValue {
+                revision: v.mod_revision,
+                sub: v.sub,
+            })?,
+            lease: v.lease,
+        }
+    };
+    kv.encode(buf).map_err(|_| Error::Stopped)
 }
 
 #[cfg(test)]

@@ -53,7 +53,7 @@ pub use config::{
     DEFAULT_CACHE_BYTES, DEFAULT_COMMIT_HANDOFF, DEFAULT_MAX_BATCH, DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_TXN_OPS, EngineConfig, REQUEST_ENVELOPE_BYTES,
 };
-pub use engine::{Engine, Stats};
+pub use engine::{Engine, SnapshotData, Stats};
 pub use error::{Error, Result};
 pub use events::{REPLAY_CHUNK_EVENTS, Replay, event_of, kv_of};
 pub use exec::{Change, compare_kv, txn_has_put, txn_is_read_only};

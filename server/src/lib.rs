@@ -23,6 +23,7 @@ pub mod node;
 pub mod services;
 /// The shutdown signal every task watches.
 mod shutdown;
+pub mod snapshot;
 /// Engine errors as etcd gRPC statuses.
 pub mod status;
 /// Client listeners: TLS, HTTP/2 and HTTP/1 on one port, graceful drain.

@@ -1,15 +1,16 @@
 //! Maintenance service: Status (with the keyspace's real size in Postgres), Alarm,
 //! HashKV (bit-for-bit etcd's hash of the same history), Defragment (VACUUM of the
-//! keyspace's tables) and MoveLeader (this server is the only member, so moving to
-//! itself succeeds and any other id is a bad transferee). Hash (a hash of etcd's whole
-//! bolt file), Snapshot (a bolt file) and Downgrade have no true meaning on Postgres and
-//! answer Unimplemented (docs/compatibility.md).
+//! keyspace's tables), MoveLeader (hands the writer role to another instance) and
+//! Snapshot (the etcd bolt file this history would be, see `snapshot.rs`). Hash (a hash
+//! of etcd's whole bolt file) and Downgrade answer Unimplemented
+//! (docs/compatibility.md).
 
 use crate::node::Node;
 use pgetcd_proto::etcdserverpb::{
     AlarmMember, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse,
-    HashKvRequest, HashKvResponse, MoveLeaderRequest, MoveLeaderResponse, StatusRequest,
-    StatusResponse, alarm_request::AlarmAction, maintenance_server::Maintenance,
+    HashKvRequest, HashKvResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest,
+    SnapshotResponse, StatusRequest, StatusResponse, alarm_request::AlarmAction,
+    maintenance_server::Maintenance,
 };
 use tonic::{Request, Response, Status};
 
@@ -33,8 +34,30 @@ impl MaintenanceService {
     }
 }
 
+type SnapshotStream = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<SnapshotResponse, Status>> + Send + 'static>,
+>;
+
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
+    async fn snapshot(
+        &self,
+        _req: Request<SnapshotRequest>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        let engine = self.node.engine();
+        let data = engine.snapshot_data().await.map_err(to_status)?;
+        let term = engine.raft_term();
+        let file = tokio::task::spawn_blocking(move || crate::snapshot::write(&data, term))
+            .await
+            .map_err(|e| Status::internal(format!("snapshot: {e}")))?
+            .map_err(|e| Status::internal(format!("snapshot: {e}")))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || crate::snapshot::stream(file, tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
         let r = req.get_ref();
         let member = self.node.engine().member_id();

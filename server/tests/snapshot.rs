@@ -1,0 +1,197 @@
+//! Maintenance.Snapshot: the same history written to real etcd and to pgetcd;
+//! `etcdctl snapshot save` against pgetcd succeeds, `etcdutl snapshot status` reads
+//! the file, and a real etcd restored from it (`etcdutl snapshot restore`, which checks
+//! the SHA-256 trailer) serves exactly what the source etcd and pgetcd serve: keys,
+//! revisions and HashKV, now and at an older revision, the compaction and the lease.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+use bytes::Bytes;
+use pgetcd_proto::etcdserverpb::{
+    CompactionRequest, DeleteRangeRequest, HashKvRequest, LeaseGrantRequest,
+    LeaseTimeToLiveRequest, PutRequest, RangeRequest, TxnRequest, kv_client::KvClient,
+    lease_client::LeaseClient, maintenance_client::MaintenanceClient,
+};
+use pgetcd_proto::mvccpb::KeyValue;
+use pgetcd_testkit::{RealEtcd, TestServer, channel, etcdctl_binary, etcdutl_binary};
+
+/// The same operations on every endpoint; the lease id and the compact revision.
+async fn seed(urls: &[&str]) -> (i64, i64) {
+    let mut compact = 0;
+    for url in urls {
+        let ch = channel(url).await;
+        let mut kv = KvClient::new(ch.clone());
+        LeaseClient::new(ch)
+            .lease_grant(LeaseGrantRequest { ttl: 900, id: 4242 })
+            .await
+            .unwrap();
+        let mut revs = Vec::new();
+        for i in 0..200u32 {
+            let key = Bytes::from(format!("/s/{:02}", i % 30));
+            let rev = match i % 9 {
+                8 => {
+                    kv.delete_range(DeleteRangeRequest {
+                        key,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .header
+                    .unwrap()
+                    .revision
+                }
+                7 => {
+                    kv.txn(TxnRequest {
+                        success: vec![
+                            put_op(&key, &format!("t{i}"), 0),
+                            put_op(&Bytes::from(format!("{}x", i)), "y", 0),
+                        ],
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .header
+                    .unwrap()
+                    .revision
+                }
+                _ => {
+                    kv.put(PutRequest {
+                        key,
+                        value: Bytes::from(format!("v{i}").repeat(if i == 99 { 2000 } else { 3 })),
+                        lease: if i % 5 == 0 { 4242 } else { 0 },
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .header
+                    .unwrap()
+                    .revision
+                }
+            };
+            revs.push(rev);
+        }
+        compact = revs[80];
+        kv.compact(CompactionRequest {
+            revision: compact,
+            physical: true,
+        })
+        .await
+        .unwrap();
+    }
+    (4242, compact)
+}
+
+fn put_op(key: &Bytes, value: &str, lease: i64) -> pgetcd_proto::etcdserverpb::RequestOp {
+    use pgetcd_proto::etcdserverpb::request_op::Request;
+    pgetcd_proto::etcdserverpb::RequestOp {
+        request: Some(Request::RequestPut(PutRequest {
+            key: key.clone(),
+            value: Bytes::from(value.to_owned()),
+            lease,
+            ..Default::default()
+        })),
+    }
+}
+
+/// Every key at `revision` (0: now), the header revision, and HashKV there.
+async fn view(url: &str, revision: i64) -> (Vec<KeyValue>, i64, u32) {
+    let ch = channel(url).await;
+    let r = KvClient::new(ch.clone())
+        .range(RangeRequest {
+            key: Bytes::from_static(b"\0"),
+            range_end: Bytes::from_static(b"\0"),
+            revision,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let hash = MaintenanceClient::new(ch)
+        .hash_kv(HashKvRequest { revision })
+        .await
+        .unwrap()
+        .into_inner();
+    (r.kvs, r.header.unwrap().revision, hash.hash)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pgetcd_snapshot_restores_into_real_etcd_that_serves_the_same() {
+    let source = RealEtcd::start().await;
+    let pgetcd = TestServer::start_default().await;
+    let (lease, compact) = seed(&[&source.url, &pgetcd.url()]).await;
+    for at in [0, compact + 5] {
+        assert_eq!(
+            view(&pgetcd.url(), at).await,
+            view(&source.url, at).await,
+            "before the snapshot, at {at}"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pgetcd.db");
+    let out = Command::new(etcdctl_binary())
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", pgetcd.url()))
+        .args(["snapshot", "save"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "etcdctl snapshot save: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = Command::new(etcdutl_binary())
+        .args(["snapshot", "status", "-w", "json"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let status_out = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "etcdutl snapshot status: {status_out}"
+    );
+    let (_, revision, _) = view(&pgetcd.url(), 0).await;
+    assert!(
+        status_out.contains(&format!("\"revision\":{revision}")),
+        "{status_out}"
+    );
+
+    let restored = RealEtcd::start_restored(&file).await;
+    for at in [0, compact + 5] {
+        assert_eq!(
+            view(&restored.url, at).await,
+            view(&source.url, at).await,
+            "restored from pgetcd's snapshot, at {at}"
+        );
+    }
+    let below = KvClient::new(channel(&restored.url).await)
+        .range(RangeRequest {
+            key: Bytes::from_static(b"/s/01"),
+            revision: compact - 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        below.message(),
+        "etcdserver: mvcc: required revision has been compacted"
+    );
+    let ttl = LeaseClient::new(channel(&restored.url).await)
+        .lease_time_to_live(LeaseTimeToLiveRequest {
+            id: lease,
+            keys: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ttl.granted_ttl, 900);
+    assert!(!ttl.keys.is_empty(), "the lease's keys are attached again");
+    pgetcd.stop().await;
+}
