@@ -32,28 +32,23 @@ fn revision_bytes(main: i64) -> Vec<u8> {
     k
 }
 
+/// Appends a protobuf varint.
+fn varint(buf: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            buf.push(b);
+            return;
+        }
+        buf.push(b | 0x80);
+    }
+}
+
 /// Appends a protobuf varint field (wire type 0).
 fn varint_field(buf: &mut Vec<u8>, field: u32, value: i64) {
-    let mut v = u64::from(field << 3);
-    loop {
-        let b = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            buf.push(b);
-            break;
-        }
-        buf.push(b | 0x80);
-    }
-    let mut v = value as u64;
-    loop {
-        let b = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            buf.push(b);
-            break;
-        }
-        buf.push(b | 0x80);
-    }
+    varint(buf, u64::from(field << 3));
+    varint(buf, value as u64);
 }
 
 /// etcd's `leasepb.Lease` { ID = 1, TTL = 2, RemainingTTL = 3 } (zero fields omitted).

@@ -10,11 +10,9 @@ use std::process::Command;
 
 use bytes::Bytes;
 use pgetcd_proto::etcdserverpb::{
-    CompactionRequest, DeleteRangeRequest, HashKvRequest, LeaseGrantRequest,
-    LeaseTimeToLiveRequest, PutRequest, RangeRequest, TxnRequest, kv_client::KvClient,
-    lease_client::LeaseClient, maintenance_client::MaintenanceClient,
+    CompactionRequest, DeleteRangeRequest, LeaseGrantRequest, LeaseTimeToLiveRequest, PutRequest,
+    RangeRequest, TxnRequest, kv_client::KvClient, lease_client::LeaseClient,
 };
-use pgetcd_proto::mvccpb::KeyValue;
 use pgetcd_testkit::{RealEtcd, TestServer, channel, etcdctl_binary, etcdutl_binary};
 
 /// The same operations on every endpoint; the lease id and the compact revision.
@@ -98,27 +96,6 @@ fn put_op(key: &Bytes, value: &str, lease: i64) -> pgetcd_proto::etcdserverpb::R
     }
 }
 
-/// Every key at `revision` (0: now), the header revision, and HashKV there.
-async fn view(url: &str, revision: i64) -> (Vec<KeyValue>, i64, u32) {
-    let ch = channel(url).await;
-    let r = KvClient::new(ch.clone())
-        .range(RangeRequest {
-            key: Bytes::from_static(b"\0"),
-            range_end: Bytes::from_static(b"\0"),
-            revision,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let hash = MaintenanceClient::new(ch)
-        .hash_kv(HashKvRequest { revision })
-        .await
-        .unwrap()
-        .into_inner();
-    (r.kvs, r.header.unwrap().revision, hash.hash)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pgetcd_snapshot_restores_into_real_etcd_that_serves_the_same() {
     let source = RealEtcd::start().await;
@@ -126,8 +103,8 @@ async fn a_pgetcd_snapshot_restores_into_real_etcd_that_serves_the_same() {
     let (lease, compact) = seed(&[&source.url, &pgetcd.url()]).await;
     for at in [0, compact + 5] {
         assert_eq!(
-            view(&pgetcd.url(), at).await,
-            view(&source.url, at).await,
+            pgetcd_testkit::view_at(&pgetcd.url(), at).await,
+            pgetcd_testkit::view_at(&source.url, at).await,
             "before the snapshot, at {at}"
         );
     }
@@ -157,7 +134,7 @@ async fn a_pgetcd_snapshot_restores_into_real_etcd_that_serves_the_same() {
         status.status.success(),
         "etcdutl snapshot status: {status_out}"
     );
-    let (_, revision, _) = view(&pgetcd.url(), 0).await;
+    let (_, revision, _) = pgetcd_testkit::view_at(&pgetcd.url(), 0).await;
     assert!(
         status_out.contains(&format!("\"revision\":{revision}")),
         "{status_out}"
@@ -166,8 +143,8 @@ async fn a_pgetcd_snapshot_restores_into_real_etcd_that_serves_the_same() {
     let restored = RealEtcd::start_restored(&file).await;
     for at in [0, compact + 5] {
         assert_eq!(
-            view(&restored.url, at).await,
-            view(&source.url, at).await,
+            pgetcd_testkit::view_at(&restored.url, at).await,
+            pgetcd_testkit::view_at(&source.url, at).await,
             "restored from pgetcd's snapshot, at {at}"
         );
     }

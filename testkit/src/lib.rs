@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use pgetcd_localpg::{LocalPostgres, Options, free_port};
 use pgetcd_proto::etcdserverpb::{
-    CompactionRequest, RangeRequest, cluster_client::ClusterClient, kv_client::KvClient,
-    maintenance_client::MaintenanceClient,
+    CompactionRequest, HashKvRequest, RangeRequest, cluster_client::ClusterClient,
+    kv_client::KvClient, maintenance_client::MaintenanceClient,
 };
 use pgetcd_server::{Config, Running};
 use tonic::transport::Channel;
@@ -418,4 +418,26 @@ impl Drop for RealEtcd {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// What a client sees of the endpoint at `url` at `revision` (0: now): every key, the
+/// header's revision, and HashKV there. Equal views mean equal data and history.
+pub async fn view_at(url: &str, revision: i64) -> (Vec<pgetcd_proto::mvccpb::KeyValue>, i64, u32) {
+    let ch = channel(url).await;
+    let r = KvClient::new(ch.clone())
+        .range(RangeRequest {
+            key: "\0".into(),
+            range_end: "\0".into(),
+            revision,
+            ..Default::default()
+        })
+        .await
+        .expect("range")
+        .into_inner();
+    let hash = MaintenanceClient::new(ch)
+        .hash_kv(HashKvRequest { revision })
+        .await
+        .expect("hash_kv")
+        .into_inner();
+    (r.kvs, r.header.expect("header").revision, hash.hash)
 }

@@ -12,9 +12,8 @@ use std::process::Command;
 use bytes::Bytes;
 use pgetcd_bbolt::{Db, Error, Value, Writer};
 use pgetcd_proto::etcdserverpb::{
-    CompactionRequest, DeleteRangeRequest, HashKvRequest, LeaseGrantRequest, PutRequest,
-    RangeRequest, kv_client::KvClient, lease_client::LeaseClient,
-    maintenance_client::MaintenanceClient,
+    CompactionRequest, DeleteRangeRequest, LeaseGrantRequest, PutRequest, RangeRequest,
+    kv_client::KvClient, lease_client::LeaseClient,
 };
 use pgetcd_proto::mvccpb::KeyValue;
 use prost::Message;
@@ -258,27 +257,6 @@ fn contents(db: &Db<'_>) -> Contents {
     all
 }
 
-/// Everything a client sees of `url` at `revision` (0: now), and its HashKV there.
-async fn view(url: &str, revision: i64) -> (Vec<KeyValue>, i64, u32) {
-    let ch = pgetcd_testkit::channel(url).await;
-    let r = KvClient::new(ch.clone())
-        .range(RangeRequest {
-            key: Bytes::from_static(b"\0"),
-            range_end: Bytes::from_static(b"\0"),
-            revision,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let hash = MaintenanceClient::new(ch)
-        .hash_kv(HashKvRequest { revision })
-        .await
-        .unwrap()
-        .into_inner();
-    (r.kvs, r.header.unwrap().revision, hash.hash)
-}
-
 /// A snapshot of real etcd, read and written again by [`Writer`], restores into real
 /// etcd (`etcdutl snapshot restore`, which checks the trailer) and serves what the
 /// source served: the same keys, revisions and HashKV now and at an older revision,
@@ -312,8 +290,8 @@ async fn a_snapshot_rewritten_by_the_writer_restores_into_real_etcd() {
     let restored = pgetcd_testkit::RealEtcd::start_restored(&path).await;
     for at in [0, compact + 10] {
         assert_eq!(
-            view(&restored.url, at).await,
-            view(&source.url, at).await,
+            pgetcd_testkit::view_at(&restored.url, at).await,
+            pgetcd_testkit::view_at(&source.url, at).await,
             "at revision {at}"
         );
     }
