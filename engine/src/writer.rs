@@ -459,6 +459,7 @@ impl Writer {
         st.index
             .note_committed(ev.changes.iter().map(|c| (&c.key, &c.version)));
         st.published.store(ev.rev, Ordering::Release);
+        self.core.applied.notify_waiters();
         if ev.rev > ev.published {
             self.core.hand_off(ev.rev, &ev.changes);
         }

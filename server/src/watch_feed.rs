@@ -132,10 +132,16 @@ async fn stream_session(engine: &Engine, hub: &Hub, last: &Published) -> Result<
             .next()
             .await
             .map_err(|e: StoreError| e.with_causes())?;
-        // Only what this writer committed: a commit past it is another writer's (this one
-        // was deposed and has not stepped down yet), and this index cannot give its
-        // prev_kv (it may even hold this writer's own fenced batch). The follower engine
-        // that replaces this one publishes it.
+        // Only what this writer committed: the stream can be ahead of the writer's own
+        // publish by a moment, so wait for it briefly; a commit still past it is another
+        // writer's (this one was deposed and has not stepped down yet), whose prev_kv
+        // this index cannot give (it may even hold this writer's own fenced batch). The
+        // follower engine that replaces this one publishes it.
+        if let Some(newest) = commit.changes.last().map(|(_, v)| v.mod_revision)
+            && newest > engine.revision()
+        {
+            let _ = engine.wait_applied(newest, Duration::from_secs(1)).await;
+        }
         let own = engine.revision();
         let changes: Vec<_> = commit
             .changes
