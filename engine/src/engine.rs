@@ -260,22 +260,17 @@ impl Engine {
     pub async fn snapshot_data(&self) -> Result<SnapshotData> {
         let (items, revision, compact_revision) = self.stored_revisions(0, false).await?;
         let mut keys = Vec::with_capacity(items.len());
-        for it in &items {
+        // Each item goes once encoded, so the values are not held twice.
+        for it in items {
             let v = &it.version;
             let mut value = Vec::new();
-            hash::stored_value(it, &mut value)?;
+            hash::stored_value(&it, &mut value)?;
             keys.push((
                 hash::revision_key(v.mod_revision, v.sub, v.is_tombstone()),
                 value,
             ));
         }
-        let leases = self
-            .core
-            .leases
-            .ids()
-            .into_iter()
-            .filter_map(|id| self.core.leases.info(id).map(|i| (id, i.granted)))
-            .collect();
+        let leases = self.core.leases.granted();
         Ok(SnapshotData {
             revision,
             compact_revision,

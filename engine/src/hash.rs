@@ -66,7 +66,7 @@ impl Crc32c {
 }
 
 /// etcd's bolt key of a revision.
-pub(crate) fn revision_key(main: i64, sub: u32, tombstone: bool) -> Vec<u8> {
+pub fn revision_key(main: i64, sub: u32, tombstone: bool) -> Vec<u8> {
     let mut k = Vec::with_capacity(18);
     k.extend_from_slice(&(main as u64).to_be_bytes());
     k.push(b'_');

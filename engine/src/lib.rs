@@ -58,6 +58,7 @@ pub use error::{Error, Result};
 pub use events::{REPLAY_CHUNK_EVENTS, Replay, event_of, kv_of};
 pub use exec::{Change, compare_kv, txn_has_put, txn_is_read_only};
 pub use follower::{COMPACTION_POLL, SYNC_TIMEOUT};
+pub use hash::revision_key;
 pub use pgetcd_storage::{ChangeFeed, FeedCommit, FeedPrepared, PoolStatus, Store, StoreError};
 pub use state::Committed;
 pub use tasks::QUOTA_CHECK_INTERVAL;

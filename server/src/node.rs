@@ -77,7 +77,7 @@ pub const FORWARD_WAIT: Duration = Duration::from_secs(5);
 /// to it refused.
 fn never_sent(status: &tonic::Status) -> bool {
     use std::error::Error as _;
-    if status.message() == "etcdserver: no leader" && status.source().is_none() {
+    if status.message() == no_leader().message() && status.source().is_none() {
         return true;
     }
     let mut cause: Option<&(dyn std::error::Error + 'static)> = status.source();
@@ -107,6 +107,11 @@ pub fn forwarded(status: tonic::Status) -> tonic::Status {
     } else {
         status
     }
+}
+
+/// etcd's error for a request only the writer answers, sent to another instance.
+fn not_leader() -> tonic::Status {
+    crate::status::to_status(Error::NotWriter)
 }
 
 /// etcd's error for a require-leader stream on a member without a leader.
@@ -265,7 +270,7 @@ impl Node {
     /// take over).
     pub async fn move_leader(&self, target: u64) -> Result<(), tonic::Status> {
         if self.engine().is_follower() {
-            return Err(tonic::Status::unavailable("etcdserver: not leader"));
+            return Err(not_leader());
         }
         if target == self.me().member_id {
             return Ok(());
@@ -276,7 +281,6 @@ impl Node {
             ));
         };
         let (reply, answer) = oneshot::channel();
-        let gone = || tonic::Status::unavailable("etcdserver: not leader");
         self.inner
             .role_requests
             .send(RoleRequest {
@@ -284,8 +288,8 @@ impl Node {
                 reply,
             })
             .await
-            .map_err(|_| gone())?;
-        let epoch = answer.await.map_err(|_| gone())??;
+            .map_err(|_| not_leader())?;
+        let epoch = answer.await.map_err(|_| not_leader())??;
         let deadline = Instant::now() + MOVE_LEADER_TIMEOUT;
         loop {
             if let Ok(meta) = self.inner.store.meta().await
@@ -501,9 +505,7 @@ impl Roles {
     /// MoveLeader's part here: gives the claim to `req.to` and follows.
     async fn hand_over(&mut self, req: RoleRequest) {
         let Some(fence) = self.fence else {
-            let _ = req
-                .reply
-                .send(Err(tonic::Status::unavailable("etcdserver: not leader")));
+            let _ = req.reply.send(Err(not_leader()));
             return;
         };
         let name = self.node.me().name;

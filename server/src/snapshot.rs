@@ -12,7 +12,7 @@
 
 use std::io::{self, Read, Seek, SeekFrom};
 
-use pgetcd_engine::SnapshotData;
+use pgetcd_engine::{SnapshotData, revision_key};
 use pgetcd_proto::etcdserverpb::SnapshotResponse;
 use sha2::Digest;
 use tokio::sync::mpsc;
@@ -22,15 +22,6 @@ use tonic::Status;
 const PAGE_SIZE: usize = 4096;
 /// Bytes per streamed message (etcd's snapshot send buffer).
 const CHUNK: usize = 32 * 1024;
-
-/// etcd's bolt key of a revision with sub revision 0.
-fn revision_bytes(main: i64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(17);
-    k.extend_from_slice(&(main as u64).to_be_bytes());
-    k.push(b'_');
-    k.extend_from_slice(&0u64.to_be_bytes());
-    k
-}
 
 /// Appends a protobuf varint.
 fn varint(buf: &mut Vec<u8>, mut v: u64) {
@@ -87,11 +78,11 @@ pub fn write(data: &SnapshotData, term: u64) -> io::Result<std::fs::File> {
     if data.compact_revision > 0 {
         meta.push((
             b"finishedCompactRev".to_vec(),
-            revision_bytes(data.compact_revision),
+            revision_key(data.compact_revision, 0, false),
         ));
         meta.push((
             b"scheduledCompactRev".to_vec(),
-            revision_bytes(data.compact_revision),
+            revision_key(data.compact_revision, 0, false),
         ));
     }
     meta.push((b"term".to_vec(), term.to_be_bytes().to_vec()));
@@ -152,8 +143,9 @@ mod tests {
     fn leases_encode_as_etcds_leasepb() {
         // ID 1 = 0x08, TTL 2 = 0x10; 300 = ac 02.
         assert_eq!(lease_value(5, 300), vec![0x08, 5, 0x10, 0xac, 0x02]);
+        // The compaction in meta is a revision key, as etcd writes it.
         assert_eq!(
-            revision_bytes(2),
+            revision_key(2, 0, false),
             [0, 0, 0, 0, 0, 0, 0, 2, b'_', 0, 0, 0, 0, 0, 0, 0, 0]
         );
     }

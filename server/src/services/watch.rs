@@ -430,7 +430,7 @@ impl StreamTask {
                 // The store went back (it lost acknowledged writes). A client told of a
                 // revision it no longer has must start over, as after a compaction:
                 // the revisions after the store's are assigned again.
-                let now = self.node.engine().stats().revision;
+                let now = self.node.engine().revision();
                 if self.told.load(std::sync::atomic::Ordering::Relaxed) > now {
                     tracing::warn!(
                         watch_id = id,
