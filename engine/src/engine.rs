@@ -251,43 +251,20 @@ impl Engine {
     /// etcd's HashKV at `revision` (0: current): (hash, current revision, compact
     /// revision), bit-for-bit what etcd computes for the same history (see `hash.rs`).
     pub async fn hash_kv(&self, revision: i64) -> Result<(u32, i64, i64)> {
-        let (items, current, compact) = self.stored_revisions(revision, true).await?;
+        let (items, current, compact) = self.hashed_revisions(revision).await?;
         Ok((hash::hash(&items)?, current, compact))
     }
 
-    /// What a snapshot of etcd holding this keyspace's history would hold now: its
-    /// `key` bucket, the compaction and the leases (see [`SnapshotData`]).
-    pub async fn snapshot_data(&self) -> Result<SnapshotData> {
-        let (items, revision, compact_revision) = self.stored_revisions(0, false).await?;
-        let mut keys = Vec::with_capacity(items.len());
-        // Each item goes once encoded, so the values are not held twice.
-        for it in items {
-            let v = &it.version;
-            let mut value = Vec::new();
-            hash::stored_value(&it, &mut value)?;
-            keys.push((
-                hash::revision_key(v.mod_revision, v.sub, v.is_tombstone()),
-                value,
-            ));
-        }
-        let leases = self.core.leases.granted();
-        Ok(SnapshotData {
-            revision,
-            compact_revision,
-            keys,
-            leases,
-        })
+    /// The keyspace as one consistent snapshot of its store, streamed in revision order
+    /// (what an etcd snapshot of it holds: Maintenance.Snapshot and Hash).
+    pub async fn export(&self) -> Result<pgetcd_storage::Export> {
+        Ok(self.core.store.export().await?)
     }
 
-    /// The revisions etcd's `key` bucket holds at `revision` (0: current), in revision
-    /// order with their values, and the current and compact revisions: all of them
-    /// (what a snapshot holds: the index keeps what etcd's bolt keeps), or, for HashKV,
-    /// those its hash covers (`hash::select`).
-    async fn stored_revisions(
-        &self,
-        revision: i64,
-        hashed: bool,
-    ) -> Result<(Vec<hash::Item>, i64, i64)> {
+    /// The revisions of etcd's `key` bucket that HashKV at `revision` (0: current)
+    /// covers (`hash::select`; the index keeps what etcd's bolt keeps), in revision order
+    /// with their values, and the current and compact revisions.
+    async fn hashed_revisions(&self, revision: i64) -> Result<(Vec<hash::Item>, i64, i64)> {
         let st = self.core.state();
         let current = st.published();
         let compact = st.compact();
@@ -302,24 +279,7 @@ impl Engine {
         st.index.for_each_key(|k, versions| {
             keys.push((bytes::Bytes::copy_from_slice(k), versions.to_vec()))
         });
-        let mut items = if hashed {
-            hash::select(keys.iter().map(|(k, v)| (k, v.as_slice())), at, compact)
-        } else {
-            let mut all: Vec<hash::Item> = keys
-                .iter()
-                .flat_map(|(key, versions)| {
-                    versions
-                        .iter()
-                        .filter(|v| v.mod_revision <= at)
-                        .map(|v| hash::Item {
-                            key: key.clone(),
-                            version: v.clone(),
-                        })
-                })
-                .collect();
-            all.sort_unstable_by_key(|i| (i.version.mod_revision, i.version.sub));
-            all
-        };
+        let mut items = hash::select(keys.iter().map(|(k, v)| (k, v.as_slice())), at, compact);
         drop(keys);
         const CHUNK: usize = 4096;
         let missing: Vec<usize> = (0..items.len())
@@ -368,19 +328,4 @@ impl Engine {
             .map_err(|_| Error::Stopped)?;
         rx.await.map_err(|_| Error::Stopped)?
     }
-}
-
-/// What [`Engine::snapshot_data`] gives: etcd's view of the keyspace's storage.
-#[derive(Debug, Clone)]
-pub struct SnapshotData {
-    /// The revision it was taken at.
-    pub revision: i64,
-    /// The compact revision.
-    pub compact_revision: i64,
-    /// etcd's `key` bucket in key (revision) order: the revision key (main and sub
-    /// revision big-endian around `_`, `t` appended for a tombstone) and the stored
-    /// `mvccpb.KeyValue`.
-    pub keys: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Granted leases: id and granted TTL in seconds.
-    pub leases: Vec<(i64, i64)>,
 }

@@ -43,16 +43,24 @@ const fn crc_table() -> [u32; 256] {
 
 static CRC_TABLE: [u32; 256] = crc_table();
 
-/// A running CRC-32C.
+/// A running CRC-32C (Castagnoli), the checksum of etcd's HashKV and Hash.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Crc32c(u32);
+pub struct Crc32c(u32);
+
+impl Default for Crc32c {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Crc32c {
-    pub(crate) fn new() -> Self {
+    /// The checksum of nothing yet.
+    pub fn new() -> Self {
         Self(!0)
     }
 
-    pub(crate) fn write(&mut self, data: &[u8]) {
+    /// Adds `data`.
+    pub fn write(&mut self, data: &[u8]) {
         let mut c = self.0;
         for &b in data {
             c = CRC_TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
@@ -60,7 +68,8 @@ impl Crc32c {
         self.0 = c;
     }
 
-    pub(crate) fn sum(self) -> u32 {
+    /// The checksum of everything written.
+    pub fn sum(self) -> u32 {
         !self.0
     }
 }
@@ -133,33 +142,28 @@ pub(crate) fn hash(items: &[Item]) -> Result<u32> {
             it.version.is_tombstone(),
         ));
         buf.clear();
-        stored_value(it, &mut buf)?;
+        stored_value(&it.key, &it.version, &mut buf)?;
         h.write(&buf);
     }
     Ok(h.sum())
 }
 
-/// What etcd's `key` bucket stores for `item` (value filled): the protobuf
+/// What etcd's `key` bucket stores for a version of `key` (value filled): the protobuf
 /// `mvccpb.KeyValue`, only the key for a tombstone; appended to `buf`.
-pub(crate) fn stored_value(it: &Item, buf: &mut Vec<u8>) -> Result<()> {
-    let v = &it.version;
+pub fn stored_value(key: &Bytes, v: &Version, buf: &mut Vec<u8>) -> Result<()> {
     let kv = if v.is_tombstone() {
         KeyValue {
-            key: it.key.clone(),
+            key: key.clone(),
             ..Default::default()
         }
     } else {
-        KeyValue {
-            key: it.key.clone(),
-            create_revision: v.create_revision,
-            mod_revision: v.mod_revision,
-            version: v.version,
-            value: v.value.clone().ok_or(Error::MissingValue {
+        if v.value.is_none() {
+            return Err(Error::MissingValue {
                 revision: v.mod_revision,
                 sub: v.sub,
-            })?,
-            lease: v.lease,
+            });
         }
+        crate::events::kv_of(key, v)
     };
     kv.encode(buf).map_err(|_| Error::Stopped)
 }

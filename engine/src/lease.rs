@@ -117,19 +117,6 @@ impl LeaseTable {
         })
     }
 
-    /// Every granted lease with its granted TTL, by id.
-    pub fn granted(&self) -> Vec<(i64, i64)> {
-        let mut all: Vec<(i64, i64)> = self
-            .inner
-            .lock()
-            .leases
-            .iter()
-            .map(|(&id, e)| (id, e.ttl))
-            .collect();
-        all.sort_unstable();
-        all
-    }
-
     /// Granted lease ids.
     pub fn ids(&self) -> Vec<i64> {
         let mut ids: Vec<i64> = self.inner.lock().leases.keys().copied().collect();

@@ -53,12 +53,12 @@ pub use config::{
     DEFAULT_CACHE_BYTES, DEFAULT_COMMIT_HANDOFF, DEFAULT_MAX_BATCH, DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_TXN_OPS, EngineConfig, REQUEST_ENVELOPE_BYTES,
 };
-pub use engine::{Engine, SnapshotData, Stats};
+pub use engine::{Engine, Stats};
 pub use error::{Error, Result};
 pub use events::{REPLAY_CHUNK_EVENTS, Replay, event_of, kv_of};
 pub use exec::{Change, compare_kv, txn_has_put, txn_is_read_only};
 pub use follower::{COMPACTION_POLL, SYNC_TIMEOUT};
-pub use hash::revision_key;
+pub use hash::{Crc32c, revision_key, stored_value};
 pub use pgetcd_storage::{ChangeFeed, FeedCommit, FeedPrepared, PoolStatus, Store, StoreError};
 pub use state::Committed;
 pub use tasks::QUOTA_CHECK_INTERVAL;

@@ -71,6 +71,66 @@ pub struct Config {
     pub ignored: IgnoredEtcdFlags,
 }
 
+/// pgetcd's command line: serving etcd (no subcommand, every flag of [`Config`]), or
+/// one of the offline commands on a keyspace.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "pgetcd",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// An offline command; none: serve.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// The server's flags.
+    #[command(flatten)]
+    pub config: Config,
+}
+
+/// The offline commands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// etcd snapshots (saving one is `etcdctl snapshot save` against pgetcd).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+/// `pgetcd snapshot ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum SnapshotCommand {
+    /// Loads an etcd snapshot file into the keyspace (revisions, versions, leases and
+    /// the compaction kept), then exits. Every instance of the keyspace must be stopped.
+    Restore(RestoreArgs),
+}
+
+/// `pgetcd snapshot restore FILE`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RestoreArgs {
+    /// The snapshot file (from `etcdctl snapshot save`, against etcd or pgetcd).
+    pub file: PathBuf,
+
+    /// Restore a file without its SHA-256 trailer (a `member/snap/db` copied from an
+    /// etcd data directory), or whose trailer does not match.
+    #[arg(long, default_value_t = false)]
+    pub skip_hash_check: bool,
+
+    /// Replace whatever the keyspace holds; without it a keyspace holding keys or
+    /// leases is refused.
+    #[arg(long, default_value_t = false)]
+    pub replace: bool,
+
+    /// Where the keyspace lives.
+    #[command(flatten)]
+    pub storage: StorageFlags,
+
+    /// Logging.
+    #[command(flatten)]
+    pub logging: LogFlags,
+}
+
 /// This member: its name and the URLs it serves and advertises.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MemberFlags {
@@ -703,16 +763,22 @@ mod tests {
     fn every_flag_is_in_operations_md() {
         use clap::CommandFactory;
         let operations = include_str!("../../docs/operations.md");
-        for arg in Config::command().get_arguments() {
-            if arg.is_hide_set() {
-                continue;
+        // The server's flags and every subcommand's.
+        let mut commands = vec![Cli::command()];
+        while let Some(cmd) = commands.pop() {
+            for arg in cmd.get_arguments() {
+                if arg.is_hide_set() {
+                    continue;
+                }
+                if let Some(long) = arg.get_long() {
+                    assert!(
+                        operations.contains(&format!("`--{long}`")),
+                        "--{long} (of {}) is not in docs/operations.md",
+                        cmd.get_name()
+                    );
+                }
             }
-            if let Some(long) = arg.get_long() {
-                assert!(
-                    operations.contains(&format!("`--{long}`")),
-                    "--{long} is not in docs/operations.md"
-                );
-            }
+            commands.extend(cmd.get_subcommands().cloned());
         }
     }
 

@@ -6,6 +6,8 @@
 //! every client URL; serve until [`Running::stop`]. Shutdown stops accepting, lets
 //! in-flight RPCs finish, then stops the managed Postgres.
 
+/// Exclusive access to a keyspace for the offline commands (restore, migrate).
+pub mod admin;
 /// etcd's periodic and revision auto-compaction schedules.
 pub mod auto_compaction;
 /// Command-line flags and their environment twins.
@@ -180,10 +182,17 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
 /// The managed Postgres (started, or created on first use) unless --postgres-url is
 /// given, and the connection string to use.
 async fn postgres(config: &Config) -> Result<(Option<LocalPostgres>, String), ServerError> {
-    if let Some(url) = &config.storage.postgres_url {
+    postgres_of(&config.storage).await
+}
+
+/// [`postgres`] for the storage flags alone (the admin commands).
+pub(crate) async fn postgres_of(
+    storage: &config::StorageFlags,
+) -> Result<(Option<LocalPostgres>, String), ServerError> {
+    if let Some(url) = &storage.postgres_url {
         return Ok((None, url.clone()));
     }
-    let dir = config.storage.data_dir.clone();
+    let dir = storage.data_dir.clone();
     let pg = tokio::task::spawn_blocking(move || managed::start(&dir))
         .await
         .map_err(|e| ServerError::Start(e.to_string()))??;

@@ -1,7 +1,8 @@
 //! The `pgetcd` binary: flags, logging, start, wait for SIGINT/SIGTERM, stop.
 
 use clap::Parser;
-use pgetcd_server::{Config, start};
+use pgetcd_server::config::{Cli, Command, SnapshotCommand};
+use pgetcd_server::{ServerError, start};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
@@ -10,31 +11,49 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+fn init_logging(filter: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+}
+
+/// Prints the error with its whole cause chain ("postgres: connect" alone does not say
+/// why) and exits.
+fn fail(e: ServerError) -> ! {
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    eprintln!("pgetcd: {msg}");
+    std::process::exit(1);
+}
+
 #[tokio::main]
 async fn main() {
-    let config = Config::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_new(config.log_filter()).unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    let cli = Cli::parse();
+    let config = match cli.command {
+        None => cli.config,
+        Some(Command::Snapshot(SnapshotCommand::Restore(args))) => {
+            init_logging(&args.logging.filter());
+            match pgetcd_server::snapshot::restore::run(&args).await {
+                Ok(report) => {
+                    println!("{report}");
+                    return;
+                }
+                Err(e) => fail(e),
+            }
+        }
+    };
+    init_logging(&config.log_filter());
     let running = match start(config).await {
         Ok(r) => r,
-        Err(e) => {
-            // The whole cause chain: "postgres: connect" alone does not say why.
-            let mut msg = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                let text = s.to_string();
-                if !msg.contains(&text) {
-                    msg.push_str(": ");
-                    msg.push_str(&text);
-                }
-                source = s.source();
-            }
-            eprintln!("pgetcd: {msg}");
-            std::process::exit(1);
-        }
+        Err(e) => fail(e),
     };
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

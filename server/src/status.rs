@@ -45,9 +45,9 @@ pub fn code_and_message(e: &Error) -> (Code, String) {
         }
         Error::Storage(s) => match s {
             StoreError::Fenced(_) => etcd(Code::Unavailable, "etcdserver: not leader"),
-            StoreError::Misconfigured(_) | StoreError::SchemaTooNew { .. } => {
-                (Code::FailedPrecondition, format!("pgetcd: {e}"))
-            }
+            StoreError::Misconfigured(_)
+            | StoreError::NotEmpty(_)
+            | StoreError::SchemaTooNew { .. } => (Code::FailedPrecondition, format!("pgetcd: {e}")),
             StoreError::Determinate { .. } | StoreError::Indeterminate { .. } => (
                 Code::Unavailable,
                 format!("pgetcd: postgres unavailable: {e}"),

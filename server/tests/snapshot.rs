@@ -10,91 +10,10 @@ use std::process::Command;
 
 use bytes::Bytes;
 use pgetcd_proto::etcdserverpb::{
-    CompactionRequest, DeleteRangeRequest, LeaseGrantRequest, LeaseTimeToLiveRequest, PutRequest,
-    RangeRequest, TxnRequest, kv_client::KvClient, lease_client::LeaseClient,
+    LeaseTimeToLiveRequest, RangeRequest, kv_client::KvClient, lease_client::LeaseClient,
 };
+use pgetcd_testkit::history::seed;
 use pgetcd_testkit::{RealEtcd, TestServer, channel, etcdctl_binary, etcdutl_binary};
-
-/// The same operations on every endpoint; the lease id and the compact revision.
-async fn seed(urls: &[&str]) -> (i64, i64) {
-    let mut compact = 0;
-    for url in urls {
-        let ch = channel(url).await;
-        let mut kv = KvClient::new(ch.clone());
-        LeaseClient::new(ch)
-            .lease_grant(LeaseGrantRequest { ttl: 900, id: 4242 })
-            .await
-            .unwrap();
-        let mut revs = Vec::new();
-        for i in 0..200u32 {
-            let key = Bytes::from(format!("/s/{:02}", i % 30));
-            let rev = match i % 9 {
-                8 => {
-                    kv.delete_range(DeleteRangeRequest {
-                        key,
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .header
-                    .unwrap()
-                    .revision
-                }
-                7 => {
-                    kv.txn(TxnRequest {
-                        success: vec![
-                            put_op(&key, &format!("t{i}"), 0),
-                            put_op(&Bytes::from(format!("{}x", i)), "y", 0),
-                        ],
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .header
-                    .unwrap()
-                    .revision
-                }
-                _ => {
-                    kv.put(PutRequest {
-                        key,
-                        value: Bytes::from(format!("v{i}").repeat(if i == 99 { 2000 } else { 3 })),
-                        lease: if i % 5 == 0 { 4242 } else { 0 },
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .header
-                    .unwrap()
-                    .revision
-                }
-            };
-            revs.push(rev);
-        }
-        compact = revs[80];
-        kv.compact(CompactionRequest {
-            revision: compact,
-            physical: true,
-        })
-        .await
-        .unwrap();
-    }
-    (4242, compact)
-}
-
-fn put_op(key: &Bytes, value: &str, lease: i64) -> pgetcd_proto::etcdserverpb::RequestOp {
-    use pgetcd_proto::etcdserverpb::request_op::Request;
-    pgetcd_proto::etcdserverpb::RequestOp {
-        request: Some(Request::RequestPut(PutRequest {
-            key: key.clone(),
-            value: Bytes::from(value.to_owned()),
-            lease,
-            ..Default::default()
-        })),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pgetcd_snapshot_restores_into_real_etcd_that_serves_the_same() {

@@ -12,13 +12,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-/// A test-driven watch stream.
+/// A seeded etcd history (puts, deletes, txns, a lease, a compaction).
+pub mod history;
 /// Leases kept alive as etcd clients do.
 pub mod keepalive;
 /// Throwaway certificates for TLS tests.
 pub mod pki;
 /// A TCP proxy whose connections tests cut.
 pub mod proxy;
+/// A test-driven watch stream.
 pub mod watch;
 
 use std::path::PathBuf;

@@ -1,16 +1,16 @@
 //! Maintenance service: Status (with the keyspace's real size in Postgres), Alarm,
 //! HashKV (bit-for-bit etcd's hash of the same history), Defragment (VACUUM of the
 //! keyspace's tables), MoveLeader (hands the writer role to another instance) and
-//! Snapshot (the etcd bolt file this history would be, see `snapshot.rs`). Hash (a hash
-//! of etcd's whole bolt file) and Downgrade answer Unimplemented
+//! Snapshot (the etcd bolt file this history would be, see `snapshot`) and Hash (etcd's
+//! hash of that file's buckets). Downgrade answers Unimplemented
 //! (docs/compatibility.md).
 
 use crate::node::Node;
 use pgetcd_proto::etcdserverpb::{
     AlarmMember, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse,
-    HashKvRequest, HashKvResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest,
-    SnapshotResponse, StatusRequest, StatusResponse, alarm_request::AlarmAction,
-    maintenance_server::Maintenance,
+    HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest,
+    MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+    alarm_request::AlarmAction, maintenance_server::Maintenance,
 };
 use tonic::{Request, Response, Status};
 
@@ -45,14 +45,14 @@ impl Maintenance for MaintenanceService {
         _req: Request<SnapshotRequest>,
     ) -> Result<Response<SnapshotStream>, Status> {
         let engine = self.node.engine();
-        let data = engine.snapshot_data().await.map_err(to_status)?;
+        let export = engine.export().await.map_err(to_status)?;
         let term = engine.raft_term();
-        let file = tokio::task::spawn_blocking(move || crate::snapshot::write(&data, term))
+        let file = tokio::task::spawn_blocking(move || crate::snapshot::save::write(export, term))
             .await
             .map_err(|e| Status::internal(format!("snapshot: {e}")))?
             .map_err(|e| Status::internal(format!("snapshot: {e}")))?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::task::spawn_blocking(move || crate::snapshot::stream(file, tx));
+        tokio::task::spawn_blocking(move || crate::snapshot::save::stream(file, tx));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -109,6 +109,22 @@ impl Maintenance for MaintenanceService {
             hash,
             compact_revision: compact,
             ..Default::default()
+        }))
+    }
+
+    async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        let engine = self.node.engine();
+        let export = engine.export().await.map_err(to_status)?;
+        let (hash, revision) =
+            tokio::task::spawn_blocking(move || crate::snapshot::hash::hash(export))
+                .await
+                .map_err(|e| Status::internal(format!("hash: {e}")))?
+                .map_err(|e| Status::internal(format!("hash: {e}")))?;
+        let mut header = engine.header();
+        header.revision = revision;
+        Ok(Response::new(HashResponse {
+            header: Some(header),
+            hash,
         }))
     }
 

@@ -49,6 +49,9 @@ pub enum StoreError {
     /// The storage server is not configured as pgetcd needs.
     #[error("{0}")]
     Misconfigured(String),
+    /// An import was asked to load a keyspace that holds data already.
+    #[error("{0}")]
+    NotEmpty(String),
     /// The keyspace's schema is newer than this build understands.
     #[error(
         "keyspace {schema:?} has schema version {found}, newer than this pgetcd build supports ({supported}); upgrade pgetcd"
@@ -71,6 +74,7 @@ impl StoreError {
             StoreError::Fenced(_) => Outcome::Fenced,
             StoreError::Determinate { .. }
             | StoreError::Misconfigured(_)
+            | StoreError::NotEmpty(_)
             | StoreError::SchemaTooNew { .. } => Outcome::Determinate,
         }
     }

@@ -22,8 +22,8 @@ use parking_lot::Mutex;
 
 use crate::error::{Result, StoreError};
 use crate::model::{
-    Batch, Campaign, Changes, CompactionPlan, FeedPrepared, Fence, Loaded, MemberInfo, Meta,
-    PoolStatus, Pruned, Removal, Resolution, VersionId,
+    Batch, Campaign, Changes, CompactionPlan, Export, FeedPrepared, Fence, Import, Imported,
+    Loaded, MemberInfo, Meta, PoolStatus, Pruned, Removal, Resolution, VersionId,
 };
 use crate::store::{ChangeFeed, LoadVisitor, Store};
 
@@ -186,6 +186,14 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
 
     async fn load(&self, visit: &mut LoadVisitor<'_>) -> Result<Loaded> {
         self.inner.load(visit).await
+    }
+
+    async fn export(&self) -> Result<Export> {
+        self.inner.export().await
+    }
+
+    async fn import(&self, fence: &Fence, import: Import) -> Result<Imported> {
+        self.inner.import(fence, import).await
     }
 
     async fn changes_after(&self, after: i64, revisions: i64) -> Result<Changes> {

@@ -16,8 +16,9 @@ use tokio::time::Instant;
 
 use crate::error::{Result, StoreError};
 use crate::model::{
-    Batch, Campaign, Changes, CompactionPlan, FeedCommit, FeedPrepared, Fence, Loaded, MemberInfo,
-    Meta, PoolStatus, Pruned, Removal, Resolution, Version, VersionId,
+    Batch, CHUNK_VERSIONS, CHUNKS_IN_FLIGHT, Campaign, Changes, CompactionPlan, Export, FeedCommit,
+    FeedPrepared, Fence, Import, Imported, Loaded, MemberInfo, Meta, PoolStatus, Pruned, Removal,
+    Resolution, Version, VersionId,
 };
 use crate::store::{ChangeFeed, LoadVisitor, Store};
 
@@ -41,6 +42,33 @@ struct Inner {
 }
 
 impl Inner {
+    /// The meta record, the leases and every retained version (all history above the
+    /// compact revision, plus each key's newest live version at or below it), in
+    /// (revision, sub) order.
+    #[allow(clippy::type_complexity)]
+    fn retained(&self) -> Result<(Meta, Vec<(i64, i64)>, Vec<(Bytes, Version)>)> {
+        let meta = self.meta.ok_or_else(not_set_up)?;
+        let compact = meta.compact_revision;
+        let mut newest_at_or_below: HashMap<&Bytes, &Version> = HashMap::new();
+        let mut rows = Vec::new();
+        for (key, v) in self.history.values() {
+            if v.mod_revision > compact {
+                rows.push((key.clone(), v.clone()));
+            } else {
+                newest_at_or_below.insert(key, v);
+            }
+        }
+        rows.extend(
+            newest_at_or_below
+                .into_iter()
+                .filter(|(_, v)| !v.is_tombstone())
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        rows.sort_unstable_by_key(|(_, v)| v.id());
+        let leases = self.leases.iter().map(|(&id, &ttl)| (id, ttl)).collect();
+        Ok((meta, leases, rows))
+    }
+
     /// Forgets the commits every consumer confirmed.
     fn trim_feed(&mut self) {
         let floor = self
@@ -291,28 +319,7 @@ impl Store for MemoryStore {
     }
 
     async fn load(&self, visit: &mut LoadVisitor<'_>) -> Result<Loaded> {
-        let (meta, leases, rows) = {
-            let g = self.inner.lock();
-            let meta = g.meta.ok_or_else(not_set_up)?;
-            let compact = meta.compact_revision;
-            let mut newest_at_or_below: BTreeMap<&Bytes, &Version> = BTreeMap::new();
-            let mut rows = Vec::new();
-            for (key, v) in g.history.values() {
-                if v.mod_revision > compact {
-                    rows.push((key.clone(), v.clone()));
-                } else {
-                    newest_at_or_below.insert(key, v);
-                }
-            }
-            let mut below: Vec<(Bytes, Version)> = newest_at_or_below
-                .into_iter()
-                .filter(|(_, v)| !v.is_tombstone())
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            below.extend(rows);
-            let leases = g.leases.iter().map(|(&id, &ttl)| (id, ttl)).collect();
-            (meta, leases, below)
-        };
+        let (meta, leases, rows) = self.inner.lock().retained()?;
         let versions = rows.len();
         for (key, mut v) in rows {
             let value = v.value.take();
@@ -323,6 +330,75 @@ impl Store for MemoryStore {
             leases,
             versions,
         })
+    }
+
+    async fn export(&self) -> Result<Export> {
+        let (meta, leases, rows) = self.inner.lock().retained()?;
+        let (tx, versions) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
+        tokio::spawn(async move {
+            let mut rows = rows.into_iter().peekable();
+            while rows.peek().is_some() {
+                let chunk: Vec<_> = rows.by_ref().take(CHUNK_VERSIONS).collect();
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Export {
+            meta,
+            leases,
+            versions,
+        })
+    }
+
+    async fn import(&self, fence: &Fence, mut import: Import) -> Result<Imported> {
+        // Everything is read first, so a failed sender leaves the keyspace untouched.
+        let mut rows: Vec<(Bytes, Version)> = Vec::new();
+        while let Some(chunk) = import.versions.recv().await {
+            rows.extend(chunk?);
+        }
+        if let Some(w) = rows.windows(2).find(|w| w[0].1.id() >= w[1].1.id()) {
+            return Err(StoreError::Misconfigured(format!(
+                "import: version {:?} does not follow {:?}",
+                w[1].1.id(),
+                w[0].1.id()
+            )));
+        }
+        if let Some((_, v)) = rows
+            .last()
+            .filter(|(_, v)| v.mod_revision > import.revision)
+        {
+            return Err(StoreError::Misconfigured(format!(
+                "import: version {:?} is above the revision {}",
+                v.id(),
+                import.revision
+            )));
+        }
+        let mut g = self.inner.lock();
+        let meta = g.meta.ok_or_else(not_set_up)?;
+        check(&meta, fence, meta.revision)?;
+        if !import.replace && (!g.history.is_empty() || !g.leases.is_empty()) {
+            return Err(StoreError::NotEmpty(format!(
+                "keyspace {:?} is not empty",
+                self.name
+            )));
+        }
+        let mut live: HashMap<&Bytes, bool> = HashMap::new();
+        for (key, v) in &rows {
+            live.insert(key, !v.is_tombstone());
+        }
+        let imported = Imported {
+            versions: rows.len() as u64,
+            keys: live.values().filter(|&&l| l).count() as u64,
+            leases: import.leases.len() as u64,
+        };
+        g.history = rows.into_iter().map(|(k, v)| (v.id(), (k, v))).collect();
+        g.leases = import.leases.into_iter().collect();
+        if let Some(m) = g.meta.as_mut() {
+            m.revision = import.revision;
+            m.compact_revision = import.compact_revision;
+        }
+        Ok(imported)
     }
 
     async fn commit(&self, fence: &Fence, batch: Batch<'_>) -> Result<()> {

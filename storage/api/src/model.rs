@@ -222,6 +222,59 @@ pub struct Loaded {
     pub versions: usize,
 }
 
+/// Versions with their keys, in (revision, sub) order, puts with their values: one
+/// message of an [`Export`] or an [`Import`]. An `Err` ends the stream.
+pub type VersionChunk = crate::error::Result<Vec<(Bytes, Version)>>;
+
+/// How many versions an [`Export`] or [`Import`] message carries at most, and messages
+/// in flight: together they bound the memory a stream takes.
+pub const CHUNK_VERSIONS: usize = 1024;
+/// Messages buffered between the two ends of an [`Export`] or [`Import`].
+pub const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// What [`crate::Store::export`] gives: the keyspace as one consistent snapshot of the
+/// store, its meta record and leases at once, its versions streamed.
+#[derive(Debug)]
+pub struct Export {
+    /// The meta record of the snapshot.
+    pub meta: Meta,
+    /// Granted leases (id, ttl), by id.
+    pub leases: Vec<(i64, i64)>,
+    /// Every retained version (what etcd's `key` bucket holds: all history above the
+    /// compact revision, and each key's newest live version at or below it), in
+    /// (revision, sub) order, in chunks of at most [`CHUNK_VERSIONS`]; the channel
+    /// closes after the last one, or after an `Err`.
+    pub versions: tokio::sync::mpsc::Receiver<VersionChunk>,
+}
+
+/// What [`crate::Store::import`] loads: a whole keyspace (from an etcd snapshot, say).
+#[derive(Debug)]
+pub struct Import {
+    /// The keyspace's revision afterwards.
+    pub revision: i64,
+    /// Its compact revision afterwards (-1: never compacted).
+    pub compact_revision: i64,
+    /// Granted leases (id, ttl).
+    pub leases: Vec<(i64, i64)>,
+    /// The versions, in strictly increasing (revision, sub) order, none above
+    /// `revision`; a sender that fails sends an `Err` (and the import writes nothing).
+    pub versions: tokio::sync::mpsc::Receiver<VersionChunk>,
+    /// Replace whatever the keyspace holds; without it, a keyspace holding any version
+    /// or lease is refused ([`crate::StoreError::NotEmpty`]).
+    pub replace: bool,
+}
+
+/// What [`crate::Store::import`] wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Imported {
+    /// Versions written.
+    pub versions: u64,
+    /// Keys live afterwards.
+    pub keys: u64,
+    /// Leases written.
+    pub leases: u64,
+}
+
 /// What [`crate::Store::changes_after`] read: committed changes after a revision, and
 /// the meta record of the same snapshot.
 #[derive(Debug, Clone)]

@@ -5,8 +5,9 @@ use bytes::Bytes;
 
 use crate::error::Result;
 use crate::model::{
-    Batch, Campaign, Changes, CompactionPlan, FeedCommit, FeedPrepared, Fence, Loaded, MemberInfo,
-    Meta, PoolStatus, Pruned, Removal, Resolution, Version, VersionId,
+    Batch, Campaign, Changes, CompactionPlan, Export, FeedCommit, FeedPrepared, Fence, Import,
+    Imported, Loaded, MemberInfo, Meta, PoolStatus, Pruned, Removal, Resolution, Version,
+    VersionId,
 };
 
 /// Called by [`Store::load`] for every retained version: its key, the version (with
@@ -89,6 +90,18 @@ pub trait Store: Send + Sync + 'static {
     /// after its slot was dropped or lost, or a Postgres that failed over). Nothing is
     /// read when `after` is below the compact revision (see [`Changes::meta`]).
     async fn changes_after(&self, after: i64, revisions: i64) -> Result<Changes>;
+    /// The keyspace as one consistent snapshot of the store, streamed in revision
+    /// order with bounded memory (see [`Export`]): what an etcd snapshot of it holds.
+    /// Reads only; writes go on meanwhile.
+    async fn export(&self) -> Result<Export>;
+
+    /// Loads a whole keyspace in one transaction (see [`Import`]): afterwards the store
+    /// holds exactly the imported versions, leases, revision and compact revision, or,
+    /// after any error (a failed sender included), what it held before. Fenced like a
+    /// commit: the importer must hold the writer role, and instances that read the
+    /// keyspace before must load it again.
+    async fn import(&self, fence: &Fence, import: Import) -> Result<Imported>;
+
     /// Writes one batch atomically, only if the store still holds `fence`'s epoch and
     /// `batch.prev_revision` as its revision (else [`crate::StoreError::Fenced`]).
     async fn commit(&self, fence: &Fence, batch: Batch<'_>) -> Result<()>;

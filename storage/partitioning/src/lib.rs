@@ -215,6 +215,20 @@ impl Layout {
         out
     }
 
+    /// Starts of the partitions a keyspace loaded whole needs: every partition holding
+    /// a revision in `from..=to`, and those kept ahead of `to` for the writes after.
+    pub fn partitions_covering(&self, from: i64, to: i64) -> Vec<i64> {
+        let want_upto =
+            self.partition_start(to) + (PARTITIONS_AHEAD + 1) * self.partition_revisions;
+        let mut start = self.partition_start(from.min(to));
+        let mut out = Vec::new();
+        while start < want_upto {
+            out.push(start);
+            start += self.partition_revisions;
+        }
+        out
+    }
+
     /// Of `existing` partition starts, those wholly at or below `compact_revision`.
     pub fn droppable_partitions(&self, existing: &[i64], compact_revision: i64) -> Vec<i64> {
         existing
@@ -257,6 +271,11 @@ mod tests {
     fn creates_partitions_ahead_only_when_needed() {
         let l = layout();
         assert_eq!(l.partitions_to_create(0, 1), vec![0, 100, 200]);
+        // A whole history of revisions 150..=420 loaded at once.
+        assert_eq!(
+            l.partitions_covering(150, 420),
+            vec![100, 200, 300, 400, 500, 600]
+        );
         // Everything up to 300 exists: writing revision 150 needs nothing.
         assert!(l.partitions_to_create(300, 150).is_empty());
         // Writing into the last created partition creates the ones after it.

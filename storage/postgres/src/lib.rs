@@ -27,7 +27,9 @@ mod compaction;
 mod error;
 /// The change feed over the logical replication stream.
 mod feed;
-/// The start-up load of a keyspace.
+/// Bulk load of a whole keyspace.
+mod import;
+/// Whole-keyspace reads: the start-up load, the export, the catch-up read.
 mod load;
 /// Instances of a keyspace and the writer role.
 mod members;
@@ -44,9 +46,9 @@ use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use pgetcd_partitioning::Layout;
 use pgetcd_storage::{
-    Batch, Campaign, ChangeFeed, Changes, CompactionPlan, FeedPrepared, Fence, LoadVisitor, Loaded,
-    MemberInfo, Meta, PoolStatus, Pruned, Removal, Resolution, Result, Store, StoreError,
-    VersionId,
+    Batch, Campaign, ChangeFeed, Changes, CompactionPlan, Export, FeedPrepared, Fence, Import,
+    Imported, LoadVisitor, Loaded, MemberInfo, Meta, PoolStatus, Pruned, Removal, Resolution,
+    Result, Store, StoreError, VersionId,
 };
 use pgetcd_wal::FeedNames;
 use tokio_postgres::Client;
@@ -299,6 +301,32 @@ impl Store for PgStore {
     async fn changes_after(&self, after: i64, revisions: i64) -> Result<Changes> {
         let mut client = self.pooled().await?;
         load::changes_after(&mut client, &self.layout, after, revisions).await
+    }
+
+    async fn export(&self) -> Result<Export> {
+        let client = self.connect().await?;
+        let (head_tx, head) = tokio::sync::oneshot::channel();
+        let (tx, versions) = tokio::sync::mpsc::channel(pgetcd_storage::CHUNKS_IN_FLIGHT);
+        tokio::spawn(load::export(client, self.layout.clone(), head_tx, tx));
+        let (meta, leases) = head
+            .await
+            .map_err(|_| StoreError::determinate("export", "the export task ended"))??;
+        Ok(Export {
+            meta,
+            leases,
+            versions,
+        })
+    }
+
+    async fn import(&self, fence: &Fence, import: Import) -> Result<Imported> {
+        let mut w = self.writer.lock().await;
+        w.settle_in_doubt(&self.target).await?;
+        w.forget_partitions();
+        let mut client = self.connect().await?;
+        let imported = import::import(&mut client, &self.layout, fence, import).await?;
+        // What was imported at or below the compact revision is in history_retained.
+        self.sweep_retained.store(true, Ordering::SeqCst);
+        Ok(imported)
     }
 
     async fn load(&self, visit: &mut LoadVisitor<'_>) -> Result<Loaded> {
