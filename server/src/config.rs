@@ -96,6 +96,10 @@ pub enum Command {
     /// etcd snapshots (saving one is `etcdctl snapshot save` against pgetcd).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Copies a running etcd into the keyspace with its revisions, follows its changes,
+    /// and cuts over on SIGINT/SIGTERM once pgetcd has caught up and the source refuses
+    /// writes. Every instance of the keyspace must be stopped.
+    Migrate(crate::migrate::MigrateArgs),
 }
 
 /// `pgetcd snapshot ...`.

@@ -19,12 +19,15 @@ mod http;
 mod managed;
 /// `/metrics` and the gRPC call counters.
 pub mod metrics;
+/// `pgetcd migrate`: a running etcd copied and followed, revisions kept.
+pub mod migrate;
 /// This instance among the instances of its keyspace: the writer role, followers.
 pub mod node;
 /// The etcd gRPC services.
 pub mod services;
 /// The shutdown signal every task watches.
 mod shutdown;
+/// etcd snapshots: Maintenance.Snapshot and Hash, `pgetcd snapshot restore`.
 pub mod snapshot;
 /// Engine errors as etcd gRPC statuses.
 pub mod status;

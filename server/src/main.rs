@@ -49,6 +49,16 @@ async fn main() {
                 Err(e) => fail(e),
             }
         }
+        Some(Command::Migrate(args)) => {
+            init_logging(&args.logging.filter());
+            match pgetcd_server::migrate::run(&args).await {
+                Ok(report) => {
+                    println!("{report}");
+                    return;
+                }
+                Err(e) => fail(e),
+            }
+        }
     };
     init_logging(&config.log_filter());
     let running = match start(config).await {

@@ -1,0 +1,325 @@
+//! `pgetcd migrate --from URL`, live, against a real etcd 3.5 under write load (puts,
+//! deletes, txns, leases granted with keys and revoked):
+//! - from a snapshot: after cutover, pgetcd serves what the source serves at every
+//!   revision above the source's compaction (keys, revisions, versions, HashKV) and the
+//!   same leases with their TTLs and keys;
+//! - the cutover refuses while the source accepts writes, and goes through once the
+//!   source refuses them (NOSPACE alarm, as `--freeze-source` sets it);
+//! - from a Range (`--initial-copy range`): the keys at the copy's revision and every
+//!   revision after it are the source's.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pgetcd_proto::etcdserverpb::{
+    AlarmRequest, AlarmType, DeleteRangeRequest, LeaseGrantRequest, LeaseLeasesRequest,
+    LeaseRevokeRequest, LeaseTimeToLiveRequest, PutRequest, RangeRequest, TxnRequest,
+    alarm_request::AlarmAction, kv_client::KvClient, lease_client::LeaseClient,
+    maintenance_client::MaintenanceClient,
+};
+use pgetcd_testkit::history::{put_op, seed};
+use pgetcd_testkit::{
+    RealEtcd, TestServer, channel, fresh_keyspace, postgres_url, test_config, view_at,
+};
+
+/// `pgetcd migrate` running as a process, its output in a file.
+struct Migration {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Migration {
+    fn start(from: &str, keyspace: &str, dir: &Path, extra: &[&str]) -> Migration {
+        let log = dir.join(format!("migrate-{keyspace}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_pgetcd"))
+            .arg("migrate")
+            .args(["--from", from])
+            .args(["--postgres-url", &postgres_url(), "--keyspace", keyspace])
+            .args(["--log", "info"])
+            .args(extra)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        Migration { child, log }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the output contains `text`.
+    async fn wait_for(&mut self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.output().contains(text) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "migrate exited ({status}) before {text:?}: {}",
+                    self.output()
+                );
+            }
+            assert!(Instant::now() < deadline, "no {text:?}: {}", self.output());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn terminate(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    /// Waits for the exit; its success and output.
+    async fn exit(&mut self) -> (bool, String) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.success(), self.output());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "migrate did not exit: {}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Migration {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes to the source until `stop`: puts, deletes, two-key txns, leases granted
+/// with a key attached, and revoked. Returns how many writes were made.
+async fn write_load(url: String, stop: Arc<AtomicBool>) -> u64 {
+    let ch = channel(&url).await;
+    let mut kv = KvClient::new(ch.clone());
+    let mut leases = LeaseClient::new(ch);
+    let mut granted = Vec::new();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let key = Bytes::from(format!("/m/{:02}", n % 40));
+        match n % 10 {
+            3 => {
+                kv.delete_range(DeleteRangeRequest {
+                    key,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            }
+            5 => {
+                kv.txn(TxnRequest {
+                    success: vec![
+                        put_op(&key, &format!("t{n}"), 0),
+                        put_op(&Bytes::from(format!("/m/txn/{n}")), "y", 0),
+                    ],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            }
+            7 => {
+                let id = leases
+                    .lease_grant(LeaseGrantRequest { ttl: 600, id: 0 })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .id;
+                kv.put(PutRequest {
+                    key: Bytes::from(format!("/m/leased/{n}")),
+                    value: Bytes::from_static(b"l"),
+                    lease: id,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+                granted.push(id);
+            }
+            9 if granted.len() > 2 => {
+                let id = granted.remove(0);
+                leases
+                    .lease_revoke(LeaseRevokeRequest { id })
+                    .await
+                    .unwrap();
+            }
+            _ => {
+                kv.put(PutRequest {
+                    key,
+                    value: Bytes::from(format!("v{n}")),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            }
+        }
+        n += 1;
+    }
+    n
+}
+
+/// Every lease with its granted TTL and keys.
+async fn leases_of(url: &str) -> Vec<(i64, i64, Vec<Bytes>)> {
+    let ch = channel(url).await;
+    let mut client = LeaseClient::new(ch);
+    let mut ids: Vec<i64> = client
+        .lease_leases(LeaseLeasesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .leases
+        .iter()
+        .map(|l| l.id)
+        .collect();
+    ids.sort_unstable();
+    let mut out = Vec::new();
+    for id in ids {
+        let t = client
+            .lease_time_to_live(LeaseTimeToLiveRequest { id, keys: true })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut keys = t.keys;
+        keys.sort();
+        out.push((id, t.granted_ttl, keys));
+    }
+    out
+}
+
+async fn freeze(url: &str) {
+    MaintenanceClient::new(channel(url).await)
+        .alarm(AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id: 0,
+            alarm: AlarmType::Nospace as i32,
+        })
+        .await
+        .unwrap();
+}
+
+async fn serve(keyspace: &str) -> TestServer {
+    let mut config = test_config();
+    config.storage.keyspace = keyspace.to_owned();
+    TestServer::start(config).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_etcd_is_migrated_with_its_revisions_and_leases() {
+    let source = RealEtcd::start().await;
+    let (_, compact) = seed(&[&source.url]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keyspace = fresh_keyspace();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Writes go on while the snapshot is taken and loaded, and while it follows.
+    let load = tokio::spawn(write_load(source.url.clone(), stop.clone()));
+    let mut migration = Migration::start(&source.url, &keyspace, dir.path(), &[]);
+    migration.wait_for("following the source").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let writes = load.await.unwrap();
+    assert!(writes > 100, "only {writes} writes");
+
+    // The source still accepts writes: the cutover is refused, following goes on.
+    migration.terminate();
+    migration
+        .wait_for("cutover refused: the source still accepts writes")
+        .await;
+    assert!(migration.child.try_wait().unwrap().is_none());
+    // Frozen (as --freeze-source does), it goes through.
+    freeze(&source.url).await;
+    migration.terminate();
+    let (ok, out) = migration.exit().await;
+    assert!(ok, "migrate: {out}");
+    let (_, now, _) = view_at(&source.url, 0).await;
+    assert!(
+        out.contains(&format!("cut over at revision {now}")),
+        "{out}"
+    );
+
+    let pgetcd = serve(&keyspace).await;
+    for at in (compact + 1..=now).chain([0]) {
+        assert_eq!(
+            view_at(&pgetcd.url(), at).await,
+            view_at(&source.url, at).await,
+            "at {at}"
+        );
+    }
+    let leases = leases_of(&source.url).await;
+    assert!(leases.len() > 2, "{leases:?}");
+    assert_eq!(leases_of(&pgetcd.url()).await, leases);
+    pgetcd.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_by_range_keeps_the_revisions_from_its_copy_on() {
+    let source = RealEtcd::start().await;
+    seed(&[&source.url]).await;
+    let (_, copy_from, _) = view_at(&source.url, 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keyspace = fresh_keyspace();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(write_load(source.url.clone(), stop.clone()));
+    let mut migration = Migration::start(
+        &source.url,
+        &keyspace,
+        dir.path(),
+        &["--initial-copy", "range", "--freeze-source"],
+    );
+    migration.wait_for("following the source").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    migration.terminate();
+    let (ok, out) = migration.exit().await;
+    assert!(ok, "migrate: {out}");
+    assert!(out.contains("NOSPACE alarm"), "{out}");
+
+    let pgetcd = serve(&keyspace).await;
+    let (_, now, _) = view_at(&source.url, 0).await;
+    let mut kv_pg = KvClient::new(channel(&pgetcd.url()).await);
+    let mut kv_etcd = KvClient::new(channel(&source.url).await);
+    // The copy's revision is at least the one read before the migration started.
+    let mut served = 0;
+    for at in (copy_from..=now).chain([0]) {
+        let all = |revision| RangeRequest {
+            key: Bytes::from_static(b"\0"),
+            range_end: Bytes::from_static(b"\0"),
+            revision,
+            ..Default::default()
+        };
+        let a = kv_pg.range(all(at)).await;
+        let b = kv_etcd.range(all(at)).await.unwrap().into_inner();
+        match a {
+            Ok(a) => {
+                let a = a.into_inner();
+                assert_eq!(a.kvs, b.kvs, "at {at}");
+                assert_eq!(a.header.unwrap().revision, b.header.unwrap().revision);
+                served += 1;
+            }
+            // Below the copy's revision pgetcd has no history: etcd's compacted error.
+            Err(e) => assert_eq!(
+                e.message(),
+                "etcdserver: mvcc: required revision has been compacted",
+                "at {at}"
+            ),
+        }
+    }
+    assert!(served > 50, "only {served} revisions served");
+    assert_eq!(leases_of(&pgetcd.url()).await, leases_of(&source.url).await);
+    pgetcd.stop().await;
+}
