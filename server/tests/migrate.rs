@@ -323,3 +323,73 @@ async fn a_migration_by_range_keeps_the_revisions_from_its_copy_on() {
     assert_eq!(leases_of(&pgetcd.url()).await, leases_of(&source.url).await);
     pgetcd.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_reaches_an_etcd_that_requires_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pgetcd_testkit::pki::TestPki::generate(dir.path());
+    let source = RealEtcd::start_tls(&pki).await;
+    let tls = || {
+        pgetcd_testkit::tls_channel(
+            &source.url,
+            &pki.ca,
+            Some((&pki.client_cert, &pki.client_key)),
+        )
+    };
+    let mut kv = KvClient::new(tls().await.unwrap());
+    for i in 0..50 {
+        kv.put(PutRequest {
+            key: Bytes::from(format!("/tls/{i}")),
+            value: Bytes::from(format!("v{i}")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let ca = pki.ca.to_str().unwrap();
+    let (cert, key) = (
+        pki.client_cert.to_str().unwrap(),
+        pki.client_key.to_str().unwrap(),
+    );
+    // Without a client certificate the source refuses it: a clear error, nothing kept.
+    let keyspace = fresh_keyspace();
+    let mut refused = Migration::start(&source.url, &keyspace, dir.path(), &["--from-cacert", ca]);
+    let (ok, out) = refused.exit().await;
+    assert!(!ok, "{out}");
+    assert!(out.contains("pgetcd: "), "{out}");
+
+    let mut migration = Migration::start(
+        &source.url,
+        &keyspace,
+        dir.path(),
+        &[
+            "--from-cacert",
+            ca,
+            "--from-cert",
+            cert,
+            "--from-key",
+            key,
+            "--freeze-source",
+        ],
+    );
+    migration.wait_for("following the source").await;
+    migration.terminate();
+    let (ok, out) = migration.exit().await;
+    assert!(ok, "migrate: {out}");
+    let pgetcd = serve(&keyspace).await;
+    let all = || RangeRequest {
+        key: Bytes::from_static(b"\0"),
+        range_end: Bytes::from_static(b"\0"),
+        ..Default::default()
+    };
+    let a = KvClient::new(channel(&pgetcd.url()).await)
+        .range(all())
+        .await
+        .unwrap()
+        .into_inner();
+    let b = kv.range(all()).await.unwrap().into_inner();
+    assert_eq!(a.kvs, b.kvs);
+    assert_eq!(a.kvs.len(), 50);
+    assert_eq!(a.header.unwrap().revision, b.header.unwrap().revision);
+    pgetcd.stop().await;
+}

@@ -336,7 +336,14 @@ impl RealEtcd {
     /// Starts etcd with extra flags.
     pub async fn start_with(extra: &[&str]) -> RealEtcd {
         let (client, peer) = (free_port().expect("port"), free_port().expect("port"));
-        RealEtcd::start_in(etcd_dir(client), client, peer, extra).await
+        RealEtcd::start_in(etcd_dir(client), client, peer, extra, None).await
+    }
+
+    /// Starts etcd serving https with `pki`'s server certificate and requiring client
+    /// certificates of its CA (`--client-cert-auth`).
+    pub async fn start_tls(pki: &pki::TestPki) -> RealEtcd {
+        let (client, peer) = (free_port().expect("port"), free_port().expect("port"));
+        RealEtcd::start_in(etcd_dir(client), client, peer, &[], Some(pki)).await
     }
 
     /// Restores `snapshot` with `etcdutl snapshot restore` (which checks its SHA-256
@@ -360,11 +367,30 @@ impl RealEtcd {
             "etcdutl snapshot restore: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        RealEtcd::start_in(dir, client, peer, &[]).await
+        RealEtcd::start_in(dir, client, peer, &[], None).await
     }
 
-    async fn start_in(dir: PathBuf, client: u16, peer: u16, extra: &[&str]) -> RealEtcd {
-        let url = format!("http://127.0.0.1:{client}");
+    async fn start_in(
+        dir: PathBuf,
+        client: u16,
+        peer: u16,
+        extra: &[&str],
+        tls: Option<&pki::TestPki>,
+    ) -> RealEtcd {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:{client}");
+        let mut tls_flags: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(pki) = tls {
+            for (flag, path) in [
+                ("--cert-file", &pki.server_cert),
+                ("--key-file", &pki.server_key),
+                ("--trusted-ca-file", &pki.ca),
+            ] {
+                tls_flags.push(flag.into());
+                tls_flags.push(path.into());
+            }
+            tls_flags.push("--client-cert-auth".into());
+        }
         let peer_url = format!("http://127.0.0.1:{peer}");
         let bin = etcd_binary();
         let child = Command::new(&bin)
@@ -378,6 +404,7 @@ impl RealEtcd {
             .args(["--initial-cluster", &format!("default={peer_url}")])
             .arg("--unsafe-no-fsync")
             .args(["--log-level", "error"])
+            .args(&tls_flags)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -395,8 +422,24 @@ impl RealEtcd {
             peer_url,
             dir,
         };
-        let mut kv = KvClient::new(channel(&etcd.url).await);
         let deadline = Instant::now() + Duration::from_secs(20);
+        let ch = match tls {
+            None => channel(&etcd.url).await,
+            Some(pki) => loop {
+                match tls_channel(
+                    &etcd.url,
+                    &pki.ca,
+                    Some((&pki.client_cert, &pki.client_key)),
+                )
+                .await
+                {
+                    Ok(ch) => break ch,
+                    Err(e) if Instant::now() > deadline => panic!("etcd (https) not ready: {e}"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            },
+        };
+        let mut kv = KvClient::new(ch);
         loop {
             let probe = kv
                 .range(RangeRequest {
