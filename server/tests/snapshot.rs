@@ -8,11 +8,8 @@
 
 use std::process::Command;
 
-use bytes::Bytes;
-use pgetcd_proto::etcdserverpb::{
-    LeaseTimeToLiveRequest, RangeRequest, kv_client::KvClient, lease_client::LeaseClient,
-};
-use pgetcd_testkit::history::seed;
+use pgetcd_proto::etcdserverpb::{LeaseTimeToLiveRequest, lease_client::LeaseClient};
+use pgetcd_testkit::history::{assert_compacted, seed};
 use pgetcd_testkit::{RealEtcd, TestServer, channel, etcdctl_binary, etcdutl_binary};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,18 +64,7 @@ async fn a_pgetcd_snapshot_restores_into_real_etcd_that_serves_the_same() {
             "restored from pgetcd's snapshot, at {at}"
         );
     }
-    let below = KvClient::new(channel(&restored.url).await)
-        .range(RangeRequest {
-            key: Bytes::from_static(b"/s/01"),
-            revision: compact - 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        below.message(),
-        "etcdserver: mvcc: required revision has been compacted"
-    );
+    assert_compacted(&restored.url, b"/s/01", compact - 1).await;
     let ttl = LeaseClient::new(channel(&restored.url).await)
         .lease_time_to_live(LeaseTimeToLiveRequest {
             id: lease,

@@ -23,7 +23,7 @@ use pgetcd_proto::etcdserverpb::{
 };
 use pgetcd_proto::mvccpb::KeyValue;
 use pgetcd_server::snapshot::hash::BackendHash;
-use pgetcd_testkit::history::seed;
+use pgetcd_testkit::history::{assert_compacted, seed};
 use pgetcd_testkit::{
     RealEtcd, TestServer, channel, etcdctl_binary, fresh_keyspace, postgres_url, test_config,
     view_at,
@@ -104,21 +104,6 @@ async fn assert_same_history(a: &str, b: &str, compact: i64, what: &str) {
     }
 }
 
-async fn compacted_below(url: &str, compact: i64) {
-    let below = KvClient::new(channel(url).await)
-        .range(RangeRequest {
-            key: Bytes::from_static(b"/s/01"),
-            revision: compact - 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        below.message(),
-        "etcdserver: mvcc: required revision has been compacted"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_snapshot_goes_through_pgetcd_and_back_into_etcd_unchanged() {
     let source = RealEtcd::start().await;
@@ -141,7 +126,7 @@ async fn an_etcd_snapshot_goes_through_pgetcd_and_back_into_etcd_unchanged() {
 
     let pgetcd = serve(&keyspace).await;
     assert_same_history(&pgetcd.url(), &source.url, compact, "restored into pgetcd").await;
-    compacted_below(&pgetcd.url(), compact).await;
+    assert_compacted(&pgetcd.url(), b"/s/01", compact - 1).await;
     let ttl = LeaseClient::new(channel(&pgetcd.url()).await)
         .lease_time_to_live(LeaseTimeToLiveRequest {
             id: lease,
@@ -177,7 +162,7 @@ async fn an_etcd_snapshot_goes_through_pgetcd_and_back_into_etcd_unchanged() {
     assert_eq!(pg_rev, view_at(&source.url, 0).await.1);
     let back = RealEtcd::start_restored(&from_pgetcd).await;
     assert_same_history(&back.url, &source.url, compact, "back in etcd").await;
-    compacted_below(&back.url, compact).await;
+    assert_compacted(&back.url, b"/s/01", compact - 1).await;
 
     // A second instance of the keyspace agrees on Hash.
     let mut second = test_config();

@@ -90,3 +90,19 @@ pub fn put_op(key: &Bytes, value: &str, lease: i64) -> pgetcd_proto::etcdserverp
         })),
     }
 }
+
+/// A Range of `key` at `revision` must fail as compacted, with etcd's message.
+pub async fn assert_compacted(url: &str, key: &'static [u8], revision: i64) {
+    let below = KvClient::new(channel(url).await)
+        .range(pgetcd_proto::etcdserverpb::RangeRequest {
+            key: Bytes::from_static(key),
+            revision,
+            ..Default::default()
+        })
+        .await
+        .expect_err("compacted");
+    assert_eq!(
+        below.message(),
+        "etcdserver: mvcc: required revision has been compacted"
+    );
+}

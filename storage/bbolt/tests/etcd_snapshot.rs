@@ -12,8 +12,8 @@ use std::process::Command;
 use bytes::Bytes;
 use pgetcd_bbolt::{Db, Error, Value, Writer};
 use pgetcd_proto::etcdserverpb::{
-    CompactionRequest, DeleteRangeRequest, LeaseGrantRequest, PutRequest, RangeRequest,
-    kv_client::KvClient, lease_client::LeaseClient,
+    CompactionRequest, DeleteRangeRequest, LeaseGrantRequest, PutRequest, kv_client::KvClient,
+    lease_client::LeaseClient,
 };
 use pgetcd_proto::mvccpb::KeyValue;
 use prost::Message;
@@ -295,16 +295,5 @@ async fn a_snapshot_rewritten_by_the_writer_restores_into_real_etcd() {
             "at revision {at}"
         );
     }
-    let below = KvClient::new(pgetcd_testkit::channel(&restored.url).await)
-        .range(RangeRequest {
-            key: Bytes::from_static(b"/k/001"),
-            revision: compact - 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        below.message(),
-        "etcdserver: mvcc: required revision has been compacted"
-    );
+    pgetcd_testkit::history::assert_compacted(&restored.url, b"/k/001", compact - 1).await;
 }
