@@ -10,7 +10,7 @@
 //!    revision is committed as one batch with the source's revision, create revision,
 //!    version and lease, and the events' order as sub-revisions, so pgetcd's history is
 //!    etcd's. Leases are polled every second (a watch does not carry them): new ones are
-//!    granted with their ID and granted TTL, gone ones revoked. The lag (source
+//!    granted with their ID and granted TTL (asked for once), gone ones revoked. The lag (source
 //!    revision from progress requests, minus the applied revision) is logged.
 //! 4. **Cut over** on SIGINT or SIGTERM: with `--freeze-source`, the source gets etcd's
 //!    NOSPACE alarm first (it refuses puts, txns with puts and lease grants). The
@@ -153,8 +153,12 @@ async fn connect(args: &MigrateArgs) -> Result<Channel, ServerError> {
         .map_err(|e| failed(&format!("connecting to {url}"), e))
 }
 
-/// The source's leases: id → granted TTL.
-async fn source_leases(ch: &Channel) -> Result<BTreeMap<i64, i64>, tonic::Status> {
+/// The source's leases: id → granted TTL. The TTLs of leases in `known` are taken from
+/// it (a lease's granted TTL never changes); only new leases are asked about.
+async fn source_leases(
+    ch: &Channel,
+    known: &BTreeMap<i64, i64>,
+) -> Result<BTreeMap<i64, i64>, tonic::Status> {
     let mut client = LeaseClient::new(ch.clone());
     let ids = client
         .lease_leases(LeaseLeasesRequest {})
@@ -163,6 +167,10 @@ async fn source_leases(ch: &Channel) -> Result<BTreeMap<i64, i64>, tonic::Status
         .leases;
     let mut out = BTreeMap::new();
     for l in ids {
+        if let Some(&ttl) = known.get(&l.id) {
+            out.insert(l.id, ttl);
+            continue;
+        }
         let ttl = client
             .lease_time_to_live(LeaseTimeToLiveRequest {
                 id: l.id,
@@ -270,7 +278,7 @@ async fn first_copy(
             Err(e) => warn!(error = %e, "migrate: the source refused Snapshot; copying by Range"),
         }
     }
-    let leases = source_leases(ch)
+    let leases = source_leases(ch, &BTreeMap::new())
         .await
         .map_err(|e| failed("reading the source's leases", e.message()))?;
     let (revision, versions) = range_copy(ch)
@@ -435,7 +443,7 @@ impl Follow {
 
     /// Makes the keyspace's leases the source's.
     async fn sync_leases(&mut self, held: &Exclusive, ch: &Channel) -> Result<(), ServerError> {
-        let source = match source_leases(ch).await {
+        let source = match source_leases(ch, &self.leases).await {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e.message(), "migrate: cannot read the source's leases now");
