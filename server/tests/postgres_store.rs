@@ -1,4 +1,5 @@
-//! The fence and in-doubt resolution of the Postgres store, against real Postgres.
+//! The Postgres store against real Postgres: the fence, in-doubt resolution, the writer
+//! role, schema migration, and export and import (equal to the memory store's).
 //!
 //! The late commit: a batch's statement is held inside Postgres (another session holds
 //! the `meta` row lock) while the writer's connection is cut, so the writer cannot tell
@@ -405,4 +406,162 @@ async fn a_version_2_keyspace_is_migrated_to_version_3() {
         store.campaign("a", Duration::from_secs(1)).await.unwrap(),
         Campaign::Won { .. }
     ));
+}
+
+/// Every retained version of an export, with its meta's revisions and its leases.
+async fn exported(store: &dyn Store) -> (i64, i64, Vec<(i64, i64)>, Vec<(Bytes, Version)>) {
+    let mut export = store.export().await.unwrap();
+    let mut versions = Vec::new();
+    while let Some(chunk) = export.versions.recv().await {
+        versions.extend(chunk.unwrap());
+    }
+    (
+        export.meta.revision,
+        export.meta.compact_revision,
+        export.leases,
+        versions,
+    )
+}
+
+/// A history of 3,000 revisions (puts, deletes, overwrites of 100 keys), a lease, and
+/// a compaction recorded at revision 2,000 (its data step not run: the export must
+/// still keep only what a compaction keeps).
+async fn fill(store: &dyn Store) -> pgetcd_storage::Fence {
+    store.setup().await.unwrap();
+    let (fence, _) = store.fence().await.unwrap();
+    let mut leases = LeaseOps::default();
+    leases.ops.push(pgetcd_storage::LeaseOp::Grant(77, 60));
+    for rev in 2..=3001i64 {
+        let key = format!("/k/{}", rev % 100);
+        let mut change = put(&key, rev);
+        if rev % 7 == 0 {
+            change.version = Version {
+                mod_revision: rev,
+                ..Version::tombstone()
+            };
+        } else {
+            change.version.lease = if rev % 5 == 0 { 77 } else { 0 };
+        }
+        let none = LeaseOps::default();
+        let batch = Batch {
+            prev_revision: rev - 1,
+            revision: rev,
+            changes: std::slice::from_ref(&change),
+            leases: if rev == 2 { &leases } else { &none },
+        };
+        store.commit(&fence, batch).await.unwrap();
+    }
+    store.record_compaction(&fence, 3001, 2000).await.unwrap();
+    fence
+}
+
+/// Sends `rows` as an import's chunks, then `tail` (an error, say).
+fn chunks(
+    rows: Vec<(Bytes, Version)>,
+    tail: Option<StoreError>,
+) -> tokio::sync::mpsc::Receiver<pgetcd_storage::VersionChunk> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        for chunk in rows.chunks(700) {
+            if tx.send(Ok(chunk.to_vec())).await.is_err() {
+                return;
+            }
+        }
+        if let Some(e) = tail {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    rx
+}
+
+#[tokio::test]
+async fn export_and_import_agree_between_the_memory_store_and_postgres() {
+    let pg = postgres();
+    let memory = pgetcd_storage::memory::MemoryStore::new("reference");
+    let postgres_store = store_via(pg.options().port, &fresh_keyspace()).await;
+    fill(&memory).await;
+    fill(&postgres_store).await;
+    let reference = exported(&memory).await;
+    assert_eq!(
+        exported(&postgres_store).await,
+        reference,
+        "the same export"
+    );
+    let (revision, compact, leases, versions) = reference.clone();
+    assert_eq!(
+        (revision, compact, leases.clone()),
+        (3001, 2000, vec![(77, 60)])
+    );
+    assert!(
+        versions.windows(2).all(|w| w[0].1.id() < w[1].1.id()),
+        "revision order"
+    );
+    // At or below the compaction only each key's newest live version is kept.
+    assert!(
+        versions
+            .iter()
+            .filter(|(_, v)| v.mod_revision <= 2000)
+            .count()
+            <= 100
+    );
+
+    // Imported into a fresh Postgres keyspace, it exports the same again.
+    let target = store_via(pg.options().port, &fresh_keyspace()).await;
+    target.setup().await.unwrap();
+    let (fence, _) = target.fence().await.unwrap();
+    let import = |versions, replace| pgetcd_storage::Import {
+        revision,
+        compact_revision: compact,
+        leases: leases.clone(),
+        versions,
+        replace,
+    };
+    let done = target
+        .import(&fence, import(chunks(versions.clone(), None), false))
+        .await
+        .unwrap();
+    assert_eq!(done.versions as usize, versions.len());
+    assert_eq!(exported(&target).await, reference);
+
+    // Not empty any more: refused, unless replacing.
+    let err = target
+        .import(&fence, import(chunks(versions.clone(), None), false))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotEmpty(_)), "{err:?}");
+    // A sender failing halfway: nothing of the replacement lands.
+    let failing = import(
+        chunks(
+            versions[..versions.len() / 2].to_vec(),
+            Some(StoreError::Misconfigured("the file is damaged".into())),
+        ),
+        true,
+    );
+    let err = target.import(&fence, failing).await.unwrap_err();
+    assert!(err.to_string().contains("damaged"), "{err}");
+    assert_eq!(exported(&target).await, reference, "nothing half-loaded");
+    // Out of order: refused, nothing lands.
+    let mut shuffled = versions.clone();
+    shuffled.swap(10, 20);
+    let err = target
+        .import(&fence, import(chunks(shuffled, None), true))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("does not follow"), "{err}");
+    assert_eq!(exported(&target).await, reference);
+    // A deposed importer is fenced.
+    let (_newer, _) = target.fence().await.unwrap();
+    let err = target
+        .import(&fence, import(chunks(versions.clone(), None), true))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Fenced(_)), "{err:?}");
+    // The memory store takes the same import.
+    let copy = pgetcd_storage::memory::MemoryStore::new("copy");
+    copy.setup().await.unwrap();
+    let (fence, _) = copy.fence().await.unwrap();
+    copy.import(&fence, import(chunks(versions, None), false))
+        .await
+        .unwrap();
+    assert_eq!(exported(&copy).await, reference);
 }
