@@ -41,6 +41,10 @@ pub struct Config {
     #[command(flatten)]
     pub storage: StorageFlags,
 
+    /// More keyspaces served by this process.
+    #[command(flatten)]
+    pub keyspaces: KeyspaceFlags,
+
     /// The engine: request limits, the value cache, group commit, the quota.
     #[command(flatten)]
     pub engine: EngineFlags,
@@ -176,6 +180,22 @@ pub struct MemberFlags {
         value_delimiter = ','
     )]
     pub initial_advertise_peer_urls: Vec<String>,
+}
+
+/// More keyspaces served by this process, each with its own listeners (see
+/// `keyspaces.rs`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct KeyspaceFlags {
+    /// One more keyspace to serve, as `name=NAME listen-client-urls=URL[,URL]
+    /// [advertise-client-urls=URL[,URL]] [postgres-url=URL]` (repeatable; its Postgres
+    /// defaults to this one's).
+    #[arg(long = "serve-keyspace", env = "PGETCD_SERVE_KEYSPACE")]
+    pub serve_keyspace: Vec<crate::keyspaces::KeyspaceSpec>,
+
+    /// A file of more keyspaces to serve: one --serve-keyspace spec per line, `#`
+    /// comments.
+    #[arg(long, env = "PGETCD_KEYSPACES_FILE")]
+    pub keyspaces_file: Option<PathBuf>,
 }
 
 /// Where the keyspace lives: Postgres, or the managed one under --data-dir.
@@ -493,8 +513,45 @@ impl Config {
         self.watch.progress_notify_interval()
     }
 
+    /// The other keyspaces this process serves (--serve-keyspace, then
+    /// --keyspaces-file), checked for distinct names and listen URLs.
+    pub fn served_keyspaces(&self) -> Result<Vec<crate::keyspaces::KeyspaceSpec>, String> {
+        let mut specs = self.keyspaces.serve_keyspace.clone();
+        if let Some(file) = &self.keyspaces.keyspaces_file {
+            specs.extend(crate::keyspaces::read_file(file)?);
+        }
+        crate::keyspaces::check_distinct(
+            &self.storage.keyspace,
+            &self.member.listen_client_urls,
+            &specs,
+        )?;
+        Ok(specs)
+    }
+
+    /// The configuration serving `spec`: this one's, with the spec's keyspace, client
+    /// URLs and Postgres (`main_url` when it names none), no metrics listener (this
+    /// process's serves every keyspace) and no further keyspaces.
+    pub fn for_keyspace(&self, spec: &crate::keyspaces::KeyspaceSpec, main_url: &str) -> Config {
+        let mut c = self.clone();
+        c.storage.keyspace = spec.name.clone();
+        c.storage.postgres_url = Some(
+            spec.postgres_url
+                .clone()
+                .unwrap_or_else(|| main_url.to_owned()),
+        );
+        c.member.listen_client_urls = spec.listen_client_urls.clone();
+        c.member.advertise_client_urls = spec.advertise_client_urls.clone();
+        c.member.listen_metrics_urls = Vec::new();
+        c.keyspaces = KeyspaceFlags {
+            serve_keyspace: Vec::new(),
+            keyspaces_file: None,
+        };
+        c
+    }
+
     /// Checks values that clap cannot.
     pub fn validate(&self) -> Result<(), String> {
+        self.served_keyspaces()?;
         self.engine.validate()?;
         self.storage.validate()?;
         self.member.validate()?;

@@ -16,6 +16,8 @@ pub mod config;
 pub mod duration;
 mod grpc_errors;
 mod http;
+/// More keyspaces served by one process.
+pub mod keyspaces;
 mod managed;
 /// `/metrics` and the gRPC call counters.
 pub mod metrics;
@@ -98,6 +100,10 @@ pub struct Running {
     pub engine: Engine,
     /// The engine it serves with now, and its role among the keyspace's instances.
     pub node: node::Node,
+    /// The other keyspaces this process serves (--serve-keyspace), each on its own.
+    pub others: Vec<Running>,
+    /// What its metrics read.
+    sources: metrics::Sources,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     postgres: Option<LocalPostgres>,
@@ -110,10 +116,11 @@ impl Running {
     }
 
     /// Stops serving: no new connections; in-flight calls finish (writes are answered),
-    /// watch and keepalive streams end, connections get GOAWAY; then the managed
-    /// Postgres stops.
+    /// watch and keepalive streams end, connections get GOAWAY; the other keyspaces
+    /// stop the same way, at the same time; then the managed Postgres stops.
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
+        futures::future::join_all(self.others.drain(..).map(Running::stop)).await;
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
@@ -125,14 +132,54 @@ impl Running {
 }
 
 /// Starts pgetcd with `config`: the managed Postgres unless --postgres-url is given,
-/// the engine over its store, the watch bus and feed, background tasks, then every
-/// client and metrics listener.
+/// then every keyspace of --serve-keyspace and the main one (each: the engine over its
+/// store, the watch bus and feed, background tasks, its client listeners); the metrics
+/// listeners serve every keyspace's figures.
 pub async fn start(config: Config) -> Result<Running, ServerError> {
     config.validate().map_err(ServerError::Config)?;
     for (flag, value, why) in config.ignored.given() {
         tracing::warn!(flag, value, "ignored etcd flag: {why}");
     }
+    let specs = config.served_keyspaces().map_err(ServerError::Config)?;
     let (postgres, url) = postgres(&config).await?;
+    let mut others = Vec::new();
+    for spec in &specs {
+        let own = config.for_keyspace(spec, &url);
+        let own_url = own
+            .storage
+            .postgres_url
+            .clone()
+            .unwrap_or_else(|| url.clone());
+        match Box::pin(start_keyspace(own, own_url, None, Vec::new())).await {
+            Ok(r) => others.push(r),
+            Err(e) => {
+                futures::future::join_all(others.into_iter().map(Running::stop)).await;
+                return Err(e);
+            }
+        }
+    }
+    let sources = others.iter().map(|r| r.sources.clone()).collect();
+    // Boxed: each keyspace's start-up holds its whole configuration.
+    match Box::pin(start_keyspace(config, url, postgres, sources)).await {
+        Ok(mut main) => {
+            main.others = others;
+            Ok(main)
+        }
+        Err(e) => {
+            futures::future::join_all(others.into_iter().map(Running::stop)).await;
+            Err(e)
+        }
+    }
+}
+
+/// Starts serving one keyspace on `url` (`postgres` is the managed cluster it runs on,
+/// stopped with it); its metrics listeners also render `others`.
+async fn start_keyspace(
+    config: Config,
+    url: String,
+    postgres: Option<LocalPostgres>,
+    others: Vec<metrics::Sources>,
+) -> Result<Running, ServerError> {
     let clients = ClientListeners::bind(&config).await?;
     let (node, roles, hub) = join(&config, url, &clients.advertise).await?;
     let engine = (*node.engine()).clone();
@@ -144,6 +191,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         hub: hub.clone(),
         metrics: server_metrics.clone(),
         keyspace: config.storage.keyspace.clone(),
+        others: Vec::new(),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -168,14 +216,20 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
             shutdown_rx.clone(),
         )));
     }
-    let metrics_addrs = serve_metrics(&config, &sources, &shutdown_rx, &mut tasks).await?;
-    info!(addrs = ?client_addrs, metrics = ?metrics_addrs, name = %config.member.name, "serving etcd clients");
+    let every_keyspace = metrics::Sources {
+        others,
+        ..sources.clone()
+    };
+    let metrics_addrs = serve_metrics(&config, &every_keyspace, &shutdown_rx, &mut tasks).await?;
+    info!(addrs = ?client_addrs, metrics = ?metrics_addrs, name = %config.member.name, keyspace = %config.storage.keyspace, "serving etcd clients");
     Ok(Running {
         client_addrs,
         client_urls,
         metrics_addrs,
         engine,
         node,
+        others: Vec::new(),
+        sources,
         shutdown,
         tasks,
         postgres,

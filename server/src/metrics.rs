@@ -415,12 +415,55 @@ pub struct Sources {
     pub hub: Hub,
     /// The server's own figures.
     pub metrics: Arc<Metrics>,
-    /// The keyspace (its replication slot's lag is reported).
+    /// The keyspace (its replication slot's lag is reported; every series but the
+    /// process's is labelled `keyspace` with it).
     pub keyspace: String,
+    /// The other keyspaces of this process, rendered with it on its metrics listeners.
+    pub others: Vec<Sources>,
 }
 
-/// Renders every series.
+/// Renders every series of `src` and of the keyspaces it lists, each labelled with its
+/// keyspace, families merged by name (the process's figures once, unlabelled).
 pub async fn render(src: &Sources) -> String {
+    let mut families: std::collections::BTreeMap<String, prometheus::proto::MetricFamily> =
+        std::collections::BTreeMap::new();
+    for (i, one) in std::iter::once(src).chain(src.others.iter()).enumerate() {
+        for mut family in scrape(one, i == 0).await.0.gather() {
+            if !family.name().starts_with("process_") {
+                for m in family.mut_metric() {
+                    let mut labels = m.take_label();
+                    let mut pair = prometheus::proto::LabelPair::default();
+                    pair.set_name("keyspace".to_owned());
+                    pair.set_value(one.keyspace.clone());
+                    labels.push(pair);
+                    labels.sort_by(|a, b| a.name().cmp(b.name()));
+                    m.set_label(labels);
+                }
+            }
+            match families.entry(family.name().to_owned()) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(family);
+                }
+                std::collections::btree_map::Entry::Occupied(mut o) => {
+                    o.get_mut().mut_metric().extend(family.take_metric());
+                }
+            }
+        }
+    }
+    encode(&families.into_values().collect::<Vec<_>>())
+}
+
+/// The text exposition of `families`.
+fn encode(families: &[prometheus::proto::MetricFamily]) -> String {
+    let mut out = String::with_capacity(64 * 1024);
+    if let Err(e) = TextEncoder::new().encode_utf8(families, &mut out) {
+        tracing::warn!(error = %e, "encoding /metrics");
+    }
+    out
+}
+
+/// One keyspace's series (and the process's, with `process`).
+async fn scrape(src: &Sources, process: bool) -> Scrape {
     let s = Scrape::default();
     grpc_series(&s, &src.metrics.grpc);
     connection_series(&s, &src.metrics);
@@ -431,8 +474,10 @@ pub async fn render(src: &Sources) -> String {
     pool_series(&s, &engine);
     lag_series(&s, replication_lag(src).await);
     watch_series(&s, &src.hub);
-    process_series(&s, &src.metrics);
-    s.encode()
+    if process {
+        process_series(&s, &src.metrics);
+    }
+    s
 }
 
 /// One scrape's registry.
@@ -457,19 +502,16 @@ impl Scrape {
     }
 
     /// A gauge with one series, labelled `label="value"`.
+    #[cfg(test)]
+    fn encode(&self) -> String {
+        encode(&self.0.gather())
+    }
+
     fn labelled_gauge(&self, name: &str, help: &str, (label, value): (&str, &str), v: f64) {
         self.add(
             GaugeVec::new(Opts::new(name, help), &[label])
                 .inspect(|g| g.with_label_values(&[value]).set(v)),
         );
-    }
-
-    fn encode(&self) -> String {
-        let mut out = String::with_capacity(64 * 1024);
-        if let Err(e) = TextEncoder::new().encode_utf8(&self.0.gather(), &mut out) {
-            tracing::warn!(error = %e, "encoding /metrics");
-        }
-        out
     }
 }
 

@@ -454,6 +454,8 @@ enum Through {
     Writer,
     /// A follower beside a writer on the same keyspace (writes forwarded).
     Follower,
+    /// The second keyspace of a process serving two (`--serve-keyspace`).
+    OtherKeyspace,
 }
 
 async fn differential(cache_bytes: usize, default_ops: usize, through: Through) {
@@ -472,6 +474,16 @@ async fn differential(cache_bytes: usize, default_ops: usize, through: Through) 
     let mut config = test_config();
     config.engine.cache_bytes = cache_bytes;
     config.storage.history_partition_revisions = 50;
+    if through == Through::OtherKeyspace {
+        config.keyspaces.serve_keyspace = vec![
+            format!(
+                "name={} listen-client-urls=http://127.0.0.1:0",
+                pgetcd_testkit::fresh_keyspace()
+            )
+            .parse()
+            .unwrap(),
+        ];
+    }
     let ours = TestServer::start(config.clone()).await;
     let follower = if through == Through::Follower {
         let mut f = config;
@@ -481,7 +493,12 @@ async fn differential(cache_bytes: usize, default_ops: usize, through: Through) 
         None
     };
     let mut theirs_c = Clients::connect(&etcd.url).await;
-    let mut ours_c = Clients::connect(&follower.as_ref().map_or(ours.url(), |f| f.url())).await;
+    let url = match (&follower, through) {
+        (Some(f), _) => f.url(),
+        (None, Through::OtherKeyspace) => ours.running.others[0].client_url(),
+        (None, _) => ours.url(),
+    };
+    let mut ours_c = Clients::connect(&url).await;
     let mut g = Gen {
         rng: StdRng::seed_from_u64(seed),
         revision: 1,
@@ -559,6 +576,17 @@ async fn identical_to_etcd_without_value_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_to_etcd_through_a_follower() {
     differential(pgetcd_engine_cache_default(), 800, Through::Follower).await;
+}
+
+/// The same scenario on one keyspace of a process that serves two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_to_etcd_on_one_keyspace_of_two() {
+    Box::pin(differential(
+        pgetcd_engine_cache_default(),
+        800,
+        Through::OtherKeyspace,
+    ))
+    .await;
 }
 
 fn pgetcd_engine_cache_default() -> usize {

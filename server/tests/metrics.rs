@@ -6,27 +6,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use pgetcd_proto::etcdserverpb::{RangeRequest, RangeResponse};
-use pgetcd_testkit::TestServer;
+use pgetcd_testkit::{TestServer, http_get};
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use tonic::transport::Channel;
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    let code = raw[9..12].parse().unwrap();
-    let body = raw.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (code, body)
-}
 
 async fn scrape(srv: &TestServer) -> String {
     let (code, body) = http_get(srv.running.metrics_addrs[0], "/metrics").await;
@@ -161,6 +147,13 @@ fn families(text: &str) -> BTreeMap<String, Family> {
         if suffix == "_bucket" {
             assert!(labels.remove("le"), "bucket without le: {line:?}");
         }
+        // Every series but the process's names its keyspace (docs/operations.md says so
+        // once, not per family).
+        assert_eq!(
+            labels.remove("keyspace"),
+            !name.starts_with("process_"),
+            "the keyspace label of {line:?}"
+        );
         match seen.get(name) {
             Some(first) => assert_eq!(first, &labels, "{name}: series with other labels"),
             None => {
@@ -328,7 +321,10 @@ async fn unknown_grpc_methods_add_no_series() {
         call(&ch, &random_path(&mut rng)).await,
         tonic::Code::Unimplemented
     );
-    let unknown = "grpc_method=\"unknown\",grpc_service=\"unknown\",grpc_type=\"unary\"";
+    let unknown = format!(
+        "grpc_method=\"unknown\",grpc_service=\"unknown\",grpc_type=\"unary\",keyspace=\"{}\"",
+        srv.config.storage.keyspace
+    );
     let handled = format!("grpc_server_handled_total{{grpc_code=\"Unimplemented\",{unknown}}}");
     let wait_for = |n: f64| {
         let handled = handled.clone();

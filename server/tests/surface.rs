@@ -19,7 +19,7 @@ use pgetcd_proto::etcdserverpb::{
 };
 use pgetcd_testkit::pki::TestPki;
 use pgetcd_testkit::watch::TestWatch;
-use pgetcd_testkit::{Clients, TestServer, test_config, tls_channel};
+use pgetcd_testkit::{Clients, TestServer, http_get, test_config, tls_channel};
 use tonic::transport::Channel;
 
 fn put(k: &str, v: &str) -> PutRequest {
@@ -28,19 +28,6 @@ fn put(k: &str, v: &str) -> PutRequest {
         value: Bytes::from(v.to_owned()),
         ..Default::default()
     }
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    let code = raw[9..12].parse().unwrap();
-    let body = raw.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (code, body)
 }
 
 /// The value of the series whose line starts with `series ` (name plus labels).

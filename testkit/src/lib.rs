@@ -205,6 +205,20 @@ pub async fn tls_channel(
         .await
 }
 
+/// A plain HTTP/1.1 GET of `path` at `addr`: the status code and the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("send the request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.expect("read the answer");
+    let code = raw[9..12].parse().expect("a status code");
+    let body = raw.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (code, body)
+}
+
 /// The etcd clients of one endpoint.
 #[derive(Clone)]
 pub struct Clients {

@@ -44,7 +44,6 @@ use std::sync::atomic::Ordering;
 use async_trait::async_trait;
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use pgetcd_partitioning::Layout;
 use pgetcd_storage::{
     Batch, Campaign, ChangeFeed, Changes, CompactionPlan, Export, FeedPrepared, Fence, Import,
     Imported, LoadVisitor, Loaded, MemberInfo, Meta, PoolStatus, Pruned, Removal, Resolution,
@@ -56,7 +55,7 @@ use tracing::{info, warn};
 
 pub use commit::CommitRows;
 pub use error::proves_rollback;
-pub use pgetcd_partitioning::DEFAULT_PARTITION_REVISIONS;
+pub use pgetcd_partitioning::{DEFAULT_PARTITION_REVISIONS, Layout};
 pub use pgtls::{PgConnect, PgTls, PgTlsConnect, PgTlsStream, PgUrlError, SslMode};
 
 use error::read_error;
