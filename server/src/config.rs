@@ -104,6 +104,46 @@ pub enum Command {
     /// and cuts over on SIGINT/SIGTERM once pgetcd has caught up and the source refuses
     /// writes. Every instance of the keyspace must be stopped.
     Migrate(crate::migrate::MigrateArgs),
+    /// Keyspaces of a Postgres: create, list (with size and revision), drop.
+    #[command(subcommand)]
+    Keyspace(KeyspaceCommand),
+}
+
+/// `pgetcd keyspace ...`: the keyspace named by --keyspace, in the Postgres of
+/// --postgres-url (or the managed one under --data-dir).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum KeyspaceCommand {
+    /// Creates the keyspace (its schema and tables), or checks and migrates it.
+    Create(KeyspaceArgs),
+    /// Lists the Postgres's keyspaces: revision, compact revision, size, writer.
+    List(KeyspaceArgs),
+    /// Drops the keyspace and everything in it, with its replication slots; refuses
+    /// while an instance serves it, and without --confirm naming it.
+    Drop(DropArgs),
+}
+
+/// Where the keyspace commands act.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KeyspaceArgs {
+    /// The Postgres and the keyspace.
+    #[command(flatten)]
+    pub storage: StorageFlags,
+
+    /// Logging.
+    #[command(flatten)]
+    pub logging: LogFlags,
+}
+
+/// `pgetcd keyspace drop`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DropArgs {
+    /// The keyspace's name again: nothing is dropped without it.
+    #[arg(long)]
+    pub confirm: Option<String>,
+
+    /// The Postgres and the keyspace.
+    #[command(flatten)]
+    pub target: KeyspaceArgs,
 }
 
 /// `pgetcd snapshot ...`.

@@ -120,6 +120,116 @@ pub fn check_distinct(
     Ok(())
 }
 
+/// The store of the keyspace `storage` names, on `url`.
+fn store_of(
+    storage: &crate::config::StorageFlags,
+    url: String,
+) -> Result<pgetcd_storage_postgres::PgStore, crate::ServerError> {
+    let mut config = storage.store_config(url);
+    config.read_pool_size = 1;
+    pgetcd_storage_postgres::PgStore::new(&config)
+        .map_err(|e| crate::ServerError::Start(e.with_causes()))
+}
+
+fn failed(e: pgetcd_storage::StoreError) -> crate::ServerError {
+    crate::ServerError::Start(e.with_causes())
+}
+
+/// `pgetcd keyspace ...`: returns the report to print.
+pub async fn run(cmd: &crate::config::KeyspaceCommand) -> Result<String, crate::ServerError> {
+    use crate::config::KeyspaceCommand;
+    use pgetcd_storage::Store;
+    match cmd {
+        KeyspaceCommand::Create(args) => {
+            let (mut pg, url) = crate::postgres_of(&args.storage).await?;
+            let store = store_of(&args.storage, url)?;
+            let meta = store.setup().await.map_err(failed);
+            if let Some(pg) = pg.as_mut() {
+                pg.stop();
+            }
+            let meta = meta?;
+            Ok(format!(
+                "keyspace {:?}: revision {}, cluster id {:x}",
+                args.storage.keyspace, meta.revision, meta.cluster_id
+            ))
+        }
+        KeyspaceCommand::List(args) => {
+            let (mut pg, url) = crate::postgres_of(&args.storage).await?;
+            let listed = list(&args.storage, url).await;
+            if let Some(pg) = pg.as_mut() {
+                pg.stop();
+            }
+            listed
+        }
+        KeyspaceCommand::Drop(args) => {
+            let name = &args.target.storage.keyspace;
+            if args.confirm.as_deref() != Some(name.as_str()) {
+                return Err(crate::ServerError::Config(format!(
+                    "dropping keyspace {name:?} deletes every key and revision in it: pass --confirm {name} to do it"
+                )));
+            }
+            let held =
+                crate::admin::Exclusive::take(&args.target.storage, "pgetcd-keyspace-drop").await?;
+            let consumers = consumers_of(held.store.as_ref()).await;
+            let dropped = match consumers {
+                Ok(consumers) => held.store.drop_keyspace(&consumers).await.map_err(failed),
+                Err(e) => Err(e),
+            };
+            // The role went with the schema; only the managed Postgres is left to stop.
+            let _ = held.release().await;
+            dropped?;
+            Ok(format!("dropped keyspace {name:?}"))
+        }
+    }
+}
+
+/// The change feed consumers of every instance that ever registered.
+async fn consumers_of(
+    store: &pgetcd_storage_postgres::PgStore,
+) -> Result<Vec<String>, crate::ServerError> {
+    use pgetcd_storage::Store;
+    let ever = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+    Ok(store
+        .members(ever)
+        .await
+        .map_err(failed)?
+        .iter()
+        .filter_map(|m| crate::node::feed_consumer(&m.name))
+        .collect())
+}
+
+/// One line per keyspace of the Postgres at `url`.
+async fn list(
+    storage: &crate::config::StorageFlags,
+    url: String,
+) -> Result<String, crate::ServerError> {
+    use pgetcd_storage::Store;
+    let names = pgetcd_storage_postgres::list_keyspaces(&url)
+        .await
+        .map_err(failed)?;
+    let mut out = format!(
+        "{:<24} {:>12} {:>12} {:>14}  {}",
+        "KEYSPACE", "REVISION", "COMPACTED", "SIZE (BYTES)", "WRITER"
+    );
+    for name in names {
+        let mut flags = storage.clone();
+        flags.keyspace = name.clone();
+        let store = store_of(&flags, url.clone())?;
+        let meta = store.meta().await.map_err(failed)?;
+        let size = store.size().await.map_err(failed)?;
+        let writer = store
+            .leader()
+            .await
+            .map_err(failed)?
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "\n{name:<24} {:>12} {:>12} {size:>14}  {writer}",
+            meta.revision, meta.compact_revision
+        ));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

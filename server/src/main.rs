@@ -1,7 +1,7 @@
 //! The `pgetcd` binary: flags, logging, start, wait for SIGINT/SIGTERM, stop.
 
 use clap::Parser;
-use pgetcd_server::config::{Cli, Command, SnapshotCommand};
+use pgetcd_server::config::{Cli, Command, KeyspaceCommand, SnapshotCommand};
 use pgetcd_server::{ServerError, start};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -42,6 +42,20 @@ async fn main() {
         Some(Command::Snapshot(SnapshotCommand::Restore(args))) => {
             init_logging(&args.logging.filter());
             match pgetcd_server::snapshot::restore::run(&args).await {
+                Ok(report) => {
+                    println!("{report}");
+                    return;
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Some(Command::Keyspace(cmd)) => {
+            let logging = match &cmd {
+                KeyspaceCommand::Create(a) | KeyspaceCommand::List(a) => &a.logging,
+                KeyspaceCommand::Drop(d) => &d.target.logging,
+            };
+            init_logging(&logging.filter());
+            match pgetcd_server::keyspaces::run(&cmd).await {
                 Ok(report) => {
                     println!("{report}");
                     return;

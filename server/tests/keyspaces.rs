@@ -162,3 +162,83 @@ async fn keyspaces_on_two_postgres_clusters_are_isolated() {
     server.stop().await;
     second.stop();
 }
+
+/// `pgetcd keyspace ...` against the test Postgres.
+fn keyspace_cmd(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgetcd"))
+        .arg("keyspace")
+        .args(args)
+        .args([
+            "--postgres-url",
+            &pgetcd_testkit::postgres_url(),
+            "--log",
+            "warn",
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The list's line of `name`, split in columns.
+fn listed(name: &str) -> Option<Vec<String>> {
+    let (ok, out) = keyspace_cmd(&["list"]);
+    assert!(ok, "{out}");
+    out.lines()
+        .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .find(|cols| cols.first().map(String::as_str) == Some(name))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyspaces_are_created_listed_and_dropped_only_when_confirmed() {
+    let name = fresh_keyspace();
+    let (ok, out) = keyspace_cmd(&["create", "--keyspace", &name]);
+    assert!(ok, "{out}");
+    assert!(out.contains("revision 1"), "{out}");
+    let cols = listed(&name).expect("the new keyspace is listed");
+    assert_eq!(
+        (cols[1].as_str(), cols[2].as_str(), cols[4].as_str()),
+        ("1", "-1", "-")
+    );
+
+    let mut config = test_config();
+    config.storage.keyspace = name.clone();
+    config.member.name = "writer-a".into();
+    let server = TestServer::start(config).await;
+    for i in 0..5 {
+        put(&server.url(), &format!("/k/{i}")).await.unwrap();
+    }
+    let cols = listed(&name).unwrap();
+    assert_eq!((cols[1].as_str(), cols[4].as_str()), ("6", "writer-a"));
+    assert!(cols[3].parse::<i64>().unwrap() > 0, "a size: {cols:?}");
+
+    // Refused: no confirmation, a wrong one, an instance serving it.
+    let (ok, out) = keyspace_cmd(&["drop", "--keyspace", &name]);
+    assert!(!ok && out.contains(&format!("--confirm {name}")), "{out}");
+    let (ok, _) = keyspace_cmd(&["drop", "--keyspace", &name, "--confirm", "other"]);
+    assert!(!ok);
+    let (ok, out) = keyspace_cmd(&["drop", "--keyspace", &name, "--confirm", &name]);
+    assert!(!ok && out.contains("is being served"), "{out}");
+    assert!(listed(&name).is_some());
+
+    server.stop().await;
+    let (ok, out) = keyspace_cmd(&["drop", "--keyspace", &name, "--confirm", &name]);
+    assert!(ok, "{out}");
+    assert!(listed(&name).is_none(), "dropped");
+    let pg = pgetcd_testkit::admin_client().await;
+    let slots: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = ANY($1)",
+            &[&vec![format!("pgetcd_{name}"), format!("pgetcd_{name}_writer_a")]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "its replication slots are gone");
+}

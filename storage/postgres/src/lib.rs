@@ -477,3 +477,66 @@ impl Store for PgStore {
             .map_err(read_error("replication slot lag"))
     }
 }
+
+/// The pgetcd keyspaces of the database at `url`: the schemas holding a keyspace's
+/// `meta` table (with its `schema_version` column) and partitioned `history`, by name.
+pub async fn list_keyspaces(url: &str) -> Result<Vec<String>> {
+    let target = PgConnect::parse(url).map_err(|e| {
+        StoreError::Misconfigured(format!("bad --postgres-url: {}", e.with_causes()))
+    })?;
+    let client = connect(&target).await?;
+    let rows = client
+        .query(
+            "SELECT n.nspname::text FROM pg_namespace n \
+             WHERE EXISTS (SELECT 1 FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid \
+                 WHERE c.relnamespace = n.oid AND c.relname = 'meta' AND a.attname = 'schema_version') \
+               AND EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid \
+                 AND c.relname = 'history' AND c.relkind = 'p') \
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(read_error("list keyspaces"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+impl PgStore {
+    /// Drops the keyspace for good: its schema with every table and partition, its
+    /// publication, and the replication slots of its default feed and of the named
+    /// feed consumers (its instances; a slot in use is refused by Postgres). One
+    /// transaction for the schema and publication; the slots after it.
+    pub async fn drop_keyspace(&self, consumers: &[String]) -> Result<()> {
+        let s = self.layout.schema();
+        let mut slots = vec![FeedNames::new(s).slot];
+        for c in consumers {
+            if let Ok(names) = FeedNames::for_consumer(s, c) {
+                slots.push(names.slot);
+            }
+        }
+        let mut client = self.connect().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(read_error("drop keyspace: begin"))?;
+        tx.batch_execute(&format!(
+            "DROP PUBLICATION IF EXISTS {}; DROP SCHEMA IF EXISTS {s} CASCADE",
+            pgetcd_wal::slot_name(s)
+        ))
+        .await
+        .map_err(read_error("drop keyspace"))?;
+        tx.commit()
+            .await
+            .map_err(error::write_error("drop keyspace: commit"))?;
+        for slot in &slots {
+            client
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                     WHERE slot_name = $1",
+                    &[slot],
+                )
+                .await
+                .map_err(read_error("drop the keyspace's replication slot"))?;
+        }
+        Ok(())
+    }
+}
