@@ -28,6 +28,7 @@ pub struct Exclusive {
     /// The meta record as of the claim.
     pub meta: Meta,
     name: String,
+    url: String,
     postgres: Option<LocalPostgres>,
 }
 
@@ -39,7 +40,7 @@ impl Exclusive {
     /// Takes the keyspace of `storage` for the command `name` (see the module doc).
     pub async fn take(storage: &StorageFlags, name: &str) -> Result<Exclusive, ServerError> {
         let (postgres, url) = crate::postgres_of(storage).await?;
-        let store = Arc::new(PgStore::new(&storage.store_config(url)).map_err(refused)?);
+        let store = Arc::new(PgStore::new(&storage.store_config(url.clone())).map_err(refused)?);
         store.setup().await.map_err(refused)?;
         // An instance stopped just now stays registered until its registration lapses;
         // one that runs keeps renewing it.
@@ -87,8 +88,15 @@ impl Exclusive {
             fence,
             meta,
             name: name.to_owned(),
+            url,
             postgres,
         })
+    }
+
+    /// The connection string of the keyspace's Postgres (the managed one's when no
+    /// --postgres-url was given).
+    pub fn store_url(&self) -> &str {
+        &self.url
     }
 
     /// Extends the claim (call more often than every [`ROLE_TTL`]).

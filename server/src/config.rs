@@ -120,6 +120,30 @@ pub enum KeyspaceCommand {
     /// Drops the keyspace and everything in it, with its replication slots; refuses
     /// while an instance serves it, and without --confirm naming it.
     Drop(DropArgs),
+    /// Copies the live keys under a prefix from another keyspace into this one (which
+    /// no instance may serve meanwhile), at a revision above both keyspaces' current
+    /// ones; keys already equal are left alone, so it is safe to rerun.
+    CopyPrefix(CopyPrefixArgs),
+}
+
+/// `pgetcd keyspace copy-prefix`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CopyPrefixArgs {
+    /// The key prefix to copy, e.g. /registry/events/.
+    #[arg(long)]
+    pub prefix: String,
+
+    /// The keyspace to copy from (it may be served meanwhile; it is only read).
+    #[arg(long)]
+    pub from_keyspace: String,
+
+    /// The Postgres of --from-keyspace (default: the target's).
+    #[arg(long)]
+    pub from_postgres_url: Option<String>,
+
+    /// The target: --keyspace in --postgres-url (or the managed Postgres).
+    #[command(flatten)]
+    pub target: KeyspaceArgs,
 }
 
 /// Where the keyspace commands act.

@@ -180,6 +180,7 @@ pub async fn run(cmd: &crate::config::KeyspaceCommand) -> Result<String, crate::
             dropped?;
             Ok(format!("dropped keyspace {name:?}"))
         }
+        KeyspaceCommand::CopyPrefix(args) => crate::prefix_copy::run(args).await,
     }
 }
 

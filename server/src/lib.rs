@@ -25,6 +25,8 @@ pub mod metrics;
 pub mod migrate;
 /// This instance among the instances of its keyspace: the writer role, followers.
 pub mod node;
+/// `pgetcd keyspace copy-prefix`: keys moved between keyspaces, revisions raised.
+pub mod prefix_copy;
 /// The etcd gRPC services.
 pub mod services;
 /// The shutdown signal every task watches.

@@ -53,6 +53,7 @@ async fn main() {
             let logging = match &cmd {
                 KeyspaceCommand::Create(a) | KeyspaceCommand::List(a) => &a.logging,
                 KeyspaceCommand::Drop(d) => &d.target.logging,
+                KeyspaceCommand::CopyPrefix(c) => &c.target.logging,
             };
             init_logging(&logging.filter());
             match pgetcd_server::keyspaces::run(&cmd).await {

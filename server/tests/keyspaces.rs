@@ -235,10 +235,137 @@ async fn keyspaces_are_created_listed_and_dropped_only_when_confirmed() {
     let slots: i64 = pg
         .query_one(
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = ANY($1)",
-            &[&vec![format!("pgetcd_{name}"), format!("pgetcd_{name}_writer_a")]],
+            &[&vec![
+                format!("pgetcd_{name}"),
+                format!("pgetcd_{name}_writer_a"),
+            ]],
         )
         .await
         .unwrap()
         .get(0);
     assert_eq!(slots, 0, "its replication slots are gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_copied_to_another_keyspace_lands_above_both_revisions_and_reruns_cleanly() {
+    // The source keyspace, served throughout: events (some on a lease) and pods.
+    let mut config = test_config();
+    config.member.name = "source".into();
+    let source_ks = config.storage.keyspace.clone();
+    let source = TestServer::start(config).await;
+    let lease = LeaseClient::new(channel(&source.url()).await)
+        .lease_grant(LeaseGrantRequest { ttl: 3600, id: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let mut kv = KvClient::new(channel(&source.url()).await);
+    for i in 0..30 {
+        kv.put(PutRequest {
+            key: Bytes::from(format!("/registry/events/default/e{i:02}")),
+            value: Bytes::from(format!("event {i}")),
+            lease: if i % 3 == 0 { lease } else { 0 },
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        put(&source.url(), &format!("/registry/pods/p{i}"))
+            .await
+            .unwrap();
+    }
+    // The target keyspace has a history of its own, served and stopped.
+    let mut config = test_config();
+    let target_ks = config.storage.keyspace.clone();
+    config.member.name = "target".into();
+    let target = TestServer::start(config.clone()).await;
+    for i in 0..70 {
+        put(&target.url(), &format!("/registry/leases/l{i}"))
+            .await
+            .unwrap();
+    }
+    target.stop().await;
+    let copy = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgetcd"))
+            .args(["keyspace", "copy-prefix", "--prefix", "/registry/events/"])
+            .args(["--from-keyspace", &source_ks, "--keyspace", &target_ks])
+            .args([
+                "--postgres-url",
+                &pgetcd_testkit::postgres_url(),
+                "--log",
+                "warn",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "copy-prefix: {text}");
+        text
+    };
+    let out = copy();
+    // Source at 61 (a lease grant takes no revision), target at 71: written at 72.
+    assert!(
+        out.contains("30 keys written at revision 72, 0 already equal, 1 leases"),
+        "{out}"
+    );
+    assert!(
+        copy().contains("0 keys written at revision 0, 30 already equal"),
+        "a rerun"
+    );
+
+    // One event changes in the source; the next copy updates just that one, above the
+    // source's revision now.
+    let changed = kv
+        .put(PutRequest {
+            key: Bytes::from_static(b"/registry/events/default/e05"),
+            value: Bytes::from_static(b"event 5, again"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+    assert_eq!(changed, 62);
+    assert!(copy().contains("1 keys written at revision 73, 29 already equal"));
+
+    let target = TestServer::start(config).await;
+    let got = KvClient::new(channel(&target.url()).await)
+        .range(RangeRequest {
+            key: Bytes::from_static(b"/registry/events/"),
+            range_end: Bytes::from_static(b"/registry/events0"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.kvs.len(), 30);
+    assert_eq!(got.header.unwrap().revision, 73);
+    let e05 = got.kvs.iter().find(|k| k.key.ends_with(b"e05")).unwrap();
+    assert_eq!(
+        (
+            e05.value.as_ref(),
+            e05.create_revision,
+            e05.mod_revision,
+            e05.version
+        ),
+        (&b"event 5, again"[..], 72, 73, 2)
+    );
+    assert!(got.kvs.iter().all(|k| k.mod_revision >= 72));
+    let attached = LeaseClient::new(channel(&target.url()).await)
+        .lease_time_to_live(pgetcd_proto::etcdserverpb::LeaseTimeToLiveRequest {
+            id: lease,
+            keys: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((attached.granted_ttl, attached.keys.len()), (3600, 10));
+    assert_eq!(
+        count(&target.url()).await,
+        100,
+        "the target's own keys are still there"
+    );
+    target.stop().await;
+    source.stop().await;
 }
