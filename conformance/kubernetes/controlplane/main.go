@@ -12,7 +12,8 @@
 // closing "N passed, N failed" line, and exits 1 when a check failed.
 //
 // With -bench it runs the benchmark workload of bench.go instead; with -ha N,
-// the high-availability scenario of haload.go on N pgetcd instances.
+// the high-availability scenario of haload.go on N pgetcd instances; with
+// -migrate N, the migration from etcd to pgetcd of migrate.go, N times.
 package main
 
 import (
@@ -60,6 +61,18 @@ func main() {
 	flag.DurationVar(&ha.down, "ha-down", 5*time.Second, "how long a killed writer stays down before its restart")
 	flag.DurationVar(&o.progressNotify, "ha-progress-notify", 5*time.Second,
 		"the instances' --watch-progress-notify-interval (kubeadm writes 5s for etcd); 0: pgetcd's default, 10m")
+	var mig migrateOptions
+	flag.IntVar(&mig.runs, "migrate", 0, "run the migration scenario of migrate.go this many times (each on a fresh cluster) instead of the checks")
+	flag.BoolVar(&mig.baseline, "migrate-baseline", false, "in the migration scenario, restart kube-apiserver on etcd instead of migrating (the control)")
+	flag.IntVar(&mig.namespaces, "migrate-namespaces", 5, "namespaces of the migration scenario's workload")
+	flag.IntVar(&mig.configMaps, "migrate-configmaps", 300, "ConfigMaps of the migration scenario's workload")
+	flag.IntVar(&mig.leases, "migrate-leases", 20, "coordination Leases of the migration scenario's workload")
+	flag.IntVar(&mig.events, "migrate-events", 100, "Events of the migration scenario's workload, before the load")
+	flag.Float64Var(&mig.rate, "migrate-rate", 20, "writes per second of the migration scenario's load")
+	flag.DurationVar(&mig.follow, "migrate-follow", 10*time.Second, "how long pgetcd migrate follows under the load before the cutover")
+	flag.DurationVar(&mig.after, "migrate-after", 10*time.Second, "load after the first write after the cutover")
+	flag.BoolVar(&mig.retryAfter, "migrate-retry-after", true,
+		"in the migration scenario, kube-apiserver --shutdown-send-retry-after (false: its default shutdown, which waits up to 60 s for open watches; the harness kills it after 30 s)")
 	flag.Parse()
 	if bench.enabled {
 		// LISTs of the benchmark's PodTemplates go to storage, not the watch cache.
@@ -78,6 +91,13 @@ func main() {
 	}
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
+	if mig.runs > 0 {
+		if !runMigrations(ctx, o, mig) {
+			cancel()
+			os.Exit(1)
+		}
+		return
+	}
 
 	logf("starting the control plane on %s in %s", o.backend, o.dir)
 	c, err := startCluster(ctx, o)
