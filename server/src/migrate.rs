@@ -15,8 +15,10 @@
 //! 4. **Cut over** on SIGINT or SIGTERM: with `--freeze-source`, the source gets etcd's
 //!    NOSPACE alarm first (it refuses puts, txns with puts and lease grants). The
 //!    cutover refuses, and following goes on, unless a probe write is refused by the
-//!    source, pgetcd has applied the source's revision, and no revision came for a
-//!    quiet second. Then the leases are synchronised a last time, the writer role is
+//!    source, pgetcd has applied the source's revision as a read after that probe gives
+//!    it (a progress response may be a second old and predate a write made just before
+//!    the freeze), and no revision came for a quiet second. It is checked at the
+//!    signal, then every second until it completes or refuses. Then the leases are synchronised a last time, the writer role is
 //!    released, and the command prints how to switch clients. A second signal during a
 //!    cutover aborts.
 //!
@@ -601,7 +603,7 @@ async fn migrate(
                     info!(applied = follow.applied, source = follow.source, lag = follow.source - follow.applied, leases = follow.leases.len(), "migrate: following");
                 }
                 if let Some(since) = cutover {
-                    match try_cutover(ch, &follow).await? {
+                    match try_cutover(ch, &mut follow).await? {
                         Cutover::Done => break,
                         Cutover::Refused(why) => {
                             warn!("migrate: cutover refused: {why}; still following (signal again to retry)");
@@ -615,8 +617,15 @@ async fn migrate(
                     }
                 }
             }
-            _ = term.recv() => cutover = start_cutover(args, ch, &mut frozen, cutover).await?,
-            _ = int.recv() => cutover = start_cutover(args, ch, &mut frozen, cutover).await?,
+            // The cutover is checked at once, not a second later.
+            _ = term.recv() => {
+                cutover = start_cutover(args, ch, &mut frozen, cutover).await?;
+                poll.reset_immediately();
+            }
+            _ = int.recv() => {
+                cutover = start_cutover(args, ch, &mut frozen, cutover).await?;
+                poll.reset_immediately();
+            }
         }
     }
     follow.sync_leases(held, ch).await?;
@@ -675,13 +684,32 @@ enum Cutover {
     Refused(String),
 }
 
+/// The source's revision now, from the header of a (linearizable) read.
+async fn source_revision(ch: &Channel) -> Result<i64, ServerError> {
+    let r = KvClient::new(ch.clone())
+        .range(RangeRequest {
+            key: Bytes::from_static(b"\0pgetcd-migrate-probe"),
+            limit: 1,
+            keys_only: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| failed("reading the source's revision", e.message()))?;
+    Ok(r.into_inner().header.map(|h| h.revision).unwrap_or(0))
+}
+
 /// Whether the cutover may complete now.
-async fn try_cutover(ch: &Channel, follow: &Follow) -> Result<Cutover, ServerError> {
+async fn try_cutover(ch: &Channel, follow: &mut Follow) -> Result<Cutover, ServerError> {
     if !source_refuses_writes(ch).await? {
         return Ok(Cutover::Refused(
             "the source still accepts writes (stop its writers and freeze it: run with --freeze-source)".into(),
         ));
     }
+    // Frozen, the source's revision moves no more but by lease expiries (which come
+    // through the watch like any delete): pgetcd must have applied it. The progress
+    // responses alone may be a second old, from before a write made just before the
+    // freeze whose event is still on its way.
+    follow.source = follow.source.max(source_revision(ch).await?);
     if follow.applied < follow.source {
         return Ok(Cutover::Wait(format!(
             "pgetcd is at revision {}, the source at {}",

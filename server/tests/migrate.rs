@@ -6,7 +6,9 @@
 //! - the cutover refuses while the source accepts writes, and goes through once the
 //!   source refuses them (NOSPACE alarm, as `--freeze-source` sets it);
 //! - from a Range (`--initial-copy range`): the keys at the copy's revision and every
-//!   revision after it are the source's.
+//!   revision after it are the source's;
+//! - a cutover is decided at the signal, not at the next lease poll a second later
+//!   (that second is in a migration's write-unavailability window).
 
 #![allow(clippy::unwrap_used)]
 
@@ -392,4 +394,53 @@ async fn a_migration_reaches_an_etcd_that_requires_client_certificates() {
     assert_eq!(a.kvs.len(), 50);
     assert_eq!(a.header.unwrap().revision, b.header.unwrap().revision);
     pgetcd.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutover_is_decided_at_the_signal() {
+    let source = RealEtcd::start().await;
+    seed(&[&source.url]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keyspace = fresh_keyspace();
+    let mut migration = Migration::start(&source.url, &keyspace, dir.path(), &[]);
+    migration.wait_for("following the source").await;
+    // Not frozen: each signal is refused. Decided at the next lease poll (every
+    // second), a signal 300 ms after a refusal would wait 700 ms for its answer.
+    let refused = "cutover refused: the source still accepts writes";
+    for n in 1..=3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let signalled = Instant::now();
+        migration.terminate();
+        while migration.output().matches(refused).count() < n {
+            assert!(
+                signalled.elapsed() < Duration::from_secs(10),
+                "{}",
+                migration.output()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let took = signalled.elapsed();
+        assert!(
+            took < Duration::from_millis(400),
+            "refusal {n} after {took:?}"
+        );
+    }
+    // Frozen and quiet for more than the second a cutover asks for: it completes at
+    // the signal, at the source's revision.
+    freeze(&source.url).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let signalled = Instant::now();
+    migration.terminate();
+    let (ok, out) = migration.exit().await;
+    let took = signalled.elapsed();
+    assert!(ok, "migrate: {out}");
+    let (_, now, _) = view_at(&source.url, 0).await;
+    assert!(
+        out.contains(&format!("cut over at revision {now}")),
+        "{out}"
+    );
+    assert!(
+        took < Duration::from_millis(600),
+        "cut over {took:?} after the signal"
+    );
 }
