@@ -566,7 +566,9 @@ type migResult struct {
 	objects, applied int
 	keys, revisions  int
 	leases           int
-	problems         []string
+	// The source's writes by revision ("REV TYPE KEY"), up to the cutover.
+	writesAt map[int64][]string
+	problems []string
 }
 
 func (r *migResult) fail(format string, args ...any) {
@@ -968,6 +970,7 @@ func (c *cluster) compareStores(ctx context.Context, etcdURL string, res *migRes
 		res.fail("%d keys differ at revision %d: %s", len(diff), rev, firstFew(diff))
 	}
 
+	res.writesAt = map[int64][]string{}
 	history := func(cli *clientv3.Client) ([]string, error) {
 		wctx, cancel := context.WithCancel(ctx)
 		defer cancel()
@@ -994,6 +997,9 @@ func (c *cluster) compareStores(ctx context.Context, etcdURL string, res *migRes
 					}
 					out = append(out, fmt.Sprintf("%d %s %q create %d version %d lease %x value %x%s",
 						ev.Kv.ModRevision, ev.Type, ev.Kv.Key, ev.Kv.CreateRevision, ev.Kv.Version, ev.Kv.Lease, sha(ev.Kv.Value), prev))
+					if cli == src {
+						res.writesAt[ev.Kv.ModRevision] = append(res.writesAt[ev.Kv.ModRevision], fmt.Sprintf("%s %s", ev.Type, ev.Kv.Key))
+					}
 					if ev.Kv.ModRevision == rev {
 						quiet = time.After(500 * time.Millisecond)
 					}
@@ -1135,7 +1141,7 @@ func (r *migResult) print(run int) {
 	}
 	fmt.Printf("run %d: %s\n", run, strings.Join(parts, "; "))
 	if !r.baseline {
-		fmt.Printf("run %d: pgetcd migrate following %.2f s after its start; before the cutover %s; cut over at revision %d; pgetcd at %d when serving; first write after at %d\n",
+		fmt.Printf("run %d: pgetcd migrate following %.2f s after its start; its last lag report %s; cut over at revision %d; pgetcd at %d when serving; first write after at %d\n",
 			run, r.copyTook.Seconds(), r.lagReport, r.revision, r.startRev, r.firstRV)
 		fmt.Printf("run %d: etcd and pgetcd at revision %d: %d keys, %d events from revision 1, %d leases compared\n", run, r.revision, r.keys, r.revisions, r.leases)
 	}
@@ -1168,6 +1174,18 @@ func (r *migResult) print(run int) {
 	}
 	fmt.Printf("run %d: informer: %d list before the cutover; after the apiserver stopped %d lists, %d requests (times from the apiserver's start): %s\n",
 		run, r.listsBefore, lists, len(r.after), strings.Join(reqs, ", "))
+	// What the source wrote after the informer's last ConfigMap event, up to
+	// the cutover: the revisions a restarted watch cache does not have.
+	if len(r.after) > 0 && r.writesAt != nil {
+		from, _ := strconv.ParseInt(r.after[0].rv, 10, 64)
+		var w []string
+		for rev := from + 1; rev <= r.revision; rev++ {
+			for _, e := range r.writesAt[rev] {
+				w = append(w, fmt.Sprintf("%d %s", rev, e))
+			}
+		}
+		fmt.Printf("run %d: etcd's writes after the informer's resourceVersion %d: %s\n", run, from, strings.Join(w, ", "))
+	}
 	if len(r.problems) > 0 {
 		fmt.Printf("run %d: FAILED: %s\n", run, strings.Join(r.problems, "; "))
 	}
