@@ -483,20 +483,45 @@ impl Drop for RealEtcd {
 /// header's revision, and HashKV there. Equal views mean equal data and history.
 pub async fn view_at(url: &str, revision: i64) -> (Vec<pgetcd_proto::mvccpb::KeyValue>, i64, u32) {
     let ch = channel(url).await;
-    let r = KvClient::new(ch.clone())
-        .range(RangeRequest {
-            key: "\0".into(),
-            range_end: "\0".into(),
-            revision,
-            ..Default::default()
-        })
-        .await
-        .expect("range")
-        .into_inner();
-    let hash = MaintenanceClient::new(ch)
-        .hash_kv(HashKvRequest { revision })
-        .await
-        .expect("hash_kv")
-        .into_inner();
+    let r = retry_unavailable(|| {
+        let mut kv = KvClient::new(ch.clone());
+        async move {
+            kv.range(RangeRequest {
+                key: "\0".into(),
+                range_end: "\0".into(),
+                revision,
+                ..Default::default()
+            })
+            .await
+        }
+    })
+    .await
+    .expect("range")
+    .into_inner();
+    let hash = retry_unavailable(|| {
+        let mut m = MaintenanceClient::new(ch.clone());
+        async move { m.hash_kv(HashKvRequest { revision }).await }
+    })
+    .await
+    .expect("hash_kv")
+    .into_inner();
     (r.kvs, r.header.expect("header").revision, hash.hash)
+}
+
+/// Calls `call` again while it fails with `Unavailable` (as etcd clients retry "leader
+/// changed" and the like; a CPU-starved etcd or pgetcd says so now and then), up to 5 s.
+pub async fn retry_unavailable<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match call().await {
+            Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
 }
