@@ -21,6 +21,10 @@
 //! - Compaction: the writer records it in the store's meta; the apply task polls meta
 //!   every [`COMPACTION_POLL`] and prunes its index once it has applied up to the
 //!   compact revision (the writer's data step removes the rows).
+//! - A store ahead of what was applied while the feed said nothing for a whole poll
+//!   (revisions with no changes, [`Store::bump_revision`]; or a stuck feed): the apply
+//!   task catches up as above, which loads the keyspace again when a bump marked the
+//!   revisions compacted.
 //! - Reads: serializable reads answer from the index at once; linearizable reads first
 //!   learn the newest committed revision from the store (the read index) and wait until
 //!   it is applied ([`Engine::sync`]).
@@ -271,6 +275,8 @@ async fn apply_feed(
     let Some(compacted) = core.upgrade().map(|c| c.compact_now.clone()) else {
         return;
     };
+    // Whether the feed has said nothing since the last poll.
+    let mut quiet = false;
     loop {
         tokio::select! {
             _ = retired.notified() => return,
@@ -282,6 +288,7 @@ async fn apply_feed(
             from = commits.recv() => {
                 let Some(from) = from else { return };
                 let Some(core) = core.upgrade() else { return };
+                quiet = false;
                 match from {
                     FromFeed::Opened => catch_up(&core).await,
                     FromFeed::Commit(commit) => {
@@ -297,7 +304,14 @@ async fn apply_feed(
             }
             _ = tick.tick() => {
                 let Some(core) = core.upgrade() else { return };
-                follow_compaction(&core).await;
+                let store_revision = follow_compaction(&core).await;
+                // The store is ahead while the feed said nothing for a whole poll: those
+                // revisions may have no changes to stream (a revision bump), or the
+                // feed is stuck. History says which.
+                if quiet && store_revision.is_some_and(|r| r > core.state().published()) {
+                    catch_up(&core).await;
+                }
+                quiet = true;
             }
         }
     }
@@ -429,19 +443,20 @@ fn apply(core: &Core, changes: &[(bytes::Bytes, pgetcd_storage::Version)]) -> bo
     true
 }
 
-/// Prunes the index to the store's compact revision once it is applied.
-async fn follow_compaction(core: &Core) {
+/// Prunes the index to the store's compact revision once it is applied; returns the
+/// store's revision as read (None when meta could not be read).
+async fn follow_compaction(core: &Core) -> Option<i64> {
     let meta = match core.store.meta().await {
         Ok(m) => m,
         Err(e) => {
             warn!(error = %e, "follower: reading meta");
-            return;
+            return None;
         }
     };
     let st = core.state();
     let rev = meta.compact_revision;
     if rev <= st.compact() || rev > st.published() {
-        return;
+        return Some(meta.revision);
     }
     st.compact.store(rev, std::sync::atomic::Ordering::SeqCst);
     let plan = CompactionPlan {
@@ -466,4 +481,5 @@ async fn follow_compaction(core: &Core) {
         keys_removed = pruned.keys_removed,
         "follower: compacted the index"
     );
+    Some(meta.revision)
 }

@@ -121,6 +121,72 @@ async fn a_follower_serves_what_the_writer_committed() {
     );
 }
 
+/// A revision bump (etcd's `--bump-revision` with `--mark-compacted`, made by another
+/// instance while this follower runs) has no changes for the feed to carry: the follower
+/// still reaches the bumped revision for a linearizable read with no write after it,
+/// refuses reads below it as compacted, and applies the writes that follow.
+#[tokio::test(start_paused = true)]
+async fn a_follower_follows_a_revision_bump_with_no_changes() {
+    use pgetcd_storage::{Outcome, Store};
+    let store = MemoryStore::new("bump");
+    let writer = Engine::open(config(), Arc::new(store.clone()))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        writer.put(put(&format!("k{i}"), "v")).await.unwrap();
+    }
+    let follower = Engine::follow(config(), Arc::new(store.consumer("f1")))
+        .await
+        .unwrap();
+    // Applied from the feed: the follower's catch-up when its feed opened is behind it.
+    writer.put(put("k3", "v")).await.unwrap();
+    follower
+        .wait_applied(5, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let before = all(&writer, 0, true).await.unwrap();
+    drop(writer);
+
+    let (fence, meta) = store.fence().await.unwrap();
+    assert_eq!(meta.revision, 5);
+    let not_above = store.bump_revision(&fence, 5, 5, true).await;
+    assert!(not_above.is_err(), "{not_above:?}");
+    let bumped = store.bump_revision(&fence, 5, 1004, true).await.unwrap();
+    assert_eq!((bumped.revision, bumped.compact_revision), (1004, 1004));
+    let again = store
+        .bump_revision(&fence, 5, 2004, true)
+        .await
+        .unwrap_err();
+    assert_eq!(again.outcome(), Outcome::Fenced, "{again}");
+
+    let got = follower
+        .range(&RangeRequest {
+            key: Bytes::from_static(b"\0"),
+            range_end: Bytes::from_static(b"\0"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(got.header.unwrap().revision, 1004);
+    assert_eq!(got.kvs, before.kvs);
+    let below = all(&follower, 1003, true).await;
+    assert!(matches!(below, Err(Error::Compacted)), "{below:?}");
+
+    let writer = Engine::open(config(), Arc::new(store.clone()))
+        .await
+        .unwrap();
+    let next = writer.put(put("k0", "after")).await.unwrap();
+    assert_eq!(next.header.unwrap().revision, 1005);
+    follower
+        .wait_applied(1005, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        all(&follower, 0, true).await.unwrap(),
+        all(&writer, 0, true).await.unwrap()
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 

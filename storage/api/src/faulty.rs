@@ -1,7 +1,7 @@
 //! A [`Store`] wrapper that fails on purpose, for the engine's model tests.
 //!
 //! Faults are queued with [`FaultyStore::inject`] and hit the next commit (or compaction
-//! record), one fault per call:
+//! record, or revision bump), one fault per call:
 //! - [`Fault::Determinate`]: nothing is written, the error says so.
 //! - [`Fault::LostBeforeCommit`]: nothing is written, but the error is indeterminate
 //!   (the connection dropped before the server got the batch).
@@ -70,7 +70,7 @@ impl<S: Store + Clone> FaultyStore<S> {
         &self.inner
     }
 
-    /// Queues a fault for the next commit or compaction record.
+    /// Queues a fault for the next commit, compaction record or revision bump.
     pub fn inject(&self, fault: Fault) {
         self.faults.lock().push_back(fault);
     }
@@ -262,5 +262,20 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
 
     async fn feed_retained_bytes(&self) -> Result<Option<i64>> {
         self.inner.feed_retained_bytes().await
+    }
+
+    async fn bump_revision(
+        &self,
+        fence: &Fence,
+        current: i64,
+        revision: i64,
+        mark_compacted: bool,
+    ) -> Result<Meta> {
+        self.faulted(
+            "bump revision",
+            self.inner
+                .bump_revision(fence, current, revision, mark_compacted),
+        )
+        .await
     }
 }

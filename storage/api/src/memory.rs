@@ -575,6 +575,28 @@ impl Store for MemoryStore {
         let confirmed = g.consumers.get(&self.consumer).copied();
         Ok(confirmed.map(|c| g.feed.iter().filter(|f| f.position > c).count() as i64))
     }
+
+    async fn bump_revision(
+        &self,
+        fence: &Fence,
+        current: i64,
+        revision: i64,
+        mark_compacted: bool,
+    ) -> Result<Meta> {
+        if revision <= current {
+            return Err(StoreError::Misconfigured(format!(
+                "bump: revision {revision} is not above {current}"
+            )));
+        }
+        let mut g = self.inner.lock();
+        let meta = g.meta.as_mut().ok_or_else(not_set_up)?;
+        check(meta, fence, current)?;
+        meta.revision = revision;
+        if mark_compacted {
+            meta.compact_revision = revision;
+        }
+        Ok(*meta)
+    }
 }
 
 /// A reader of the in-memory feed.

@@ -156,6 +156,24 @@ pub trait Store: Send + Sync + 'static {
 
     /// Bytes of history the store keeps for the feed's unconfirmed part, when known.
     async fn feed_retained_bytes(&self) -> Result<Option<i64>>;
+
+    /// Raises the keyspace's revision from `current` to `revision` without writing any
+    /// change (etcd's `--bump-revision`): the next commit follows `revision`, and the
+    /// revisions in between have no changes. With `mark_compacted` the compact revision
+    /// becomes `revision` in the same write (etcd's `--mark-compacted`): reads and
+    /// watches below it are refused as compacted, and the next compaction's data step
+    /// removes what it shadows. Fenced like a commit (the store must still hold `fence`'s
+    /// epoch and `current` as its revision); refused unless `revision > current`.
+    /// Returns the meta record as written; instances that loaded the keyspace before
+    /// must load it again (a follower does once it finds the compact revision above
+    /// what it applied).
+    async fn bump_revision(
+        &self,
+        fence: &Fence,
+        current: i64,
+        revision: i64,
+        mark_compacted: bool,
+    ) -> Result<Meta>;
 }
 
 /// Committed batches in commit order, at least once after the last confirmed position.

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use pgetcd_partitioning::{KIND_DELETE, KIND_PUT, Layout};
-use pgetcd_storage::{Batch, Change, CompactionPlan, Fence, Resolution, Result, StoreError};
+use pgetcd_storage::{Batch, Change, CompactionPlan, Fence, Meta, Resolution, Result, StoreError};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
@@ -31,6 +31,7 @@ use tracing::{info, warn};
 
 use crate::PgConnect;
 use crate::error::{read_error, write_error};
+use crate::setup::{META_COLUMNS, meta_of};
 
 /// How long resolution waits for the in-doubt backend to exit before it reports a
 /// transient error (the writer calls again).
@@ -315,6 +316,48 @@ impl WriterState {
             list_survivors: floor..drop_below,
             segments: drop,
         })
+    }
+}
+
+impl WriterState {
+    /// Raises the revision (and with `mark_compacted` the compact revision) to
+    /// `revision` in one statement, fenced like a commit on the epoch and `current`.
+    pub(crate) async fn bump_revision(
+        &mut self,
+        target: &PgConnect,
+        layout: &Layout,
+        fence: &Fence,
+        current: i64,
+        revision: i64,
+        mark_compacted: bool,
+    ) -> Result<Meta> {
+        if revision <= current {
+            return Err(StoreError::Misconfigured(format!(
+                "bump: revision {revision} is not above {current}"
+            )));
+        }
+        let conn = self.conn(target, layout).await?;
+        let backend = conn.backend;
+        let bumped = conn
+            .client
+            .query_opt(
+                &format!(
+                    "UPDATE {} SET revision = $1, \
+                     compact_revision = CASE WHEN $4 THEN $1 ELSE compact_revision END \
+                     WHERE id = 1 AND leader_epoch = $2 AND revision = $3 RETURNING {META_COLUMNS}",
+                    layout.table("meta")
+                ),
+                &[&revision, &fence.epoch, &current, &mark_compacted],
+            )
+            .await;
+        match bumped {
+            Ok(Some(row)) => Ok(meta_of(&row)),
+            Ok(None) => Err(StoreError::Fenced(format!(
+                "the leader epoch is no longer {} or the revision no longer {current}",
+                fence.epoch
+            ))),
+            Err(e) => Err(self.write_failed(backend, write_error("bump revision")(e))),
+        }
     }
 }
 

@@ -476,6 +476,25 @@ impl Store for PgStore {
             .await
             .map_err(read_error("replication slot lag"))
     }
+
+    async fn bump_revision(
+        &self,
+        fence: &Fence,
+        current: i64,
+        revision: i64,
+        mark_compacted: bool,
+    ) -> Result<Meta> {
+        let mut w = self.writer.lock().await;
+        w.bump_revision(
+            &self.target,
+            &self.layout,
+            fence,
+            current,
+            revision,
+            mark_compacted,
+        )
+        .await
+    }
 }
 
 /// The pgetcd keyspaces of the database at `url`: the schemas holding a keyspace's
