@@ -36,7 +36,7 @@ use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::tls::MakeTlsConnect;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use pgoutput::Decoder;
 
@@ -182,7 +182,32 @@ pub async fn ensure_slot(
         )
         .await?
         .is_some();
-    if !has_pub {
+    if has_pub {
+        // A publication outlives the tables it names: the keyspace's schema dropped and
+        // restored (pg_restore) leaves it publishing nothing.
+        let covers = client
+            .query_opt(
+                "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = 'history'",
+                &[publication, schema],
+            )
+            .await?
+            .is_some();
+        if !covers {
+            let added = client
+                .batch_execute(&format!(
+                    "ALTER PUBLICATION {publication} ADD TABLE {schema}.history"
+                ))
+                .await;
+            match added {
+                Ok(()) => warn!(
+                    %publication,
+                    "the publication no longer covered {schema}.history (its tables were dropped and created again: a restore?); added it"
+                ),
+                Err(e) if created_meanwhile(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    } else {
         let created = client
             .batch_execute(&format!(
                 "CREATE PUBLICATION {publication} FOR TABLE {schema}.history \
