@@ -69,6 +69,10 @@ pub struct Config {
     #[command(flatten)]
     pub logging: LogFlags,
 
+    /// After a restore that moved the keyspace back: raising its revision.
+    #[command(flatten)]
+    pub recovery: RecoveryFlags,
+
     /// etcd flags that have no meaning for a single pgetcd member over Postgres;
     /// accepted so that an etcd command line (kubeadm's static pod, say) starts as is.
     #[command(flatten)]
@@ -458,6 +462,51 @@ pub struct LogFlags {
     pub log_level: Option<String>,
 }
 
+/// After a restore that moved the keyspace back below what this instance served
+/// (see `served`): raising its revision instead of refusing to start.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RecoveryFlags {
+    /// When the keyspace is below the revision this instance served (recorded under
+    /// --data-dir), or this data directory has no record of it: raise its revision by
+    /// this much before serving, so the next write gets a revision above everything
+    /// served (etcdutl snapshot restore's --bump-revision). Needs --mark-compacted.
+    /// 0: never bump.
+    #[arg(long, env = "PGETCD_BUMP_REVISION", default_value_t = 0)]
+    pub bump_revision: u64,
+
+    /// With --bump-revision: mark every revision up to the raised one compacted, so
+    /// reads and watches from older revisions fail as compacted and clients list again
+    /// (etcd's --mark-compacted; required with --bump-revision, refused without).
+    #[arg(long, env = "PGETCD_MARK_COMPACTED", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub mark_compacted: bool,
+}
+
+/// The largest --bump-revision (far below where revisions run out).
+pub const MAX_BUMP_REVISION: u64 = 1 << 60;
+
+impl RecoveryFlags {
+    fn validate(&self) -> Result<(), String> {
+        match (self.bump_revision, self.mark_compacted) {
+            (0, true) => Err("--mark-compacted is only meaningful with --bump-revision".into()),
+            (n, false) if n > 0 => Err(
+                "--bump-revision needs --mark-compacted (as etcd's): the revisions below the raised one \
+                 were served with other changes, so clients must be told they are compacted"
+                    .into(),
+            ),
+            (n, _) if n > MAX_BUMP_REVISION => {
+                Err(format!("--bump-revision is at most {MAX_BUMP_REVISION}"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The bump asked for (None: --bump-revision 0).
+    pub fn bump(&self) -> Option<u64> {
+        (self.bump_revision > 0).then_some(self.bump_revision)
+    }
+}
+
 /// etcd flags accepted and ignored, each with the reason it has no meaning here.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct IgnoredEtcdFlags {
@@ -622,6 +671,7 @@ impl Config {
         self.compaction.policy()?;
         crate::transport::tls_policy(&self.tls())?;
         self.logging.validate()?;
+        self.recovery.validate()?;
         if self.tls.self_signed_cert_validity == 0 {
             return Err("--self-signed-cert-validity must be at least 1 (year)".into());
         }
@@ -905,6 +955,28 @@ mod tests {
             }
             commands.extend(cmd.get_subcommands().cloned());
         }
+    }
+
+    #[test]
+    fn bump_revision_needs_mark_compacted_as_in_etcd() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["pgetcd"];
+            all.extend_from_slice(args);
+            let c = Config::try_parse_from(all).unwrap();
+            c.validate().map(|()| c.recovery.bump())
+        };
+        assert_eq!(parse(&[]), Ok(None));
+        assert_eq!(
+            parse(&["--bump-revision", "1000", "--mark-compacted"]),
+            Ok(Some(1000))
+        );
+        assert_eq!(
+            parse(&["--bump-revision=5", "--mark-compacted=true"]),
+            Ok(Some(5))
+        );
+        assert!(parse(&["--bump-revision", "1000"]).is_err());
+        assert!(parse(&["--mark-compacted"]).is_err());
+        assert!(parse(&["--bump-revision", "2000000000000000000", "--mark-compacted"]).is_err());
     }
 
     #[test]

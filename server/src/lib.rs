@@ -2,7 +2,8 @@
 //! managed local Postgres, and the `pgetcd` binary (a thin `main.rs` over [`start`]).
 //!
 //! Start-up: parse and validate flags; start the managed Postgres unless
-//! `--postgres-url` is given; open the engine (schema check, fencing, index load); bind
+//! `--postgres-url` is given; refuse a keyspace below the revision this instance served
+//! unless bumping it (`served`); open the engine (schema check, fencing, index load); bind
 //! every client URL; serve until [`Running::stop`]. Shutdown stops accepting, lets
 //! in-flight RPCs finish, then stops the managed Postgres.
 
@@ -27,6 +28,9 @@ pub mod migrate;
 pub mod node;
 /// `pgetcd keyspace copy-prefix`: keys moved between keyspaces, revisions raised.
 pub mod prefix_copy;
+/// The highest revision served, recorded under --data-dir; the start-up guard against
+/// a keyspace restored to an older revision, and --bump-revision.
+pub mod served;
 /// The etcd gRPC services.
 pub mod services;
 /// The shutdown signal every task watches.
@@ -109,6 +113,7 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     postgres: Option<LocalPostgres>,
+    served: Arc<served::Recorder>,
 }
 
 impl Running {
@@ -126,6 +131,8 @@ impl Running {
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
+        // Every request was answered: what was served is final.
+        self.served.note(&self.node).await;
         drop(self.engine);
         if let Some(mut pg) = self.postgres.take() {
             tokio::task::spawn_blocking(move || pg.stop()).await.ok();
@@ -183,10 +190,15 @@ async fn start_keyspace(
     others: Vec<metrics::Sources>,
 ) -> Result<Running, ServerError> {
     let clients = ClientListeners::bind(&config).await?;
-    let (node, roles, hub) = join(&config, url, &clients.advertise).await?;
+    let record = served::Record::new(&config.storage.data_dir, &config.storage.keyspace);
+    let (node, roles, hub, checked) = join(&config, url, &clients.advertise, &record).await?;
     let engine = (*node.engine()).clone();
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = background_tasks(&config, &node, roles, &shutdown_rx)?;
+    let served = served::Recorder::new(record, checked.revision);
+    tasks.push(tokio::spawn(
+        served.clone().run(node.clone(), shutdown_rx.clone()),
+    ));
     let server_metrics = Arc::new(metrics::Metrics::default());
     let sources = metrics::Sources {
         node: node.clone(),
@@ -235,6 +247,7 @@ async fn start_keyspace(
         shutdown,
         tasks,
         postgres,
+        served,
     })
 }
 
@@ -259,17 +272,28 @@ pub(crate) async fn postgres_of(
     Ok((Some(pg), url))
 }
 
-/// Joins the keyspace's instances over its Postgres store: registers, campaigns, and
-/// opens the engine its role calls for; the watch bus starts at its revision.
+/// Joins the keyspace's instances over its Postgres store: checks its revision against
+/// `record` (see `served`), registers, campaigns, and opens the engine its role calls
+/// for; the watch bus starts at its revision. Returns the meta record the check saw.
 async fn join(
     config: &Config,
     url: String,
     advertise: &[String],
-) -> Result<(node::Node, node::Roles, pgetcd_watchbus::Hub), ServerError> {
+    record: &served::Record,
+) -> Result<
+    (
+        node::Node,
+        node::Roles,
+        pgetcd_watchbus::Hub,
+        pgetcd_storage::Meta,
+    ),
+    ServerError,
+> {
     let mut store_config = config.storage.store_config(url);
     store_config.feed_consumer = node::feed_consumer(&config.member.name);
     let store: Arc<dyn pgetcd_storage::Store> =
         Arc::new(PgStore::new(&store_config).map_err(pgetcd_engine::Error::from)?);
+    let checked = served::check(store.as_ref(), record, config.recovery.bump()).await?;
     let me = pgetcd_storage::MemberInfo {
         name: config.member.name.clone(),
         member_id: 0,
@@ -303,7 +327,7 @@ async fn join(
         hub.clone(),
         config.watch.watch_source,
     );
-    Ok((node, roles, hub))
+    Ok((node, roles, hub, checked))
 }
 
 /// The bound client URLs, each with its TLS acceptor when https.

@@ -39,6 +39,7 @@ use tonic::transport::Channel;
 
 static POSTGRES: OnceLock<LocalPostgres> = OnceLock::new();
 static KEYSPACE: AtomicUsize = AtomicUsize::new(0);
+static DIRS: AtomicUsize = AtomicUsize::new(0);
 
 /// Removes directories of earlier test runs whose process is gone.
 fn clean_stale(tmp: &std::path::Path) {
@@ -120,9 +121,20 @@ pub fn fresh_keyspace() -> String {
     format!("t{}", KEYSPACE.fetch_add(1, Ordering::Relaxed))
 }
 
-/// pgetcd's configuration for tests: free port, test Postgres, fresh keyspace.
+/// A directory no other test of this binary uses, removed by a later run once this
+/// process is gone.
+pub fn fresh_dir(what: &str) -> PathBuf {
+    let n = DIRS.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("pgetcd-test-{}-{what}{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// pgetcd's configuration for tests: free port, test Postgres, fresh keyspace, a data
+/// directory of its own (for the record of the revision served).
 pub fn test_config() -> Config {
     let mut c = Config::defaults();
+    c.storage.data_dir = fresh_dir("data");
     c.member.listen_client_urls = vec!["http://127.0.0.1:0".into()];
     c.member.listen_metrics_urls = vec!["http://127.0.0.1:0".into()];
     c.storage.postgres_url = Some(postgres_url());
