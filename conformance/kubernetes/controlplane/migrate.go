@@ -586,21 +586,7 @@ func logLines(p *proc) []string {
 
 // waitFast polls check every 20 ms (waitFor's 200 ms would blur the timings).
 func waitFast(ctx context.Context, what string, timeout time.Duration, check func() error) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		err := check()
-		if err == nil {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s: not within %s: %w", what, timeout, err)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
+	return pollEvery(ctx, what, timeout, 20*time.Millisecond, check)
 }
 
 // serving waits until url accepts TCP connections and answers a Get, and

@@ -198,6 +198,11 @@ func freePort() int {
 
 // waitFor polls check every 200 ms until it returns nil or the timeout passes.
 func waitFor(ctx context.Context, what string, timeout time.Duration, check func() error) error {
+	return pollEvery(ctx, what, timeout, 200*time.Millisecond, check)
+}
+
+// pollEvery calls check every interval until it returns nil or the timeout passes.
+func pollEvery(ctx context.Context, what string, timeout, interval time.Duration, check func() error) error {
 	deadline := time.Now().Add(timeout)
 	for {
 		err := check()
@@ -210,7 +215,7 @@ func waitFor(ctx context.Context, what string, timeout time.Duration, check func
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(200 * time.Millisecond):
+		case <-time.After(interval):
 		}
 	}
 }
