@@ -18,7 +18,7 @@ use futures::SinkExt;
 use pgetcd_partitioning::{KIND_DELETE, KIND_PUT, Layout};
 use pgetcd_storage::{Fence, Import, Imported, Result, StoreError, Version};
 use tokio_postgres::{Client, CopyInSink, Transaction};
-use tracing::{debug, info};
+use tracing::info;
 
 use crate::error::{read_error, write_error};
 
@@ -142,44 +142,24 @@ fn put_bytea(b: &mut BytesMut, data: &[u8]) -> Result<()> {
 
 /// Fills `kv` from the imported versions: every put that is its key's newest version.
 ///
-/// Sorting the versions themselves by key (values and all) to find each key's newest
-/// spilled the whole import to temporary files. Instead the versions that are *not*
-/// their key's newest (each key's older versions: none at all in a snapshot with one
-/// version per key) are found by sorting only (key, revision, sub), kept in a
-/// temporary table, and the puts not among them are copied into `kv` in one scan.
+/// Measured at 1M keys (docs/performance.md): finding the superseded versions by
+/// sorting only (key, revision, sub) and copying the other puts in revision order took
+/// as long or longer than this sort of the whole rows, which spills to temporary files
+/// but hands `kv` its rows in key order (cheap appends to its index).
 async fn derive_kv(tx: &Transaction<'_>, s: &str) -> Result<u64> {
-    let started = std::time::Instant::now();
-    tx.batch_execute(&format!(
-        "CREATE TEMP TABLE pgetcd_import_superseded ON COMMIT DROP AS \
-         SELECT revision, sub FROM (\
-           SELECT revision, sub, key, lead(key) OVER (ORDER BY key, revision, sub) AS next_key FROM (\
-             SELECT key, revision, sub FROM {s}.history \
-             UNION ALL SELECT key, revision, sub FROM {s}.history_retained) h) w \
-         WHERE next_key = key; \
-         ANALYZE pgetcd_import_superseded"
-    ))
+    tx.execute(
+        &format!(
+            "INSERT INTO {s}.kv (key, create_revision, mod_revision, mod_sub, version, lease, value) \
+             SELECT key, create_revision, revision, sub, version, lease, value FROM (\
+               SELECT DISTINCT ON (key) * FROM (\
+                 SELECT * FROM {s}.history UNION ALL SELECT * FROM {s}.history_retained) h \
+               ORDER BY key, revision DESC, sub DESC) newest \
+             WHERE kind = {KIND_PUT}"
+        ),
+        &[],
+    )
     .await
-    .map_err(read_error("import: find superseded versions"))?;
-    let found = started.elapsed();
-    let keys = tx
-        .execute(
-            &format!(
-                "INSERT INTO {s}.kv (key, create_revision, mod_revision, mod_sub, version, lease, value) \
-                 SELECT key, create_revision, revision, sub, version, lease, value FROM (\
-                   SELECT * FROM {s}.history UNION ALL SELECT * FROM {s}.history_retained) h \
-                 WHERE kind = {KIND_PUT} AND NOT EXISTS (\
-                   SELECT 1 FROM pgetcd_import_superseded o WHERE o.revision = h.revision AND o.sub = h.sub)"
-            ),
-            &[],
-        )
-        .await
-        .map_err(read_error("import: derive live keys"))?;
-    debug!(
-        superseded_ms = found.as_millis() as u64,
-        insert_ms = (started.elapsed() - found).as_millis() as u64,
-        "import: derived kv"
-    );
-    Ok(keys)
+    .map_err(read_error("import: derive live keys"))
 }
 
 /// Loads `import` into the keyspace (see the module doc).
