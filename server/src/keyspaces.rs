@@ -120,8 +120,9 @@ pub fn check_distinct(
     Ok(())
 }
 
-/// The store of the keyspace `storage` names, on `url`.
-fn store_of(
+/// The store of the keyspace `storage` names, on `url`, with one read connection
+/// (for the offline commands).
+pub(crate) fn store_of(
     storage: &crate::config::StorageFlags,
     url: String,
 ) -> Result<pgetcd_storage_postgres::PgStore, crate::ServerError> {

@@ -34,20 +34,28 @@ fn fail(e: ServerError) -> ! {
     std::process::exit(1);
 }
 
+/// Runs an offline command with its logging, prints its report and exits (1 on error).
+async fn offline(
+    logging: &pgetcd_server::config::LogFlags,
+    command: impl std::future::Future<Output = Result<String, ServerError>>,
+) -> ! {
+    init_logging(&logging.filter());
+    match command.await {
+        Ok(report) => {
+            println!("{report}");
+            std::process::exit(0);
+        }
+        Err(e) => fail(e),
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
     let config = match cli.command {
         None => cli.config,
         Some(Command::Snapshot(SnapshotCommand::Restore(args))) => {
-            init_logging(&args.logging.filter());
-            match pgetcd_server::snapshot::restore::run(&args).await {
-                Ok(report) => {
-                    println!("{report}");
-                    return;
-                }
-                Err(e) => fail(e),
-            }
+            offline(&args.logging, pgetcd_server::snapshot::restore::run(&args)).await
         }
         Some(Command::Keyspace(cmd)) => {
             let logging = match &cmd {
@@ -55,24 +63,10 @@ async fn main() {
                 KeyspaceCommand::Drop(d) => &d.target.logging,
                 KeyspaceCommand::CopyPrefix(c) => &c.target.logging,
             };
-            init_logging(&logging.filter());
-            match pgetcd_server::keyspaces::run(&cmd).await {
-                Ok(report) => {
-                    println!("{report}");
-                    return;
-                }
-                Err(e) => fail(e),
-            }
+            offline(logging, pgetcd_server::keyspaces::run(&cmd)).await
         }
         Some(Command::Migrate(args)) => {
-            init_logging(&args.logging.filter());
-            match pgetcd_server::migrate::run(&args).await {
-                Ok(report) => {
-                    println!("{report}");
-                    return;
-                }
-                Err(e) => fail(e),
-            }
+            offline(&args.logging, pgetcd_server::migrate::run(&args)).await
         }
     };
     init_logging(&config.log_filter());

@@ -163,11 +163,8 @@ pub async fn run(args: &CopyPrefixArgs) -> Result<String, ServerError> {
             Some(url) => Some(url.clone()),
             None => Some(held.store_url().to_owned()),
         };
-        let mut config =
-            source_flags.store_config(source_flags.postgres_url.clone().unwrap_or_default());
-        config.read_pool_size = 1;
-        let source = pgetcd_storage_postgres::PgStore::new(&config)
-            .map_err(|e| failed("the source keyspace", e))?;
+        let url = source_flags.postgres_url.clone().unwrap_or_default();
+        let source = crate::keyspaces::store_of(&source_flags, url)?;
         let meta = source
             .meta()
             .await
