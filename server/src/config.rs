@@ -264,6 +264,13 @@ pub struct KeyspaceFlags {
     /// comments.
     #[arg(long, env = "PGETCD_KEYSPACES_FILE")]
     pub keyspaces_file: Option<PathBuf>,
+
+    /// Routes the keys starting with PREFIX, on the main keyspace's client URLs, to
+    /// KEYSPACE (one of --serve-keyspace), as `PREFIX=KEYSPACE` (repeatable; prefixes
+    /// may not overlap). A request, txn or watch whose keys fall in more than one
+    /// keyspace is refused with InvalidArgument (see docs/operations.md).
+    #[arg(long = "route-prefix", env = "PGETCD_ROUTE_PREFIX")]
+    pub route_prefix: Vec<crate::routing::RoutePrefix>,
 }
 
 /// Where the keyspace lives: Postgres, or the managed one under --data-dir.
@@ -658,13 +665,18 @@ impl Config {
         c.keyspaces = KeyspaceFlags {
             serve_keyspace: Vec::new(),
             keyspaces_file: None,
+            route_prefix: Vec::new(),
         };
         c
     }
 
     /// Checks values that clap cannot.
     pub fn validate(&self) -> Result<(), String> {
-        self.served_keyspaces()?;
+        let specs = self.served_keyspaces()?;
+        let names: Vec<&str> = std::iter::once(self.storage.keyspace.as_str())
+            .chain(specs.iter().map(|s| s.name.as_str()))
+            .collect();
+        crate::routing::spans(&self.keyspaces.route_prefix, &names)?;
         self.engine.validate()?;
         self.storage.validate()?;
         self.member.validate()?;

@@ -28,6 +28,8 @@ pub mod migrate;
 pub mod node;
 /// `pgetcd keyspace copy-prefix`: keys moved between keyspaces, revisions raised.
 pub mod prefix_copy;
+/// Prefix routing: one listener over several keyspaces (--route-prefix).
+pub mod routing;
 /// The highest revision served, recorded under --data-dir; the start-up guard against
 /// a keyspace restored to an older revision, and --bump-revision.
 pub mod served;
@@ -117,6 +119,18 @@ pub struct Running {
 }
 
 impl Running {
+    /// This keyspace as the target of another keyspace's routed listener (with the
+    /// watch settings of `config`).
+    fn routing_target(&self, config: &Config) -> routing::Target {
+        routing::Target::new(
+            &self.sources.keyspace,
+            &self.node,
+            &self.sources.hub,
+            watch_settings(config),
+            &self.shutdown.subscribe(),
+        )
+    }
+
     /// URL of the first client listener (`http://addr` or `https://addr`).
     pub fn client_url(&self) -> String {
         self.client_urls[0].clone()
@@ -159,7 +173,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
             .postgres_url
             .clone()
             .unwrap_or_else(|| url.clone());
-        match Box::pin(start_keyspace(own, own_url, None, Vec::new())).await {
+        match Box::pin(start_keyspace(own, own_url, None, Vec::new(), Vec::new())).await {
             Ok(r) => others.push(r),
             Err(e) => {
                 futures::future::join_all(others.into_iter().map(Running::stop)).await;
@@ -168,8 +182,9 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         }
     }
     let sources = others.iter().map(|r| r.sources.clone()).collect();
+    let routed: Vec<routing::Target> = others.iter().map(|r| r.routing_target(&config)).collect();
     // Boxed: each keyspace's start-up holds its whole configuration.
-    match Box::pin(start_keyspace(config, url, postgres, sources)).await {
+    match Box::pin(start_keyspace(config, url, postgres, sources, routed)).await {
         Ok(mut main) => {
             main.others = others;
             Ok(main)
@@ -182,12 +197,14 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
 }
 
 /// Starts serving one keyspace on `url` (`postgres` is the managed cluster it runs on,
-/// stopped with it); its metrics listeners also render `others`.
+/// stopped with it); its metrics listeners also render `others`; its client listeners
+/// route --route-prefix to the keyspaces of `routed`.
 async fn start_keyspace(
     config: Config,
     url: String,
     postgres: Option<LocalPostgres>,
     others: Vec<metrics::Sources>,
+    routed: Vec<routing::Target>,
 ) -> Result<Running, ServerError> {
     let clients = ClientListeners::bind(&config).await?;
     let record = served::Record::new(&config.storage.data_dir, &config.storage.keyspace);
@@ -211,8 +228,31 @@ async fn start_keyspace(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let grpc = grpc_routes(&config, &node, &hub, &clients.advertise, &shutdown_rx)
-        .add_service(health_service);
+    let routes = if config.keyspaces.route_prefix.is_empty() {
+        None
+    } else {
+        let own = routing::Target::new(
+            &config.storage.keyspace,
+            &node,
+            &hub,
+            watch_settings(&config),
+            &shutdown_rx,
+        );
+        let targets = std::iter::once(own).chain(routed).collect();
+        let routes = routing::Routes::new(targets, &config.keyspaces.route_prefix)
+            .map_err(ServerError::Config)?;
+        Some(Arc::new(routes))
+    };
+    let grpc = grpc_routes(
+        &config,
+        &node,
+        &hub,
+        &clients.advertise,
+        &shutdown_rx,
+        routes.as_ref(),
+        &mut tasks,
+    )
+    .add_service(health_service);
     let router = grpc.into_axum_router().merge(http::router(sources.clone()));
     let app = tower::ServiceBuilder::new()
         .layer(metrics::GrpcMetricsLayer(server_metrics.clone()))
@@ -395,25 +435,28 @@ fn background_tasks(
     Ok(tasks)
 }
 
-/// etcd's gRPC services (all but health), with etcd's message size limits.
+/// The Watch service's settings of `config`.
+fn watch_settings(config: &Config) -> services::WatchSettings {
+    services::WatchSettings {
+        progress_interval: config.progress_notify_interval(),
+        max_response_bytes: config.engine.max_request_bytes,
+    }
+}
+
+/// etcd's gRPC services (all but health), with etcd's message size limits; KV, Watch
+/// and Lease over `routes` when the listener routes prefixes to other keyspaces (with
+/// the task sampling revisions for their compaction added to `tasks`).
 fn grpc_routes(
     config: &Config,
     engine: &node::Node,
     hub: &pgetcd_watchbus::Hub,
     advertise: &[String],
     shutdown: &watch::Receiver<bool>,
+    routes: Option<&Arc<routing::Routes>>,
+    tasks: &mut Vec<JoinHandle<()>>,
 ) -> tonic::service::Routes {
     let limit = config.engine.max_request_bytes + GRPC_OVERHEAD_BYTES;
-    let watch_settings = services::WatchSettings {
-        progress_interval: config.progress_notify_interval(),
-        max_response_bytes: config.engine.max_request_bytes,
-    };
-    tonic::service::Routes::new(
-        KvServer::new(services::KvService::new(engine.clone()))
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(usize::MAX),
-    )
-    .add_service(
+    let common = tonic::service::Routes::new(
         ClusterServer::new(services::ClusterService::new(
             engine.clone(),
             config.member.name.clone(),
@@ -426,24 +469,49 @@ fn grpc_routes(
         MaintenanceServer::new(services::MaintenanceService::new(engine.clone()))
             .max_decoding_message_size(limit),
     )
-    .add_service(
-        WatchServer::new(services::WatchService::new(
-            engine.clone(),
-            hub.clone(),
-            watch_settings,
-            shutdown.clone(),
-        ))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(usize::MAX),
-    )
-    .add_service(
-        LeaseServer::new(services::LeaseService::new(
-            engine.clone(),
-            shutdown.clone(),
-        ))
-        .max_decoding_message_size(limit),
-    )
-    .add_service(AuthServer::new(services::AuthService).max_decoding_message_size(limit))
+    .add_service(AuthServer::new(services::AuthService).max_decoding_message_size(limit));
+    let Some(routes) = routes else {
+        return common
+            .add_service(
+                KvServer::new(services::KvService::new(engine.clone()))
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(usize::MAX),
+            )
+            .add_service(
+                WatchServer::new(services::WatchService::new(
+                    engine.clone(),
+                    hub.clone(),
+                    watch_settings(config),
+                    shutdown.clone(),
+                ))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(usize::MAX),
+            )
+            .add_service(
+                LeaseServer::new(services::LeaseService::new(
+                    engine.clone(),
+                    shutdown.clone(),
+                ))
+                .max_decoding_message_size(limit),
+            );
+    };
+    let compaction = routing::CompactionMap::new(routes.clone());
+    tasks.push(tokio::spawn(compaction.clone().run(shutdown.clone())));
+    common
+        .add_service(
+            KvServer::new(routing::RoutedKv::new(routes.clone(), compaction))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            WatchServer::new(routing::RoutedWatch::new(routes.clone(), shutdown.clone()))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            LeaseServer::new(routing::RoutedLease::new(routes.clone(), shutdown.clone()))
+                .max_decoding_message_size(limit),
+        )
 }
 
 /// Serves /health, /metrics and friends on every --listen-metrics-urls.

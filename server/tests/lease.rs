@@ -35,6 +35,16 @@ fn all() -> RangeRequest {
     }
 }
 
+/// Every key of the scenario (a to e), and no other: through a routed listener, a range
+/// of every key would span keyspaces.
+fn scenario_keys() -> RangeRequest {
+    RangeRequest {
+        key: Bytes::from_static(b"a"),
+        range_end: Bytes::from_static(b"z"),
+        ..Default::default()
+    }
+}
+
 fn clear(h: &mut Option<ResponseHeader>) {
     if let Some(h) = h {
         h.cluster_id = 0;
@@ -136,10 +146,10 @@ async fn scenario(url: &str) -> Vec<String> {
             .into_inner(),
     ));
     rec!(l.lease_revoke(LeaseRevokeRequest { id: 1000 }).await);
-    rec!(c.kv.range(all()).await);
+    rec!(c.kv.range(scenario_keys()).await);
     rec!(l.lease_revoke(LeaseRevokeRequest { id: 1000 }).await);
     rec!(l.lease_revoke(LeaseRevokeRequest { id: 1001 }).await);
-    rec!(c.kv.range(all()).await);
+    rec!(c.kv.range(scenario_keys()).await);
     out.push(leases(
         l.lease_leases(LeaseLeasesRequest {})
             .await
@@ -157,6 +167,29 @@ fn futures_stream(ids: Vec<i64>) -> impl tokio_stream::Stream<Item = LeaseKeepAl
 async fn lease_scenario_identical_to_etcd() {
     let etcd = RealEtcd::start().await;
     let ours = TestServer::start_default().await;
+    let want = scenario(&etcd.url).await;
+    let got = scenario(&ours.url()).await;
+    for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+        assert_eq!(g, w, "step {i}: left = pgetcd, right = etcd");
+    }
+    assert_eq!(got.len(), want.len());
+    ours.stop().await;
+}
+
+/// The same scenario through a listener that routes a prefix to another keyspace: its
+/// leases live in both keyspaces, and answer as etcd's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_scenario_identical_to_etcd_through_a_routed_listener() {
+    let etcd = RealEtcd::start().await;
+    let mut config = pgetcd_testkit::test_config();
+    let other = pgetcd_testkit::fresh_keyspace();
+    config.keyspaces.serve_keyspace = vec![
+        format!("name={other} listen-client-urls=http://127.0.0.1:0")
+            .parse()
+            .unwrap(),
+    ];
+    config.keyspaces.route_prefix = vec![format!("zz/={other}").parse().unwrap()];
+    let ours = TestServer::start(config).await;
     let want = scenario(&etcd.url).await;
     let got = scenario(&ours.url()).await;
     for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {

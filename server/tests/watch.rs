@@ -58,6 +58,8 @@ async fn apply(c: &mut Clients, w: &Write) -> i64 {
 
 struct Gen {
     rng: StdRng,
+    /// The range of a watch of every key.
+    every_key: (Bytes, Bytes),
 }
 
 impl Gen {
@@ -117,7 +119,7 @@ impl Gen {
                 (b(p), prefix_end(p))
             }
             2 => (b("a/3"), b("b/2")),
-            _ => (Bytes::from_static(&[0]), Bytes::from_static(&[0])),
+            _ => self.every_key.clone(),
         };
         let start_revision = match self.rng.random_range(0..10) {
             0..=3 => 0,
@@ -182,11 +184,19 @@ fn normalise(rs: &[WatchResponse]) -> Normalised {
 /// load the machine enough to delay etcd's own deliveries past the comparison).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_identical_to_etcd() {
-    watch_differential(WatchSource::Writer).await;
-    watch_differential(WatchSource::Wal).await;
+    watch_differential(WatchSource::Writer, false).await;
+    watch_differential(WatchSource::Wal, false).await;
 }
 
-async fn watch_differential(source: WatchSource) {
+/// The same through a listener routing the prefix `zz/` (which the scenario never
+/// writes) to another keyspace; a watch of every key there would span both, so the
+/// scenario's is of every key below `zz/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_identical_to_etcd_through_a_routed_listener() {
+    watch_differential(WatchSource::Writer, true).await;
+}
+
+async fn watch_differential(source: WatchSource, routed: bool) {
     let seed: u64 = std::env::var("PGETCD_DIFF_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -196,6 +206,17 @@ async fn watch_differential(source: WatchSource) {
     let mut config = test_config();
     config.storage.history_partition_revisions = 40;
     config.watch.watch_source = source;
+    let mut every_key = (Bytes::from_static(&[0]), Bytes::from_static(&[0]));
+    if routed {
+        let other = pgetcd_testkit::fresh_keyspace();
+        config.keyspaces.serve_keyspace = vec![
+            format!("name={other} listen-client-urls=http://127.0.0.1:0")
+                .parse()
+                .unwrap(),
+        ];
+        config.keyspaces.route_prefix = vec![format!("zz/={other}").parse().unwrap()];
+        every_key.1 = Bytes::from_static(b"zz/");
+    }
     let ours = TestServer::start(config).await;
     let urls = [etcd.url.clone(), ours.url()];
     let mut clients = [
@@ -208,6 +229,7 @@ async fn watch_differential(source: WatchSource) {
     }
     let mut g = Gen {
         rng: StdRng::seed_from_u64(seed),
+        every_key,
     };
     let mut cur = 1;
     let mut compact = 0;

@@ -27,6 +27,16 @@ pub struct TestWatch {
 impl TestWatch {
     /// Opens a Watch stream on the endpoint at `url`.
     pub async fn open(url: &str) -> TestWatch {
+        Self::open_with(url, false).await
+    }
+
+    /// Opens a Watch stream that needs a leader, as kube-apiserver's
+    /// (clientv3.WithRequireLeader).
+    pub async fn open_require_leader(url: &str) -> TestWatch {
+        Self::open_with(url, true).await
+    }
+
+    async fn open_with(url: &str, require_leader: bool) -> TestWatch {
         let mut client = WatchClient::new(channel(url).await).max_decoding_message_size(usize::MAX);
         let (tx, rx) = mpsc::channel(64);
         let responses = Arc::new(Mutex::new(Vec::new()));
@@ -36,7 +46,14 @@ impl TestWatch {
         // etcd sends the response headers only with its first message, so the call
         // completes only after a request was sent: drive it in the background.
         tokio::spawn(async move {
-            let mut inbound = match client.watch(ReceiverStream::new(rx)).await {
+            let mut request = tonic::Request::new(ReceiverStream::new(rx));
+            if require_leader {
+                request.metadata_mut().insert(
+                    "hasleader",
+                    tonic::metadata::MetadataValue::from_static("true"),
+                );
+            }
+            let mut inbound = match client.watch(request).await {
                 Ok(s) => s.into_inner(),
                 Err(s) => {
                     *e.lock() = Some(s);
@@ -96,6 +113,13 @@ impl TestWatch {
             .await;
         self.wait_for(before, |r| r.watch_id == -1 && r.events.is_empty())
             .await
+    }
+
+    /// Sends a progress request without waiting for an answer (a router answers a
+    /// stream spanning keyspaces per watcher).
+    pub async fn send_progress(&self) {
+        self.send(RequestUnion::ProgressRequest(WatchProgressRequest {}))
+            .await;
     }
 
     /// Asks for progress until the answer's revision reaches `revision` (30 s at most):

@@ -4,6 +4,7 @@
 //! opened on the writer ends with `etcdserver: leader changed` once this instance
 //! follows, so that the client's next stream reaches the writer.
 
+use futures::StreamExt;
 use pgetcd_proto::etcdserverpb::{
     LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
     LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse,
@@ -91,8 +92,59 @@ impl Lease for LeaseService {
         &self,
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<KeepAliveStream>, Status> {
-        let require_leader = self.node.admit_stream(req.metadata())?;
-        let mut inbound = req.into_inner();
+        let metadata = req.metadata().clone();
+        let rx = self
+            .keep_alive(&metadata, Box::pin(req.into_inner()))
+            .await?;
+        Ok(Response::new(Box::pin(rx)))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        req: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        if self.forwards() {
+            let req = req.into_inner();
+            return self
+                .node
+                .forward(|ch| async move { LeaseClient::new(ch).lease_time_to_live(req).await })
+                .await;
+        }
+        Ok(Response::new(
+            self.node.engine().lease_time_to_live(req.get_ref()),
+        ))
+    }
+
+    async fn lease_leases(
+        &self,
+        req: Request<LeaseLeasesRequest>,
+    ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        if self.forwards() {
+            let req = req.into_inner();
+            return self
+                .node
+                .forward(|ch| async move { LeaseClient::new(ch).lease_leases(req).await })
+                .await;
+        }
+        Ok(Response::new(self.node.engine().lease_leases()))
+    }
+}
+
+/// The requests of one keepalive stream, from its client or from a router (see
+/// `crate::routing`).
+pub type KeepAliveRequests = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<LeaseKeepAliveRequest, Status>> + Send + 'static>,
+>;
+
+impl LeaseService {
+    /// Serves a keepalive stream over `inbound` (with the metadata its client sent):
+    /// its responses, or etcd's refusal of the stream.
+    pub async fn keep_alive(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        mut inbound: KeepAliveRequests,
+    ) -> Result<ReceiverStream<Result<LeaseKeepAliveResponse, Status>>, Status> {
+        let require_leader = self.node.admit_stream(metadata)?;
         let (tx, rx) = mpsc::channel(16);
         let node = self.node.clone();
         let mut shutdown = self.shutdown.clone();
@@ -125,8 +177,8 @@ impl Lease for LeaseService {
                             let _ = tx.send(Err(crate::node::no_leader())).await;
                             return;
                         }
-                        m = inbound.message() => match m {
-                            Ok(Some(r)) => if up.send(r).await.is_err() { return },
+                        m = inbound.next() => match m {
+                            Some(Ok(r)) => if up.send(r).await.is_err() { return },
                             _ => return,
                         },
                         r = down.message() => match r {
@@ -138,7 +190,7 @@ impl Lease for LeaseService {
                     }
                 }
             });
-            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+            return Ok(ReceiverStream::new(rx));
         }
         tokio::spawn(async move {
             tokio::pin!(leader_lost);
@@ -148,11 +200,11 @@ impl Lease for LeaseService {
                         let _ = tx.send(Err(crate::node::no_leader())).await;
                         return;
                     }
-                    m = inbound.message() => m,
+                    m = inbound.next() => m,
                     _ = crate::shutdown::stopped(&mut shutdown) => return,
                 };
                 match msg {
-                    Ok(Some(r)) => {
+                    Some(Ok(r)) => {
                         let engine = node.engine();
                         if engine.is_follower() {
                             // This instance stopped writing since the stream opened: its
@@ -171,36 +223,6 @@ impl Lease for LeaseService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-
-    async fn lease_time_to_live(
-        &self,
-        req: Request<LeaseTimeToLiveRequest>,
-    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        if self.forwards() {
-            let req = req.into_inner();
-            return self
-                .node
-                .forward(|ch| async move { LeaseClient::new(ch).lease_time_to_live(req).await })
-                .await;
-        }
-        Ok(Response::new(
-            self.node.engine().lease_time_to_live(req.get_ref()),
-        ))
-    }
-
-    async fn lease_leases(
-        &self,
-        req: Request<LeaseLeasesRequest>,
-    ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        if self.forwards() {
-            let req = req.into_inner();
-            return self
-                .node
-                .forward(|ch| async move { LeaseClient::new(ch).lease_leases(req).await })
-                .await;
-        }
-        Ok(Response::new(self.node.engine().lease_leases()))
+        Ok(ReceiverStream::new(rx))
     }
 }

@@ -13,4 +13,5 @@ pub use kv::KvService;
 pub use lease::LeaseService;
 pub use maintenance::{ETCD_CLUSTER_VERSION, ETCD_VERSION, MaintenanceService};
 pub use unimplemented::AuthService;
+pub(crate) use watch::DUPLICATE_ID;
 pub use watch::{WatchService, WatchSettings};

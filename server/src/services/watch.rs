@@ -20,6 +20,7 @@ use bytes::Bytes;
 use pgetcd_engine::Error;
 
 use crate::node::Node;
+use futures::StreamExt;
 use pgetcd_proto::etcdserverpb::{
     ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse, watch_request::RequestUnion,
     watch_server::Watch,
@@ -36,7 +37,7 @@ use crate::status::to_status;
 
 /// etcd's reasons, sent in `cancel_reason`.
 const EMPTY_RANGE: &str = "mvcc: watcher range is empty";
-const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
+pub(crate) const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
 
 /// Settings of the Watch service.
 #[derive(Debug, Clone, Copy)]
@@ -75,14 +76,32 @@ impl WatchService {
 type WatchStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
 
+/// The requests of one watch stream, from its client or from a router (see
+/// `crate::routing`).
+pub type WatchRequests =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<WatchRequest, Status>> + Send + 'static>>;
+
 #[tonic::async_trait]
 impl Watch for WatchService {
     async fn watch(
         &self,
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
-        let require_leader = self.node.admit_stream(req.metadata())?;
-        let inbound = req.into_inner();
+        let metadata = req.metadata().clone();
+        let rx = self.open(&metadata, Box::pin(req.into_inner()))?;
+        Ok(Response::new(Box::pin(rx)))
+    }
+}
+
+impl WatchService {
+    /// Opens a watch stream over `inbound` (with the metadata its client sent): its
+    /// responses, or etcd's refusal of the stream.
+    pub fn open(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        inbound: WatchRequests,
+    ) -> Result<ReceiverStream<Result<WatchResponse, Status>>, Status> {
+        let require_leader = self.node.admit_stream(metadata)?;
         let (out, rx) = mpsc::channel(16);
         let task = StreamTask {
             node: self.node.clone(),
@@ -95,7 +114,12 @@ impl Watch for WatchService {
             told: Default::default(),
         };
         tokio::spawn(task.run(inbound, self.shutdown.clone(), require_leader));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(ReceiverStream::new(rx))
+    }
+
+    /// The engine's response header (for responses a router makes itself).
+    pub fn header(&self) -> ResponseHeader {
+        self.node.engine().header()
     }
 }
 
@@ -133,7 +157,7 @@ struct Gone;
 impl StreamTask {
     async fn run(
         mut self,
-        mut inbound: Streaming<WatchRequest>,
+        mut inbound: WatchRequests,
         mut shutdown: watch::Receiver<bool>,
         require_leader: bool,
     ) {
@@ -158,8 +182,8 @@ impl StreamTask {
                     let _ = self.out.send(Err(crate::node::no_leader())).await;
                     return;
                 }
-                msg = inbound.message() => match msg {
-                    Ok(Some(req)) => self.request(req).await,
+                msg = inbound.next() => match msg {
+                    Some(Ok(req)) => self.request(req).await,
                     _ => return,
                 },
                 Some(d) = self.bus.rx.recv() => self.deliver(d).await,
