@@ -716,3 +716,57 @@ func (c *cluster) apiMetric(series string) (float64, error) {
 	}
 	return 0, nil
 }
+
+// checkRoutedEvents (with -route-events) looks below the one endpoint
+// kube-apiserver uses: Events must sit in the events keyspace (read on that
+// keyspace's own listener, with their leases), nothing else may, and
+// kube-apiserver's compaction of the main keyspace must have reached the
+// events keyspace too.
+func (c *cluster) checkRoutedEvents(ctx context.Context) error {
+	ev := &corev1.Event{
+		ObjectMeta:     metav1.ObjectMeta{Name: "routed"},
+		InvolvedObject: corev1.ObjectReference{Kind: "ConfigMap", Namespace: harnessNS, Name: "settings"},
+		Reason:         "HarnessCheck", Message: "lands in the events keyspace", Type: corev1.EventTypeNormal,
+		FirstTimestamp: metav1.Now(), LastTimestamp: metav1.Now(), Count: 1,
+	}
+	if _, err := c.client.CoreV1().Events(harnessNS).Create(ctx, ev, metav1.CreateOptions{}); err != nil {
+		return err
+	}
+	events, err := c.etcdClientAt(c.eventsURL)
+	if err != nil {
+		return err
+	}
+	defer events.Close()
+	resp, err := events.Get(ctx, "/registry/events/"+harnessNS+"/routed")
+	if err != nil {
+		return err
+	}
+	if len(resp.Kvs) != 1 || resp.Kvs[0].Lease == 0 {
+		return fmt.Errorf("the event in the events keyspace: %v (want one key with a lease)", resp.Kvs)
+	}
+	all, err := events.Get(ctx, "\x00", clientv3.WithFromKey(), clientv3.WithKeysOnly())
+	if err != nil {
+		return err
+	}
+	for _, kv := range all.Kvs {
+		if !strings.HasPrefix(string(kv.Key), "/registry/events/") {
+			return fmt.Errorf("key %q in the events keyspace", kv.Key)
+		}
+	}
+	main, err := c.etcdClient()
+	if err != nil {
+		return err
+	}
+	defer main.Close()
+	spanning, err := main.Get(ctx, "/registry/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err == nil || !strings.Contains(err.Error(), "spans keyspaces") {
+		return fmt.Errorf("a range over both keyspaces through the routed endpoint: want InvalidArgument, got %v (%v)", err, spanning)
+	}
+	return waitFor(ctx, "compaction of the events keyspace", 4*c.opts.compaction+time.Minute, func() error {
+		_, err := events.Get(ctx, "/registry/events/", clientv3.WithPrefix(), clientv3.WithRev(2))
+		if !errors.Is(err, rpctypes.ErrCompacted) {
+			return fmt.Errorf("events keyspace, get at revision 2: want %v, got %v", rpctypes.ErrCompacted, err)
+		}
+		return nil
+	})
+}

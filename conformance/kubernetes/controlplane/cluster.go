@@ -39,6 +39,10 @@ type options struct {
 	// The instances' --watch-progress-notify-interval; 0 leaves pgetcd's
 	// default (10m, etcd's).
 	progressNotify time.Duration
+	// routeEvents: pgetcd serves a second keyspace, events, with a listener
+	// of its own, and its main listener (kube-apiserver's only endpoint)
+	// routes /registry/events/ to it (--route-prefix).
+	routeEvents bool
 }
 
 // cluster is a running control plane: a storage server, kube-apiserver over
@@ -50,6 +54,7 @@ type cluster struct {
 	postgres   *proc     // kine's Postgres, or the one the pgetcd instances share
 	members    []*member // with instances > 0; storage is nil then
 	storageURL string    // the endpoints, comma-separated
+	eventsURL  string    // with routeEvents: the events keyspace's own listener
 	metricsURL string    // the storage server's /metrics
 	dataDir    string    // what "size on disk" measures
 
@@ -117,6 +122,12 @@ func (c *cluster) startStorage(ctx context.Context) error {
 			"--listen-metrics-urls", "http://127.0.0.1:" + strconv.Itoa(mport),
 			"--cert-file", p("storage.crt"), "--key-file", p("storage.key"),
 			"--trusted-ca-file", p("ca.crt"), "--client-cert-auth",
+		}
+		if c.opts.routeEvents {
+			c.eventsURL = "https://127.0.0.1:" + strconv.Itoa(freePort())
+			args = append(args,
+				"--serve-keyspace", "name=events listen-client-urls="+c.eventsURL,
+				"--route-prefix", "/registry/events/=events")
 		}
 	case "etcd":
 		c.dataDir = c.path("etcd")

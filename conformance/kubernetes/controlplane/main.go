@@ -61,6 +61,8 @@ func main() {
 	flag.DurationVar(&ha.down, "ha-down", 5*time.Second, "how long a killed writer stays down before its restart")
 	flag.DurationVar(&o.progressNotify, "ha-progress-notify", 5*time.Second,
 		"the instances' --watch-progress-notify-interval (kubeadm writes 5s for etcd); 0: pgetcd's default, 10m")
+	flag.BoolVar(&o.routeEvents, "route-events", false,
+		"pgetcd only: serve a second keyspace, events, and route /registry/events/ to it on the one endpoint kube-apiserver uses (--route-prefix); adds a check that the events are there")
 	var mig migrateOptions
 	flag.IntVar(&mig.runs, "migrate", 0, "run the migration scenario of migrate.go this many times (each on a fresh cluster) instead of the checks")
 	flag.BoolVar(&mig.baseline, "migrate-baseline", false, "in the migration scenario, restart kube-apiserver on etcd instead of migrating (the control)")
@@ -178,6 +180,9 @@ func runChecks(ctx context.Context, c *cluster, nodes int) bool {
 			skip("cascading deletion", "no deployment")
 		}
 		run("compaction by kube-apiserver", func() error { return c.checkCompaction(ctx) })
+		if c.opts.routeEvents {
+			run("events routed to their keyspace", func() error { return c.checkRoutedEvents(ctx) })
+		}
 		if kw != nil {
 			run("storage restart", func() error { return c.checkStorageRestart(ctx, kw) })
 		} else {
