@@ -182,13 +182,7 @@ async fn lease_scenario_identical_to_etcd() {
 async fn lease_scenario_identical_to_etcd_through_a_routed_listener() {
     let etcd = RealEtcd::start().await;
     let mut config = pgetcd_testkit::test_config();
-    let other = pgetcd_testkit::fresh_keyspace();
-    config.keyspaces.serve_keyspace = vec![
-        format!("name={other} listen-client-urls=http://127.0.0.1:0")
-            .parse()
-            .unwrap(),
-    ];
-    config.keyspaces.route_prefix = vec![format!("zz/={other}").parse().unwrap()];
+    pgetcd_testkit::route_to_new_keyspace(&mut config, "zz/", None);
     let ours = TestServer::start(config).await;
     let want = scenario(&etcd.url).await;
     let got = scenario(&ours.url()).await;

@@ -18,7 +18,7 @@ use pgetcd_proto::etcdserverpb::{
 };
 use pgetcd_testkit::keepalive::{KeepAlives, keep_alive};
 use pgetcd_testkit::watch::TestWatch;
-use pgetcd_testkit::{TestServer, channel, fresh_keyspace, test_config, throwaway_options};
+use pgetcd_testkit::{TestServer, channel, route_to_new_keyspace, test_config, throwaway_options};
 
 async fn kv(url: &str) -> KvClient<tonic::transport::Channel> {
     KvClient::new(channel(url).await)
@@ -82,18 +82,13 @@ async fn routed_server(
 ) {
     let options = throwaway_options(dir, free_port().unwrap(), Vec::new());
     let second = LocalPostgres::start(options.clone()).unwrap();
-    let events = fresh_keyspace();
     let mut config = test_config();
     let main = config.storage.keyspace.clone();
-    config.keyspaces.serve_keyspace = vec![
-        format!(
-            "name={events} listen-client-urls=http://127.0.0.1:0 postgres-url={}",
-            second.tcp_url("postgres")
-        )
-        .parse()
-        .unwrap(),
-    ];
-    config.keyspaces.route_prefix = vec![format!("/registry/events/={events}").parse().unwrap()];
+    let events = route_to_new_keyspace(
+        &mut config,
+        "/registry/events/",
+        Some(&second.tcp_url("postgres")),
+    );
     let server = TestServer::start(config).await;
     (server, second, options, main, events)
 }

@@ -208,13 +208,7 @@ async fn watch_differential(source: WatchSource, routed: bool) {
     config.watch.watch_source = source;
     let mut every_key = (Bytes::from_static(&[0]), Bytes::from_static(&[0]));
     if routed {
-        let other = pgetcd_testkit::fresh_keyspace();
-        config.keyspaces.serve_keyspace = vec![
-            format!("name={other} listen-client-urls=http://127.0.0.1:0")
-                .parse()
-                .unwrap(),
-        ];
-        config.keyspaces.route_prefix = vec![format!("zz/={other}").parse().unwrap()];
+        pgetcd_testkit::route_to_new_keyspace(&mut config, "zz/", None);
         every_key.1 = Bytes::from_static(b"zz/");
     }
     let ours = TestServer::start(config).await;

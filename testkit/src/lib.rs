@@ -143,6 +143,30 @@ pub fn test_config() -> Config {
     c
 }
 
+/// Adds to `config` one more keyspace, fresh, served by the process (on `postgres_url`,
+/// else the main keyspace's Postgres), and routes `prefix` to it on the main keyspace's
+/// listener (`--route-prefix`); returns its name.
+pub fn route_to_new_keyspace(
+    config: &mut Config,
+    prefix: &str,
+    postgres_url: Option<&str>,
+) -> String {
+    let name = fresh_keyspace();
+    let mut spec = format!("name={name} listen-client-urls=http://127.0.0.1:0");
+    if let Some(url) = postgres_url {
+        spec.push_str(&format!(" postgres-url={url}"));
+    }
+    config
+        .keyspaces
+        .serve_keyspace
+        .push(spec.parse().expect("valid keyspace spec"));
+    config
+        .keyspaces
+        .route_prefix
+        .push(format!("{prefix}={name}").parse().expect("valid route"));
+    name
+}
+
 /// pgetcd running in-process.
 pub struct TestServer {
     /// The running server.

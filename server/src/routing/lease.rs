@@ -248,11 +248,6 @@ enum Keyspace {
     },
 }
 
-/// A keyspace's answers, then None when its stream ended.
-type KeyspaceAnswers = Pin<
-    Box<dyn Stream<Item = Option<Result<LeaseKeepAliveResponse, Status>>> + Send + Sync + 'static>,
->;
-
 type Opened = (
     usize,
     Result<ReceiverStream<Result<LeaseKeepAliveResponse, Status>>, Status>,
@@ -272,7 +267,7 @@ struct KeepAlive {
     metadata: tonic::metadata::MetadataMap,
     out: mpsc::Sender<Result<LeaseKeepAliveResponse, Status>>,
     keyspaces: Vec<Keyspace>,
-    answers: StreamMap<usize, KeyspaceAnswers>,
+    answers: StreamMap<usize, super::Answers<LeaseKeepAliveResponse>>,
     opened_tx: mpsc::Sender<Opened>,
     /// Per keyspace, the requests it was sent and has not answered, in order.
     asked: Vec<VecDeque<u64>>,
@@ -308,10 +303,7 @@ impl KeepAlive {
                 _ = crate::shutdown::stopped(&mut shutdown) => return,
                 Some((k, result)) = opened.recv() => match result {
                     Ok(answers) => {
-                        let answers: KeyspaceAnswers = Box::pin(
-                            answers.map(Some).chain(futures::stream::once(async { None })),
-                        );
-                        self.answers.insert(k, answers);
+                        self.answers.insert(k, super::until_end(answers));
                         if let Keyspace::Open { confirmed, .. } = &mut self.keyspaces[k] {
                             *confirmed = true;
                         }
@@ -320,16 +312,9 @@ impl KeepAlive {
                     Err(status) => self.failed(k, status).await,
                 },
                 Some((k, answer)) = self.answers.next(), if !self.answers.is_empty() => {
-                    match answer {
-                        Some(Ok(resp)) => self.answered(k, resp).await,
-                        Some(Err(status)) => self.failed(k, status).await,
-                        None => {
-                            let stopped = Status::unavailable(format!(
-                                "pgetcd: keyspace {} stopped serving",
-                                self.routes.targets()[k].name
-                            ));
-                            self.failed(k, stopped).await
-                        }
+                    match super::outcome(&self.routes, k, answer) {
+                        Ok(resp) => self.answered(k, resp).await,
+                        Err(status) => self.failed(k, status).await,
                     }
                 }
                 msg = inbound.message(), if readable => match msg {

@@ -30,6 +30,7 @@ mod lease;
 mod watch;
 
 use std::collections::BTreeSet;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -42,6 +43,37 @@ pub use watch::RoutedWatch;
 
 use crate::node::Node;
 use crate::services::{KvService, LeaseService, WatchService};
+
+/// A keyspace's answers on a stream a router opened there, then None when that stream
+/// ended.
+type Answers<T> =
+    Pin<Box<dyn futures::Stream<Item = Option<Result<T, tonic::Status>>> + Send + Sync>>;
+
+/// `answers`, with the None at its end.
+fn until_end<T: Send + Sync + 'static>(
+    answers: tokio_stream::wrappers::ReceiverStream<Result<T, tonic::Status>>,
+) -> Answers<T> {
+    use futures::StreamExt;
+    Box::pin(
+        answers
+            .map(Some)
+            .chain(futures::stream::once(async { None })),
+    )
+}
+
+/// What keyspace `k`'s stream gave: an answer, or why it ended.
+fn outcome<T>(
+    routes: &Routes,
+    k: usize,
+    answer: Option<Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    answer.unwrap_or_else(|| {
+        Err(tonic::Status::unavailable(format!(
+            "pgetcd: keyspace {} stopped serving",
+            routes.targets()[k].name
+        )))
+    })
+}
 
 /// `--route-prefix PREFIX=KEYSPACE`: keys starting with PREFIX go to KEYSPACE.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -49,9 +49,6 @@ impl RoutedWatch {
 }
 
 type Responses = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
-/// A keyspace's answers, then None when its stream ended.
-type KeyspaceAnswers =
-    Pin<Box<dyn Stream<Item = Option<Result<WatchResponse, Status>>> + Send + Sync + 'static>>;
 
 #[tonic::async_trait]
 impl Watch for RoutedWatch {
@@ -94,7 +91,7 @@ struct RoutedStream {
     out: mpsc::Sender<Result<WatchResponse, Status>>,
     /// Each keyspace's stream's requests, once opened.
     inners: Vec<Option<mpsc::Sender<Result<WatchRequest, Status>>>>,
-    answers: StreamMap<usize, KeyspaceAnswers>,
+    answers: StreamMap<usize, super::Answers<WatchResponse>>,
     owner: HashMap<i64, Owned>,
     next_id: i64,
     /// The create sent and not answered yet: its keyspace and id.
@@ -114,16 +111,9 @@ impl RoutedStream {
                 biased;
                 _ = crate::shutdown::stopped(&mut shutdown) => return,
                 Some((k, answer)) = self.answers.next(), if !self.answers.is_empty() => {
-                    match answer {
-                        Some(Ok(resp)) => self.answered(k, resp).await,
-                        Some(Err(status)) => self.failed(k, status).await,
-                        None => {
-                            let stopped = Status::unavailable(format!(
-                                "pgetcd: keyspace {} stopped serving",
-                                self.routes.targets()[k].name
-                            ));
-                            self.failed(k, stopped).await
-                        }
+                    match super::outcome(&self.routes, k, answer) {
+                        Ok(resp) => self.answered(k, resp).await,
+                        Err(status) => self.failed(k, status).await,
                     }
                 }
                 msg = inbound.message(), if readable => match msg {
@@ -155,12 +145,7 @@ impl RoutedStream {
         let answers = self.routes.targets()[k]
             .watch
             .open(&self.metadata, Box::pin(ReceiverStream::new(rx)))?;
-        let answers: KeyspaceAnswers = Box::pin(
-            answers
-                .map(Some)
-                .chain(futures::stream::once(async { None })),
-        );
-        self.answers.insert(k, answers);
+        self.answers.insert(k, super::until_end(answers));
         self.inners[k] = Some(tx.clone());
         Ok(tx)
     }
