@@ -32,24 +32,19 @@ pub struct Exclusive {
     postgres: Option<LocalPostgres>,
 }
 
-fn refused(e: pgetcd_storage::StoreError) -> ServerError {
-    ServerError::Start(e.with_causes())
-}
-
 impl Exclusive {
     /// Takes the keyspace of `storage` for the command `name` (see the module doc).
     pub async fn take(storage: &StorageFlags, name: &str) -> Result<Exclusive, ServerError> {
         let (postgres, url) = crate::postgres_of(storage).await?;
-        let store = Arc::new(PgStore::new(&storage.store_config(url.clone())).map_err(refused)?);
-        store.setup().await.map_err(refused)?;
+        let store = Arc::new(PgStore::new(&storage.store_config(url.clone()))?);
+        store.setup().await?;
         // An instance stopped just now stays registered until its registration lapses;
         // one that runs keeps renewing it.
         let deadline = std::time::Instant::now() + MEMBER_LIVE + std::time::Duration::from_secs(1);
         loop {
             let live: Vec<String> = store
                 .members(MEMBER_LIVE)
-                .await
-                .map_err(refused)?
+                .await?
                 .into_iter()
                 .map(|m| m.name)
                 .collect();
@@ -65,7 +60,7 @@ impl Exclusive {
             }
             tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         }
-        if let Some(holder) = store.leader().await.map_err(refused)?
+        if let Some(holder) = store.leader().await?
             && holder != name
         {
             return Err(ServerError::Start(format!(
@@ -73,7 +68,7 @@ impl Exclusive {
                 storage.keyspace
             )));
         }
-        let (fence, meta) = match store.campaign(name, ROLE_TTL).await.map_err(refused)? {
+        let (fence, meta) = match store.campaign(name, ROLE_TTL).await? {
             Campaign::Won { fence, meta } => (fence, meta),
             Campaign::Lost { leader } => {
                 return Err(ServerError::Start(format!(
@@ -104,7 +99,7 @@ impl Exclusive {
         self.store
             .renew(&self.fence, &self.name, ROLE_TTL)
             .await
-            .map_err(refused)
+            .map_err(crate::ServerError::from)
     }
 
     /// Gives the writer role up, so the next instance to start takes it at once, and
@@ -114,7 +109,7 @@ impl Exclusive {
             .store
             .hand_over(&self.fence, &self.name, None, ROLE_TTL)
             .await
-            .map_err(refused);
+            .map_err(crate::ServerError::from);
         if let Some(pg) = self.postgres.as_mut() {
             pg.stop();
         }

@@ -132,10 +132,6 @@ pub(crate) fn store_of(
         .map_err(|e| crate::ServerError::Start(e.with_causes()))
 }
 
-fn failed(e: pgetcd_storage::StoreError) -> crate::ServerError {
-    crate::ServerError::Start(e.with_causes())
-}
-
 /// `pgetcd keyspace ...`: returns the report to print.
 pub async fn run(cmd: &crate::config::KeyspaceCommand) -> Result<String, crate::ServerError> {
     use crate::config::KeyspaceCommand;
@@ -144,7 +140,7 @@ pub async fn run(cmd: &crate::config::KeyspaceCommand) -> Result<String, crate::
         KeyspaceCommand::Create(args) => {
             let (mut pg, url) = crate::postgres_of(&args.storage).await?;
             let store = store_of(&args.storage, url)?;
-            let meta = store.setup().await.map_err(failed);
+            let meta = store.setup().await.map_err(crate::ServerError::from);
             if let Some(pg) = pg.as_mut() {
                 pg.stop();
             }
@@ -173,7 +169,11 @@ pub async fn run(cmd: &crate::config::KeyspaceCommand) -> Result<String, crate::
                 crate::admin::Exclusive::take(&args.target.storage, "pgetcd-keyspace-drop").await?;
             let consumers = consumers_of(held.store.as_ref()).await;
             let dropped = match consumers {
-                Ok(consumers) => held.store.drop_keyspace(&consumers).await.map_err(failed),
+                Ok(consumers) => held
+                    .store
+                    .drop_keyspace(&consumers)
+                    .await
+                    .map_err(crate::ServerError::from),
                 Err(e) => Err(e),
             };
             // The role went with the schema; only the managed Postgres is left to stop.
@@ -193,8 +193,7 @@ async fn consumers_of(
     let ever = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
     Ok(store
         .members(ever)
-        .await
-        .map_err(failed)?
+        .await?
         .iter()
         .filter_map(|m| crate::node::feed_consumer(&m.name))
         .collect())
@@ -206,9 +205,7 @@ async fn list(
     url: String,
 ) -> Result<String, crate::ServerError> {
     use pgetcd_storage::Store;
-    let names = pgetcd_storage_postgres::list_keyspaces(&url)
-        .await
-        .map_err(failed)?;
+    let names = pgetcd_storage_postgres::list_keyspaces(&url).await?;
     let mut out = format!(
         "{:<24} {:>12} {:>12} {:>14}  {}",
         "KEYSPACE", "REVISION", "COMPACTED", "SIZE (BYTES)", "WRITER"
@@ -217,13 +214,9 @@ async fn list(
         let mut flags = storage.clone();
         flags.keyspace = name.clone();
         let store = store_of(&flags, url.clone())?;
-        let meta = store.meta().await.map_err(failed)?;
-        let size = store.size().await.map_err(failed)?;
-        let writer = store
-            .leader()
-            .await
-            .map_err(failed)?
-            .unwrap_or_else(|| "-".into());
+        let meta = store.meta().await?;
+        let size = store.size().await?;
+        let writer = store.leader().await?.unwrap_or_else(|| "-".into());
         out.push_str(&format!(
             "\n{name:<24} {:>12} {:>12} {size:>14}  {writer}",
             meta.revision, meta.compact_revision

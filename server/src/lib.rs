@@ -81,6 +81,20 @@ pub enum ServerError {
     Engine(#[from] pgetcd_engine::Error),
 }
 
+impl From<pgetcd_storage::StoreError> for ServerError {
+    /// A storage failure of an offline command, with its causes.
+    fn from(e: pgetcd_storage::StoreError) -> Self {
+        ServerError::Start(e.with_causes())
+    }
+}
+
+impl ServerError {
+    /// What an offline command was doing when `e` stopped it.
+    pub(crate) fn failed(what: &str, e: impl std::fmt::Display) -> ServerError {
+        ServerError::Start(format!("{what}: {e}"))
+    }
+}
+
 /// gRPC receive limit beyond --max-request-bytes, as etcd.
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 

@@ -115,10 +115,6 @@ pub struct MigrateArgs {
     pub logging: crate::config::LogFlags,
 }
 
-fn failed(what: &str, e: impl std::fmt::Display) -> ServerError {
-    ServerError::Start(format!("{what}: {e}"))
-}
-
 /// A channel to the source.
 async fn connect(args: &MigrateArgs) -> Result<Channel, ServerError> {
     let url = if args.from.contains("://") {
@@ -127,20 +123,25 @@ async fn connect(args: &MigrateArgs) -> Result<Channel, ServerError> {
         format!("http://{}", args.from)
     };
     let mut ep = Endpoint::from_shared(url.clone())
-        .map_err(|e| failed("--from", e))?
+        .map_err(|e| ServerError::failed("--from", e))?
         .connect_timeout(Duration::from_secs(5));
     if url.starts_with("https://") {
-        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| failed(&p.display().to_string(), e));
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|e| ServerError::failed(&p.display().to_string(), e))
+        };
         let mut tls = ClientTlsConfig::new();
         let Some(ca) = &args.from_cacert else {
-            return Err(failed("--from", "an https:// source needs --from-cacert"));
+            return Err(ServerError::failed(
+                "--from",
+                "an https:// source needs --from-cacert",
+            ));
         };
         tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
         match (&args.from_cert, &args.from_key) {
             (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read(c)?, read(k)?)),
             (None, None) => {}
             _ => {
-                return Err(failed(
+                return Err(ServerError::failed(
                     "--from-cert",
                     "needs --from-key, and the other way round",
                 ));
@@ -148,11 +149,11 @@ async fn connect(args: &MigrateArgs) -> Result<Channel, ServerError> {
         }
         ep = ep
             .tls_config(tls)
-            .map_err(|e| failed("TLS to the source", e))?;
+            .map_err(|e| ServerError::failed("TLS to the source", e))?;
     }
     ep.connect()
         .await
-        .map_err(|e| failed(&format!("connecting to {url}"), e))
+        .map_err(|e| ServerError::failed(&format!("connecting to {url}"), e))
 }
 
 /// The source's leases: id → granted TTL. The TTLs of leases in `known` are taken from
@@ -266,7 +267,7 @@ async fn first_copy(
                     args.replace,
                 )
                 .await
-                .map_err(|e| failed("loading the source's snapshot", e))?;
+                .map_err(|e| ServerError::failed("loading the source's snapshot", e))?;
                 info!(
                     revision = summary.revision,
                     compact_revision = summary.compact_revision,
@@ -282,10 +283,10 @@ async fn first_copy(
     }
     let leases = source_leases(ch, &BTreeMap::new())
         .await
-        .map_err(|e| failed("reading the source's leases", e.message()))?;
+        .map_err(|e| ServerError::failed("reading the source's leases", e.message()))?;
     let (revision, versions) = range_copy(ch)
         .await
-        .map_err(|e| failed("ranging over the source", e.message()))?;
+        .map_err(|e| ServerError::failed("ranging over the source", e.message()))?;
     let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
     let sender = tokio::spawn(async move {
         let mut versions = versions.into_iter().peekable();
@@ -310,7 +311,7 @@ async fn first_copy(
             },
         )
         .await
-        .map_err(|e| failed("loading the source's keys", e.with_causes()))?;
+        .map_err(|e| ServerError::failed("loading the source's keys", e.with_causes()))?;
     let _ = sender.await;
     info!(
         revision,
@@ -355,7 +356,10 @@ async fn commit(store: &dyn Store, held: &Exclusive, batch: Batch<'_>) -> Result
         match store.commit(&held.fence, batch).await {
             Ok(()) => return Ok(()),
             Err(e) if e.outcome() == pgetcd_storage::Outcome::Fenced => {
-                return Err(failed("the keyspace was taken over", e.with_causes()));
+                return Err(ServerError::failed(
+                    "the keyspace was taken over",
+                    e.with_causes(),
+                ));
             }
             Err(e) => {
                 warn!(error = %e.with_causes(), "migrate: commit failed; retrying");
@@ -509,7 +513,7 @@ async fn source_refuses_writes(ch: &Channel) -> Result<bool, ServerError> {
     match r {
         Ok(_) => Ok(false),
         Err(s) if s.message().contains("database space exceeded") => Ok(true),
-        Err(s) => Err(failed("probing the source", s.message())),
+        Err(s) => Err(ServerError::failed("probing the source", s.message())),
     }
 }
 
@@ -551,16 +555,16 @@ async fn migrate(
             )),
         })
         .await
-        .map_err(|e| failed("watch", e))?;
+        .map_err(|e| ServerError::failed("watch", e))?;
     let mut responses = WatchClient::new(ch.clone())
         .max_decoding_message_size(usize::MAX)
         .watch(tokio_stream::wrappers::ReceiverStream::new(req_rx))
         .await
-        .map_err(|e| failed("watching the source", e.message()))?
+        .map_err(|e| ServerError::failed("watching the source", e.message()))?
         .into_inner();
     let (mut term, mut int) = (
-        signal(SignalKind::terminate()).map_err(|e| failed("signals", e))?,
-        signal(SignalKind::interrupt()).map_err(|e| failed("signals", e))?,
+        signal(SignalKind::terminate()).map_err(|e| ServerError::failed("signals", e))?,
+        signal(SignalKind::interrupt()).map_err(|e| ServerError::failed("signals", e))?,
     );
     let mut poll = tokio::time::interval(POLL);
     let mut renew = tokio::time::interval(crate::node::TICK);
@@ -574,10 +578,10 @@ async fn migrate(
     loop {
         tokio::select! {
             r = responses.message() => {
-                let r = r.map_err(|e| failed("the source's watch", e.message()))?
-                    .ok_or_else(|| failed("the source's watch", "ended"))?;
+                let r = r.map_err(|e| ServerError::failed("the source's watch", e.message()))?
+                    .ok_or_else(|| ServerError::failed("the source's watch", "ended"))?;
                 if r.canceled {
-                    return Err(failed(
+                    return Err(ServerError::failed(
                         "the source's watch was cancelled",
                         if r.compact_revision > 0 {
                             format!("the source compacted past revision {} (compact revision {}): run the migration again", follow.applied + 1, r.compact_revision)
@@ -656,7 +660,7 @@ async fn start_cutover(
     current: Option<Instant>,
 ) -> Result<Option<Instant>, ServerError> {
     if current.is_some() {
-        return Err(failed("cutover", "aborted by a second signal"));
+        return Err(ServerError::failed("cutover", "aborted by a second signal"));
     }
     info!("migrate: cutover asked for");
     if args.freeze_source && !*frozen {
@@ -667,7 +671,7 @@ async fn start_cutover(
                 alarm: AlarmType::Nospace as i32,
             })
             .await
-            .map_err(|e| failed("freezing the source (NOSPACE alarm)", e.message()))?;
+            .map_err(|e| ServerError::failed("freezing the source (NOSPACE alarm)", e.message()))?;
         *frozen = true;
         info!("migrate: the source is frozen (NOSPACE alarm)");
     }
@@ -694,7 +698,7 @@ async fn source_revision(ch: &Channel) -> Result<i64, ServerError> {
             ..Default::default()
         })
         .await
-        .map_err(|e| failed("reading the source's revision", e.message()))?;
+        .map_err(|e| ServerError::failed("reading the source's revision", e.message()))?;
     Ok(r.into_inner().header.map(|h| h.revision).unwrap_or(0))
 }
 

@@ -21,7 +21,7 @@ use crate::ServerError;
 use crate::config::CopyPrefixArgs;
 
 fn failed(what: &str, e: pgetcd_storage::StoreError) -> ServerError {
-    ServerError::Start(format!("{what}: {}", e.with_causes()))
+    ServerError::failed(what, e.with_causes())
 }
 
 /// Each key's newest version in `export`, for the keys starting with `prefix` (None:
