@@ -15,6 +15,8 @@ pub mod auto_compaction;
 pub mod config;
 /// Durations as etcd's flags spell them.
 pub mod duration;
+/// etcd's HTTP JSON gateway on the client URLs.
+pub mod gateway;
 mod grpc_errors;
 mod http;
 /// More keyspaces served by one process.
@@ -257,7 +259,7 @@ async fn start_keyspace(
             .map_err(ServerError::Config)?;
         Some(Arc::new(routes))
     };
-    let grpc = grpc_routes(
+    let (grpc, gateway) = grpc_routes(
         &config,
         &node,
         &hub,
@@ -265,9 +267,12 @@ async fn start_keyspace(
         &shutdown_rx,
         routes.as_ref(),
         &mut tasks,
-    )
-    .add_service(health_service);
-    let router = grpc.into_axum_router().merge(http::router(sources.clone()));
+    );
+    let router = grpc
+        .add_service(health_service)
+        .into_axum_router()
+        .merge(http::router(sources.clone()))
+        .merge(gateway::router(gateway));
     let app = tower::ServiceBuilder::new()
         .layer(metrics::GrpcMetricsLayer(server_metrics.clone()))
         .map_response(grpc_errors::etcd_transport_errors::<axum::body::Body>)
@@ -457,9 +462,10 @@ fn watch_settings(config: &Config) -> services::WatchSettings {
     }
 }
 
-/// etcd's gRPC services (all but health), with etcd's message size limits; KV, Watch
-/// and Lease over `routes` when the listener routes prefixes to other keyspaces (with
-/// the task sampling revisions for their compaction added to `tasks`).
+/// etcd's gRPC services (all but health), with etcd's message size limits, and the
+/// JSON gateway over the same services; KV, Watch and Lease over `routes` when the
+/// listener routes prefixes to other keyspaces (with the task sampling revisions for
+/// their compaction added to `tasks`).
 fn grpc_routes(
     config: &Config,
     engine: &node::Node,
@@ -468,64 +474,75 @@ fn grpc_routes(
     shutdown: &watch::Receiver<bool>,
     routes: Option<&Arc<routing::Routes>>,
     tasks: &mut Vec<JoinHandle<()>>,
-) -> tonic::service::Routes {
+) -> (tonic::service::Routes, gateway::Gateway) {
     let limit = config.engine.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let cluster = Arc::new(services::ClusterService::new(
+        engine.clone(),
+        config.member.name.clone(),
+        config.member.initial_advertise_peer_urls.clone(),
+        advertise.to_vec(),
+    ));
+    let maintenance = Arc::new(services::MaintenanceService::new(engine.clone()));
+    let auth = Arc::new(services::AuthService);
     let common = tonic::service::Routes::new(
-        ClusterServer::new(services::ClusterService::new(
-            engine.clone(),
-            config.member.name.clone(),
-            config.member.initial_advertise_peer_urls.clone(),
-            advertise.to_vec(),
-        ))
-        .max_decoding_message_size(limit),
+        ClusterServer::from_arc(cluster.clone()).max_decoding_message_size(limit),
     )
-    .add_service(
-        MaintenanceServer::new(services::MaintenanceService::new(engine.clone()))
-            .max_decoding_message_size(limit),
-    )
-    .add_service(AuthServer::new(services::AuthService).max_decoding_message_size(limit));
+    .add_service(MaintenanceServer::from_arc(maintenance.clone()).max_decoding_message_size(limit))
+    .add_service(AuthServer::from_arc(auth.clone()).max_decoding_message_size(limit));
+    let gateway = |kv, watch, lease, keep_alive| gateway::Gateway {
+        kv,
+        watch,
+        lease,
+        keep_alive,
+        cluster,
+        maintenance,
+        auth,
+        max_request_bytes: limit,
+    };
     let Some(routes) = routes else {
-        return common
+        let kv = Arc::new(services::KvService::new(engine.clone()));
+        let watch = Arc::new(services::WatchService::new(
+            engine.clone(),
+            hub.clone(),
+            watch_settings(config),
+            shutdown.clone(),
+        ));
+        let lease = Arc::new(services::LeaseService::new(
+            engine.clone(),
+            shutdown.clone(),
+        ));
+        let grpc = common
             .add_service(
-                KvServer::new(services::KvService::new(engine.clone()))
+                KvServer::from_arc(kv.clone())
                     .max_decoding_message_size(limit)
                     .max_encoding_message_size(usize::MAX),
             )
             .add_service(
-                WatchServer::new(services::WatchService::new(
-                    engine.clone(),
-                    hub.clone(),
-                    watch_settings(config),
-                    shutdown.clone(),
-                ))
-                .max_decoding_message_size(limit)
-                .max_encoding_message_size(usize::MAX),
+                WatchServer::from_arc(watch.clone())
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(usize::MAX),
             )
-            .add_service(
-                LeaseServer::new(services::LeaseService::new(
-                    engine.clone(),
-                    shutdown.clone(),
-                ))
-                .max_decoding_message_size(limit),
-            );
+            .add_service(LeaseServer::from_arc(lease.clone()).max_decoding_message_size(limit));
+        return (grpc, gateway(kv, watch, lease.clone(), lease));
     };
     let compaction = routing::CompactionMap::new(routes.clone());
     tasks.push(tokio::spawn(compaction.clone().run(shutdown.clone())));
-    common
+    let kv = Arc::new(routing::RoutedKv::new(routes.clone(), compaction));
+    let watch = Arc::new(routing::RoutedWatch::new(routes.clone(), shutdown.clone()));
+    let lease = Arc::new(routing::RoutedLease::new(routes.clone(), shutdown.clone()));
+    let grpc = common
         .add_service(
-            KvServer::new(routing::RoutedKv::new(routes.clone(), compaction))
+            KvServer::from_arc(kv.clone())
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(usize::MAX),
         )
         .add_service(
-            WatchServer::new(routing::RoutedWatch::new(routes.clone(), shutdown.clone()))
+            WatchServer::from_arc(watch.clone())
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(usize::MAX),
         )
-        .add_service(
-            LeaseServer::new(routing::RoutedLease::new(routes.clone(), shutdown.clone()))
-                .max_decoding_message_size(limit),
-        )
+        .add_service(LeaseServer::from_arc(lease.clone()).max_decoding_message_size(limit));
+    (grpc, gateway(kv, watch, lease.clone(), lease))
 }
 
 /// Serves /health, /metrics and friends on every --listen-metrics-urls.

@@ -561,3 +561,114 @@ where
         }
     }
 }
+
+/// The `host:port` of an `http://host:port` URL.
+fn authority(url: &str) -> &str {
+    url.trim_start_matches("http://").trim_end_matches('/')
+}
+
+/// Sends `POST path` with `body` over HTTP/1.1 to the endpoint at `url` (`http://...`)
+/// and returns the status, the headers (lowercased names) and the body (chunked
+/// transfer decoded).
+pub async fn http_post(url: &str, path: &str, body: &str) -> (u16, Vec<(String, String)>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = authority(url);
+    let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("send the request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read the answer");
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let code = head[9..12].parse().expect("a status code");
+    let headers: Vec<(String, String)> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    (code, headers, body)
+}
+
+/// The body of a chunked HTTP/1.1 answer.
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The status, lines and whether the last line is complete, of a streamed answer read
+/// so far (None before its head arrived).
+fn streamed_lines(raw: &[u8]) -> Option<(u16, Vec<String>, bool)> {
+    let text = String::from_utf8_lossy(raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n")?;
+    let code = head.get(9..12)?.parse().ok()?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    let lines = body.lines().map(str::to_owned).collect();
+    Some((code, lines, body.ends_with('\n') || !chunked))
+}
+
+/// Sends `POST path` with `body` to the endpoint at `url` and returns the first `lines`
+/// lines of its streamed answer (a watch, a keepalive), or fewer if `wait` passes
+/// first or the answer ends; the status code first (0: no answer).
+pub async fn http_stream_lines(
+    url: &str,
+    path: &str,
+    body: &str,
+    lines: usize,
+    wait: std::time::Duration,
+) -> (u16, Vec<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = authority(url);
+    let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("send the request");
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some((code, got, complete)) = streamed_lines(&raw)
+            && got.len() >= lines
+            && complete
+        {
+            return (code, got.into_iter().take(lines).collect());
+        }
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => raw.extend_from_slice(&buf[..n]),
+            _ => {
+                let (code, got, _) = streamed_lines(&raw).unwrap_or_default();
+                return (code, got);
+            }
+        }
+    }
+}

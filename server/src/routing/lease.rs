@@ -29,6 +29,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::Routes;
+use crate::services::{KeepAliveRequests, OpenKeepAlive};
 
 /// How long a keyspace whose keepalive stream failed is left out of a client's stream.
 pub const KEEPALIVE_RETRY: Duration = Duration::from_secs(1);
@@ -138,26 +139,10 @@ impl Lease for RoutedLease {
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<KeepAliveResponses>, Status> {
         let metadata = req.metadata().clone();
-        let inbound = req.into_inner();
-        let (out, rx) = mpsc::channel(16);
-        let (opened_tx, opened) = mpsc::channel(4);
-        let n = self.routes.targets().len();
-        let task = KeepAlive {
-            routes: self.routes.clone(),
-            metadata,
-            out,
-            keyspaces: (0..n)
-                .map(|_| Keyspace::Closed { retry_at: None })
-                .collect(),
-            answers: StreamMap::new(),
-            opened_tx,
-            asked: vec![VecDeque::new(); n],
-            pending: VecDeque::new(),
-            next_seq: 0,
-            last_error: None,
-        };
-        tokio::spawn(task.run(inbound, opened, self.shutdown.clone()));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let rx = self
+            .open_keep_alive(&metadata, Box::pin(req.into_inner()))
+            .await?;
+        Ok(Response::new(Box::pin(rx)))
     }
 
     async fn lease_time_to_live(
@@ -283,7 +268,7 @@ struct Gone;
 impl KeepAlive {
     async fn run(
         mut self,
-        mut inbound: Streaming<LeaseKeepAliveRequest>,
+        mut inbound: KeepAliveRequests,
         mut opened: mpsc::Receiver<Opened>,
         mut shutdown: watch::Receiver<bool>,
     ) {
@@ -317,13 +302,13 @@ impl KeepAlive {
                         Err(status) => self.failed(k, status).await,
                     }
                 }
-                msg = inbound.message(), if readable => match msg {
-                    Ok(Some(req)) => self.request(req).await,
-                    Ok(None) => {
+                msg = inbound.next(), if readable => match msg {
+                    Some(Ok(req)) => self.request(req).await,
+                    None => {
                         closed = true;
                         Ok(())
                     }
-                    Err(_) => return,
+                    Some(Err(_)) => return,
                 },
             };
             if step.is_err() {
@@ -344,7 +329,7 @@ impl KeepAlive {
         let opened = self.opened_tx.clone();
         tokio::spawn(async move {
             let result = lease
-                .keep_alive(&metadata, Box::pin(ReceiverStream::new(rx)))
+                .open_keep_alive(&metadata, Box::pin(ReceiverStream::new(rx)))
                 .await;
             let _ = opened.send((k, result)).await;
         });
@@ -439,5 +424,35 @@ impl KeepAlive {
             }
         }
         Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl OpenKeepAlive for RoutedLease {
+    async fn open_keep_alive(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        inbound: KeepAliveRequests,
+    ) -> Result<ReceiverStream<Result<LeaseKeepAliveResponse, Status>>, Status> {
+        let metadata = metadata.clone();
+        let (out, rx) = mpsc::channel(16);
+        let (opened_tx, opened) = mpsc::channel(4);
+        let n = self.routes.targets().len();
+        let task = KeepAlive {
+            routes: self.routes.clone(),
+            metadata,
+            out,
+            keyspaces: (0..n)
+                .map(|_| Keyspace::Closed { retry_at: None })
+                .collect(),
+            answers: StreamMap::new(),
+            opened_tx,
+            asked: vec![VecDeque::new(); n],
+            pending: VecDeque::new(),
+            next_seq: 0,
+            last_error: None,
+        };
+        tokio::spawn(task.run(inbound, opened, self.shutdown.clone()));
+        Ok(ReceiverStream::new(rx))
     }
 }

@@ -34,7 +34,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::warn;
 
 use super::Routes;
-use crate::services::DUPLICATE_ID;
+use crate::services::{DUPLICATE_ID, OpenWatch, WatchRequests};
 
 /// etcd's Watch service over the keyspaces of a [`Routes`] table.
 pub struct RoutedWatch {
@@ -57,7 +57,18 @@ impl Watch for RoutedWatch {
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Responses>, Status> {
         let metadata = req.metadata().clone();
-        let inbound = req.into_inner();
+        let rx = self.open_watch(&metadata, Box::pin(req.into_inner()))?;
+        Ok(Response::new(Box::pin(rx)))
+    }
+}
+
+impl OpenWatch for RoutedWatch {
+    fn open_watch(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        inbound: WatchRequests,
+    ) -> Result<ReceiverStream<Result<WatchResponse, Status>>, Status> {
+        let metadata = metadata.clone();
         let (out, rx) = mpsc::channel(16);
         let n = self.routes.targets().len();
         let stream = RoutedStream {
@@ -71,7 +82,7 @@ impl Watch for RoutedWatch {
             creating: None,
         };
         tokio::spawn(stream.run(inbound, self.shutdown.clone()));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(ReceiverStream::new(rx))
     }
 }
 
@@ -99,26 +110,29 @@ struct RoutedStream {
 }
 
 impl RoutedStream {
-    async fn run(
-        mut self,
-        mut inbound: Streaming<WatchRequest>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    async fn run(mut self, mut inbound: WatchRequests, mut shutdown: watch::Receiver<bool>) {
+        // The client's end closed: the watchers go on, as etcd's.
+        let mut closed = false;
         loop {
             let readable =
                 self.creating.is_none() && self.inners.iter().flatten().all(|tx| tx.capacity() > 0);
             let step = tokio::select! {
                 biased;
                 _ = crate::shutdown::stopped(&mut shutdown) => return,
+                _ = self.out.closed() => return,
                 Some((k, answer)) = self.answers.next(), if !self.answers.is_empty() => {
                     match super::outcome(&self.routes, k, answer) {
                         Ok(resp) => self.answered(k, resp).await,
                         Err(status) => self.failed(k, status).await,
                     }
                 }
-                msg = inbound.message(), if readable => match msg {
-                    Ok(Some(req)) => self.request(req).await,
-                    _ => return,
+                msg = inbound.next(), if readable && !closed => match msg {
+                    Some(Ok(req)) => self.request(req).await,
+                    None => {
+                        closed = true;
+                        Ok(())
+                    }
+                    Some(Err(_)) => return,
                 },
             };
             if step.is_err() {
@@ -144,7 +158,7 @@ impl RoutedStream {
         let (tx, rx) = mpsc::channel(16);
         let answers = self.routes.targets()[k]
             .watch
-            .open(&self.metadata, Box::pin(ReceiverStream::new(rx)))?;
+            .open_watch(&self.metadata, Box::pin(ReceiverStream::new(rx)))?;
         self.answers.insert(k, super::until_end(answers));
         self.inners[k] = Some(tx.clone());
         Ok(tx)

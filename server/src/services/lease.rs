@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::node::{Node, forwarded};
+use crate::services::OpenKeepAlive;
 use crate::status::to_status;
 
 /// etcd's Lease service.
@@ -94,7 +95,7 @@ impl Lease for LeaseService {
     ) -> Result<Response<KeepAliveStream>, Status> {
         let metadata = req.metadata().clone();
         let rx = self
-            .keep_alive(&metadata, Box::pin(req.into_inner()))
+            .open_keep_alive(&metadata, Box::pin(req.into_inner()))
             .await?;
         Ok(Response::new(Box::pin(rx)))
     }
@@ -136,10 +137,9 @@ pub type KeepAliveRequests = std::pin::Pin<
     Box<dyn futures::Stream<Item = Result<LeaseKeepAliveRequest, Status>> + Send + 'static>,
 >;
 
-impl LeaseService {
-    /// Serves a keepalive stream over `inbound` (with the metadata its client sent):
-    /// its responses, or etcd's refusal of the stream.
-    pub async fn keep_alive(
+#[tonic::async_trait]
+impl super::OpenKeepAlive for LeaseService {
+    async fn open_keep_alive(
         &self,
         metadata: &tonic::metadata::MetadataMap,
         mut inbound: KeepAliveRequests,

@@ -33,6 +33,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
+use crate::services::OpenWatch;
 use crate::status::to_status;
 
 /// etcd's reasons, sent in `cancel_reason`.
@@ -88,15 +89,13 @@ impl Watch for WatchService {
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
         let metadata = req.metadata().clone();
-        let rx = self.open(&metadata, Box::pin(req.into_inner()))?;
+        let rx = self.open_watch(&metadata, Box::pin(req.into_inner()))?;
         Ok(Response::new(Box::pin(rx)))
     }
 }
 
-impl WatchService {
-    /// Opens a watch stream over `inbound` (with the metadata its client sent): its
-    /// responses, or etcd's refusal of the stream.
-    pub fn open(
+impl super::OpenWatch for WatchService {
+    fn open_watch(
         &self,
         metadata: &tonic::metadata::MetadataMap,
         inbound: WatchRequests,
@@ -116,7 +115,9 @@ impl WatchService {
         tokio::spawn(task.run(inbound, self.shutdown.clone(), require_leader));
         Ok(ReceiverStream::new(rx))
     }
+}
 
+impl WatchService {
     /// The engine's response header (for responses a router makes itself).
     pub fn header(&self) -> ResponseHeader {
         self.node.engine().header()
@@ -174,17 +175,25 @@ impl StreamTask {
         ticker.tick().await;
         let slow = self.bus.slow_signal();
         let mut gauge = self.bus.hub().watcher_gauge();
+        // The client's end closed: as etcd, the watchers go on until the stream ends
+        // (its client cancels it or goes away).
+        let mut closed = false;
         loop {
             let step = tokio::select! {
                 biased;
                 _ = crate::shutdown::stopped(&mut shutdown) => return,
+                _ = self.out.closed() => return,
                 _ = &mut leader_lost => {
                     let _ = self.out.send(Err(crate::node::no_leader())).await;
                     return;
                 }
-                msg = inbound.next() => match msg {
+                msg = inbound.next(), if !closed => match msg {
                     Some(Ok(req)) => self.request(req).await,
-                    _ => return,
+                    None => {
+                        closed = true;
+                        Ok(())
+                    }
+                    Some(Err(_)) => return,
                 },
                 Some(d) = self.bus.rx.recv() => self.deliver(d).await,
                 _ = slow.notified() => self.resync().await,
