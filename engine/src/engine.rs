@@ -14,6 +14,7 @@ use crate::config::{EngineConfig, REQUEST_ENVELOPE_BYTES};
 use crate::error::{Error, Result};
 use crate::lease::LeaseTable;
 use crate::metrics::EngineMetrics;
+use crate::state::{ALARM_CORRUPT, ALARM_NOSPACE};
 use crate::state::{Committed, Core};
 use crate::writer::{Job, Op, Reply, Writer};
 use crate::{hash, index, tasks};
@@ -56,7 +57,6 @@ impl Engine {
         fence: Fence,
         meta: Meta,
     ) -> Result<Engine> {
-        let quota = config.quota_backend_bytes > 0;
         let (engine, rx) = Engine::with_state(config, store, meta, Some(fence)).await?;
         let writer = Writer::new(engine.core.clone(), rx, fence);
         tokio::spawn(writer.run());
@@ -64,9 +64,6 @@ impl Engine {
             engine.core.leases.clone(),
             engine.jobs.downgrade(),
         ));
-        if quota {
-            tokio::spawn(tasks::watch_quota(Arc::downgrade(&engine.core)));
-        }
         Ok(engine)
     }
 
@@ -82,6 +79,7 @@ impl Engine {
         let metrics = Arc::new(EngineMetrics::default());
         let state =
             Core::load_state(&store, config.cache_bytes, leases.clone(), metrics.clone()).await?;
+        let alarms = store.alarms().await?;
         let (jobs, rx) = mpsc::channel(config.max_batch * 4);
         let core = Arc::new(Core {
             state: RwLock::new(Arc::new(state)),
@@ -93,7 +91,8 @@ impl Engine {
             config,
             writer_failed: AtomicBool::new(false),
             leases,
-            nospace: AtomicBool::new(false),
+            alarms: parking_lot::RwLock::new(alarms),
+            alarms_refresh: tokio::sync::Mutex::new(()),
             metrics,
             commit_times: Mutex::new(VecDeque::new()),
             commits: Mutex::new(None),
@@ -105,6 +104,7 @@ impl Engine {
             read_index: tokio::sync::Mutex::new(()),
             read_index_last: Mutex::new(None),
         });
+        tokio::spawn(tasks::watch_alarms(Arc::downgrade(&core)));
         Ok((Engine { core, jobs }, rx))
     }
 
@@ -216,18 +216,41 @@ impl Engine {
 
     /// Whether the NOSPACE alarm is raised.
     pub fn nospace(&self) -> bool {
-        self.core.nospace.load(Ordering::SeqCst)
+        self.core.has_alarm(ALARM_NOSPACE)
     }
 
-    /// Raises or clears the NOSPACE alarm (Alarm ACTIVATE / DEACTIVATE). A cleared
-    /// alarm is raised again at the next check while the keyspace is over quota.
-    pub fn set_nospace(&self, on: bool) {
-        self.core.nospace.store(on, Ordering::SeqCst);
+    /// The keyspace's alarms (as last read from the store): (member id, type), ordered.
+    pub fn alarms(&self) -> Vec<(u64, i32)> {
+        self.core.alarms.read().clone()
+    }
+
+    /// Reads the keyspace's alarms from the store (another instance may have changed
+    /// them) and returns them.
+    pub async fn refresh_alarms(&self) -> Result<Vec<(u64, i32)>> {
+        self.core.refresh_alarms().await
+    }
+
+    /// Raises (`on`) or clears alarm `alarm` of member `member_id` in the store (every
+    /// instance of the keyspace sees it within a second); returns whether it was
+    /// raised before.
+    pub async fn set_alarm(&self, member_id: u64, alarm: i32, on: bool) -> Result<bool> {
+        let was = self.core.store.set_alarm(member_id, alarm, on).await?;
+        self.core.refresh_alarms().await?;
+        Ok(was)
     }
 
     pub(crate) fn check_space(&self) -> Result<()> {
         if self.nospace() {
             Err(Error::NoSpace)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// etcd refuses every write while a CORRUPT alarm is raised.
+    pub(crate) fn check_corrupt(&self) -> Result<()> {
+        if self.core.has_alarm(ALARM_CORRUPT) {
+            Err(Error::Corrupt)
         } else {
             Ok(())
         }

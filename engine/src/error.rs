@@ -39,6 +39,9 @@ pub enum Error {
     /// The keyspace is over `--quota-backend-bytes` (NOSPACE alarm raised).
     #[error("mvcc: database space exceeded")]
     NoSpace,
+    /// A CORRUPT alarm is raised: every write is refused.
+    #[error("corrupt cluster")]
+    Corrupt,
     /// LeaseGrant with an id in use.
     #[error("lease already exists")]
     LeaseExists,

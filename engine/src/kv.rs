@@ -32,6 +32,7 @@ impl Engine {
     /// Put through the writer.
     pub async fn put(&self, r: PutRequest) -> Result<PutResponse> {
         validate::check_put(&r)?;
+        self.check_corrupt()?;
         self.check_space()?;
         self.check_size(r.encoded_len())?;
         match self.submit(Op::Put(r)).await? {
@@ -47,6 +48,7 @@ impl Engine {
     /// DeleteRange through the writer.
     pub async fn delete_range(&self, r: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
         validate::check_delete(&r)?;
+        self.check_corrupt()?;
         self.check_size(r.encoded_len())?;
         match self.submit(Op::Delete(r)).await? {
             Reply::Delete(mut resp) => {
@@ -67,6 +69,7 @@ impl Engine {
             let mut ex = Exec::new(&st, st.published(), st.compact());
             ex.txn(&r).await?
         } else {
+            self.check_corrupt()?;
             if txn_has_put(&r) {
                 self.check_space()?;
             }
@@ -110,6 +113,7 @@ impl Engine {
     /// Compact through the writer; returns once history at or below the revision is
     /// gone from memory and Postgres (partitions dropped).
     pub async fn compact(&self, r: CompactionRequest) -> Result<CompactionResponse> {
+        self.check_corrupt()?;
         self.check_size(r.encoded_len())?;
         match self.submit(Op::Compact(r)).await? {
             Reply::Compact(mut resp) => {

@@ -18,6 +18,7 @@ impl Engine {
         if r.ttl > MAX_LEASE_TTL {
             return Err(Error::LeaseTtlTooLarge);
         }
+        self.check_corrupt()?;
         self.check_space()?;
         let ttl = r.ttl.max(MIN_LEASE_TTL);
         let mut id = r.id;
@@ -35,6 +36,7 @@ impl Engine {
 
     /// LeaseRevoke: deletes the lease's keys in one revision.
     pub async fn lease_revoke(&self, r: LeaseRevokeRequest) -> Result<LeaseRevokeResponse> {
+        self.check_corrupt()?;
         match self.submit(Op::LeaseRevoke(r)).await? {
             Reply::LeaseRevoke(mut resp) => {
                 self.fill_header(&mut resp.header);

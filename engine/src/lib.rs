@@ -61,4 +61,5 @@ pub use follower::{COMPACTION_POLL, SYNC_TIMEOUT};
 pub use hash::{Crc32c, revision_key, stored_value};
 pub use pgetcd_storage::{ChangeFeed, FeedCommit, FeedPrepared, PoolStatus, Store, StoreError};
 pub use state::Committed;
-pub use tasks::QUOTA_CHECK_INTERVAL;
+pub use state::{ALARM_CORRUPT, ALARM_NOSPACE};
+pub use tasks::ALARM_CHECK_INTERVAL;

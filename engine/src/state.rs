@@ -109,8 +109,11 @@ pub(crate) struct Core {
     pub(crate) config: EngineConfig,
     pub(crate) writer_failed: AtomicBool,
     pub(crate) leases: Arc<LeaseTable>,
-    /// The NOSPACE alarm.
-    pub(crate) nospace: AtomicBool,
+    /// The keyspace's alarms as last read from the store: (member id, type).
+    pub(crate) alarms: parking_lot::RwLock<Vec<(u64, i32)>>,
+    /// Held across one read of the alarms and its update of `alarms`, so that a read
+    /// that began before a change cannot overwrite the read after it.
+    pub(crate) alarms_refresh: tokio::sync::Mutex<()>,
     pub(crate) metrics: Arc<EngineMetrics>,
     /// (last revision, commit time) of recent batches, until the watch feed publishes
     /// them (for `publish_delay_seconds`).
@@ -137,7 +140,24 @@ pub(crate) struct Core {
 /// Commit times kept for the watch feed's delay histogram.
 const COMMIT_TIMES: usize = 4096;
 
+/// etcd's alarm types (etcdserverpb.AlarmType).
+pub const ALARM_NOSPACE: i32 = 1;
+pub const ALARM_CORRUPT: i32 = 2;
+
 impl Core {
+    /// Whether an alarm of type `alarm` is raised, for any member.
+    pub(crate) fn has_alarm(&self, alarm: i32) -> bool {
+        self.alarms.read().iter().any(|(_, a)| *a == alarm)
+    }
+
+    /// Reads the alarms from the store.
+    pub(crate) async fn refresh_alarms(&self) -> crate::Result<Vec<(u64, i32)>> {
+        let _one_at_a_time = self.alarms_refresh.lock().await;
+        let alarms = self.store.alarms().await?;
+        *self.alarms.write() = alarms.clone();
+        Ok(alarms)
+    }
+
     pub(crate) fn state(&self) -> Arc<State> {
         self.state.read().clone()
     }

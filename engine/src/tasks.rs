@@ -2,35 +2,48 @@
 //! engine is dropped.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use pgetcd_proto::etcdserverpb::LeaseRevokeRequest;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
 use crate::lease::LeaseTable;
-use crate::state::Core;
+use crate::state::{ALARM_NOSPACE, Core};
 use crate::writer::{Job, Op};
 
-/// How often the keyspace's size is compared with the quota.
-pub const QUOTA_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often the alarms are read from the store and, by the writer, the keyspace's size
+/// compared with the quota.
+pub const ALARM_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Raises the NOSPACE alarm when the keyspace grows over its quota (it stays raised
-/// until disarmed, as in etcd). Ends when the engine is dropped.
-pub(crate) async fn watch_quota(core: std::sync::Weak<Core>) {
-    let mut tick = tokio::time::interval(QUOTA_CHECK_INTERVAL);
+/// Every second: reads the keyspace's alarms (another instance may have raised or
+/// cleared one), and on the writer raises NOSPACE under its own member id when the
+/// keyspace grows over its quota (it stays raised until disarmed, as in etcd). Ends when
+/// the engine is dropped.
+pub(crate) async fn watch_alarms(core: std::sync::Weak<Core>) {
+    let mut tick = tokio::time::interval(ALARM_CHECK_INTERVAL);
     loop {
         tick.tick().await;
         let Some(core) = core.upgrade() else { return };
+        let Ok(alarms) = core.refresh_alarms().await else {
+            continue;
+        };
+        let quota = core.config.quota_backend_bytes;
+        let raised = alarms
+            .iter()
+            .any(|(m, a)| *m == core.member_id && *a == ALARM_NOSPACE);
+        if core.follower || quota <= 0 || raised {
+            continue;
+        }
         if let Ok(size) = core.store.size().await
-            && size > core.config.quota_backend_bytes
-            && !core.nospace.swap(true, Ordering::SeqCst)
+            && size > quota
+            && core
+                .store
+                .set_alarm(core.member_id, ALARM_NOSPACE, true)
+                .await
+                .is_ok()
         {
-            tracing::warn!(
-                size,
-                quota = core.config.quota_backend_bytes,
-                "NOSPACE alarm raised"
-            );
+            let _ = core.refresh_alarms().await;
+            tracing::warn!(size, quota, "NOSPACE alarm raised");
         }
     }
 }

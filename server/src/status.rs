@@ -30,6 +30,7 @@ pub fn code_and_message(e: &Error) -> (Code, String) {
             "etcdserver: mvcc: required revision is a future revision",
         ),
         Error::LeaseNotFound => etcd(Code::NotFound, "etcdserver: requested lease not found"),
+        Error::Corrupt => etcd(Code::DataLoss, "etcdserver: corrupt cluster"),
         Error::NoSpace => etcd(
             Code::ResourceExhausted,
             "etcdserver: mvcc: database space exceeded",

@@ -668,15 +668,34 @@ async fn quota_raises_nospace_and_only_writes_that_add_data_fail() {
         status.errors.iter().any(|e| e.contains("NOSPACE")),
         "{status:?}"
     );
-    // Disarming lets writes through until the next check (every second) raises it
-    // again; a check landing between the two calls is retried.
+    // The alarm is the member's (as etcd raises it), so disarming member 0's changes
+    // nothing.
+    let member_id = status.header.unwrap().member_id;
+    let none = c
+        .maintenance
+        .alarm(AlarmRequest {
+            action: AlarmAction::Deactivate as i32,
+            member_id: 0,
+            alarm: AlarmType::Nospace as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.alarms.is_empty(), "{none:?}");
+    assert_status(
+        c.kv.put(put("k", "v")).await,
+        Code::ResourceExhausted,
+        nospace,
+    );
+    // Disarming the member's lets writes through until the next check (every second)
+    // raises it again; a check landing between the two calls is retried.
     let mut written = false;
     for _ in 0..5 {
         let d = c
             .maintenance
             .alarm(AlarmRequest {
                 action: AlarmAction::Deactivate as i32,
-                member_id: 0,
+                member_id,
                 alarm: AlarmType::Nospace as i32,
             })
             .await
@@ -693,4 +712,58 @@ async fn quota_raises_nospace_and_only_writes_that_add_data_fail() {
     }
     assert!(written, "a write after disarming went through");
     srv.stop().await;
+}
+
+/// Alarms live in the keyspace: an alarm raised through one instance is listed by
+/// another and refuses writes sent to it (forwarded to the writer), and it is still
+/// raised after every instance restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alarms_are_the_keyspaces_across_instances_and_restarts() {
+    use pgetcd_proto::etcdserverpb::{
+        AlarmMember, AlarmRequest, AlarmType, alarm_request::AlarmAction,
+    };
+    let config = test_config();
+    let writer = TestServer::start(config.clone()).await;
+    let mut other_config = config.clone();
+    other_config.member.name = "other".into();
+    other_config.storage.data_dir = pgetcd_testkit::fresh_dir("data");
+    let other = TestServer::start(other_config.clone()).await;
+    let mut w = Clients::connect(&writer.url()).await;
+    let mut o = Clients::connect(&other.url()).await;
+    let raise = AlarmRequest {
+        action: AlarmAction::Activate as i32,
+        member_id: 5,
+        alarm: AlarmType::Corrupt as i32,
+    };
+    w.maintenance.alarm(raise).await.unwrap();
+    let get = AlarmRequest {
+        action: AlarmAction::Get as i32,
+        member_id: 0,
+        alarm: AlarmType::None as i32,
+    };
+    let listed = o.maintenance.alarm(get).await.unwrap().into_inner().alarms;
+    let corrupt = AlarmMember {
+        member_id: 5,
+        alarm: AlarmType::Corrupt as i32,
+    };
+    assert_eq!(listed, [corrupt]);
+    let refused = o.kv.put(put("k", "v")).await.unwrap_err();
+    assert_eq!(
+        (refused.code(), refused.message()),
+        (Code::DataLoss, "etcdserver: corrupt cluster")
+    );
+    other.stop().await;
+    writer.stop().await;
+    let writer = TestServer::start(config).await;
+    let mut w = Clients::connect(&writer.url()).await;
+    let listed = w.maintenance.alarm(get).await.unwrap().into_inner().alarms;
+    assert_eq!(listed, [corrupt]);
+    assert!(w.kv.put(put("k", "v")).await.is_err());
+    let clear = AlarmRequest {
+        action: AlarmAction::Deactivate as i32,
+        ..raise
+    };
+    w.maintenance.alarm(clear).await.unwrap();
+    w.kv.put(put("k", "v")).await.unwrap();
+    writer.stop().await;
 }

@@ -58,36 +58,45 @@ impl Maintenance for MaintenanceService {
         )))
     }
 
+    /// etcd's alarms, one per member id and type (member id 0 included), kept in the
+    /// keyspace: every instance answers the same. ACTIVATE and DEACTIVATE answer with
+    /// the alarm they touched (DEACTIVATE: only if it was raised); GET lists the alarms
+    /// of the type asked, or all.
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
         let r = req.get_ref();
-        let member = self.node.engine().member_id();
-        let nospace = || AlarmMember {
-            member_id: member,
-            alarm: AlarmType::Nospace as i32,
+        let engine = self.node.engine();
+        let touched = AlarmMember {
+            member_id: r.member_id,
+            alarm: r.alarm,
         };
         let alarms = match AlarmAction::try_from(r.action) {
-            Ok(AlarmAction::Get) => {
-                if self.node.engine().nospace() {
-                    vec![nospace()]
-                } else {
-                    Vec::new()
-                }
+            Ok(AlarmAction::Get) => engine
+                .refresh_alarms()
+                .await
+                .map_err(to_status)?
+                .into_iter()
+                .filter(|(_, a)| r.alarm == AlarmType::None as i32 || *a == r.alarm)
+                .map(|(member_id, alarm)| AlarmMember { member_id, alarm })
+                .collect(),
+            Ok(_) if r.alarm == AlarmType::None as i32 => Vec::new(),
+            Ok(AlarmAction::Activate) => {
+                engine
+                    .set_alarm(r.member_id, r.alarm, true)
+                    .await
+                    .map_err(to_status)?;
+                vec![touched]
             }
-            // etcd answers with the alarms the request changed.
-            Ok(AlarmAction::Activate) if r.alarm == AlarmType::Nospace as i32 => {
-                self.node.engine().set_nospace(true);
-                vec![nospace()]
+            Ok(AlarmAction::Deactivate) => {
+                let was = engine
+                    .set_alarm(r.member_id, r.alarm, false)
+                    .await
+                    .map_err(to_status)?;
+                if was { vec![touched] } else { Vec::new() }
             }
-            Ok(AlarmAction::Deactivate) if r.alarm == AlarmType::Nospace as i32 => {
-                let was = self.node.engine().nospace();
-                self.node.engine().set_nospace(false);
-                if was { vec![nospace()] } else { Vec::new() }
-            }
-            Ok(AlarmAction::Activate | AlarmAction::Deactivate) => Vec::new(),
             Err(_) => return Err(Status::invalid_argument("pgetcd: unknown alarm action")),
         };
         Ok(Response::new(AlarmResponse {
-            header: Some(self.node.engine().header()),
+            header: Some(engine.header()),
             alarms,
         }))
     }
@@ -160,18 +169,29 @@ impl Maintenance for MaintenanceService {
             raft_index: revision,
             raft_term: self.node.engine().raft_term(),
             raft_applied_index: revision,
-            errors: if self.node.engine().nospace() {
-                vec![
-                    "memberID:".to_owned()
-                        + &self.node.engine().member_id().to_string()
-                        + " alarm:NOSPACE ",
-                ]
-            } else {
-                Vec::new()
-            },
+            errors: self
+                .node
+                .engine()
+                .alarms()
+                .into_iter()
+                .map(|(member_id, alarm)| alarm_text(member_id, alarm))
+                .collect(),
             db_size_in_use: db_size,
             is_learner: false,
             header: Some(header),
         }))
+    }
+}
+
+/// An alarm as etcd's Status lists it (the member's compact text form: `memberID:N
+/// alarm:NOSPACE `, the member id left out when 0).
+fn alarm_text(member_id: u64, alarm: i32) -> String {
+    let name = AlarmType::try_from(alarm)
+        .map(|t| t.as_str_name().to_owned())
+        .unwrap_or_else(|_| alarm.to_string());
+    if member_id == 0 {
+        format!("alarm:{name} ")
+    } else {
+        format!("memberID:{member_id} alarm:{name} ")
     }
 }

@@ -153,6 +153,14 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
         self.inner.members(live).await
     }
 
+    async fn alarms(&self) -> Result<Vec<(u64, i32)>> {
+        self.inner.alarms().await
+    }
+
+    async fn set_alarm(&self, member_id: u64, alarm: i32, on: bool) -> Result<bool> {
+        self.inner.set_alarm(member_id, alarm, on).await
+    }
+
     async fn remove_member(
         &self,
         name: &str,

@@ -39,6 +39,8 @@ struct Inner {
     members: BTreeMap<String, (MemberInfo, Instant)>,
     /// The writer role's holder and until when.
     leader: Option<(String, Instant)>,
+    /// Alarms: (member id, type).
+    alarms: std::collections::BTreeSet<(u64, i32)>,
 }
 
 impl Inner {
@@ -107,6 +109,7 @@ impl MemoryStore {
                 feed_head: 0,
                 consumers: BTreeMap::new(),
                 members: BTreeMap::new(),
+                alarms: Default::default(),
                 leader: None,
             })),
             feed_grew: Arc::new(Notify::new()),
@@ -220,6 +223,19 @@ impl Store for MemoryStore {
             .filter(|(_, seen)| seen.elapsed() <= live)
             .map(|(m, _)| m.clone())
             .collect())
+    }
+
+    async fn alarms(&self) -> Result<Vec<(u64, i32)>> {
+        Ok(self.inner.lock().alarms.iter().copied().collect())
+    }
+
+    async fn set_alarm(&self, member_id: u64, alarm: i32, on: bool) -> Result<bool> {
+        let mut g = self.inner.lock();
+        Ok(if on {
+            !g.alarms.insert((member_id, alarm))
+        } else {
+            g.alarms.remove(&(member_id, alarm))
+        })
     }
 
     async fn remove_member(

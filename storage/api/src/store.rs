@@ -42,6 +42,13 @@ pub trait Store: Send + Sync + 'static {
     /// The instances that registered within `live`, by name.
     async fn members(&self, live: std::time::Duration) -> Result<Vec<MemberInfo>>;
 
+    /// The keyspace's alarms, as (member id, alarm type), ordered.
+    async fn alarms(&self) -> Result<Vec<(u64, i32)>>;
+
+    /// Raises (`on`) or clears alarm `alarm` of member `member_id`; returns whether it
+    /// was raised before.
+    async fn set_alarm(&self, member_id: u64, alarm: i32, on: bool) -> Result<bool>;
+
     /// Forgets the instance `name` unless it registered within `live`, and drops the
     /// change feed of its consumer `feed` (None: the keyspace's default one), so the
     /// store stops keeping history for an instance that is gone for good (etcd's

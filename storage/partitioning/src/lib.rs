@@ -15,7 +15,7 @@ use thiserror::Error;
 
 /// Version of the schema this build writes. Start-up migrates older schemas and refuses
 /// newer ones.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Default number of revisions per `history` partition.
 pub const DEFAULT_PARTITION_REVISIONS: i64 = 100_000;
@@ -138,6 +138,7 @@ impl Layout {
             self.leases_ddl(),
             self.leader_ddl(),
             self.members_ddl(),
+            self.alarms_ddl(),
         ]
     }
 
@@ -146,6 +147,7 @@ impl Layout {
         match version {
             1 => vec![self.leases_ddl()],
             2 => vec![self.leader_ddl(), self.members_ddl()],
+            3 => vec![self.alarms_ddl()],
             _ => Vec::new(),
         }
     }
@@ -166,6 +168,15 @@ impl Layout {
         format!(
             "CREATE TABLE IF NOT EXISTS {}.members (name text PRIMARY KEY, member_id bigint NOT NULL, \
              client_urls text[] NOT NULL, peer_urls text[] NOT NULL, seen timestamptz NOT NULL)",
+            self.schema
+        )
+    }
+
+    /// The keyspace's alarms (schema version 4): etcd's, one per member id and type.
+    fn alarms_ddl(&self) -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {}.alarms (member_id bigint NOT NULL, alarm int NOT NULL, \
+             PRIMARY KEY (member_id, alarm))",
             self.schema
         )
     }

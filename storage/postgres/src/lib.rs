@@ -241,6 +241,22 @@ impl Store for PgStore {
         members::members(client, &self.layout, live).await
     }
 
+    async fn alarms(&self) -> Result<Vec<(u64, i32)>> {
+        let guard = self.role_connection().await?;
+        let Some(client) = guard.as_ref() else {
+            return Err(StoreError::determinate("role connection", "not connected"));
+        };
+        members::alarms(client, &self.layout).await
+    }
+
+    async fn set_alarm(&self, member_id: u64, alarm: i32, on: bool) -> Result<bool> {
+        let guard = self.role_connection().await?;
+        let Some(client) = guard.as_ref() else {
+            return Err(StoreError::determinate("role connection", "not connected"));
+        };
+        members::set_alarm(client, &self.layout, member_id, alarm, on).await
+    }
+
     async fn campaign(&self, name: &str, ttl: std::time::Duration) -> Result<Campaign> {
         let guard = self.role_connection().await?;
         let Some(client) = guard.as_ref() else {

@@ -225,3 +225,46 @@ fn held(n: u64, name: &str, fence: &Fence) -> Result<()> {
         )))
     }
 }
+
+pub(crate) async fn alarms(client: &Client, layout: &Layout) -> Result<Vec<(u64, i32)>> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT member_id, alarm FROM {} ORDER BY member_id, alarm",
+                layout.table("alarms")
+            ),
+            &[],
+        )
+        .await
+        .map_err(read_error("list alarms"))?;
+    let mut alarms: Vec<(u64, i32)> = rows.iter().map(|r| (to_u64(r.get(0)), r.get(1))).collect();
+    // Ordered as u64 (the bigint column orders member ids above 2^63 first).
+    alarms.sort_unstable();
+    Ok(alarms)
+}
+
+pub(crate) async fn set_alarm(
+    client: &Client,
+    layout: &Layout,
+    member_id: u64,
+    alarm: i32,
+    on: bool,
+) -> Result<bool> {
+    let table = layout.table("alarms");
+    let sql = if on {
+        format!(
+            "WITH added AS (INSERT INTO {table} (member_id, alarm) VALUES ($1, $2) \
+             ON CONFLICT DO NOTHING RETURNING 1) SELECT NOT EXISTS (SELECT 1 FROM added)"
+        )
+    } else {
+        format!(
+            "WITH gone AS (DELETE FROM {table} WHERE member_id = $1 AND alarm = $2 RETURNING 1) \
+             SELECT EXISTS (SELECT 1 FROM gone)"
+        )
+    };
+    let row = client
+        .query_one(&sql, &[&to_i64(member_id), &alarm])
+        .await
+        .map_err(write_error("set an alarm"))?;
+    Ok(row.get(0))
+}
