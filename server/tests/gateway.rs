@@ -42,10 +42,10 @@ fn normalise(v: &mut Value) {
                     normalise(x);
                 }
                 // etcd lists alarms in map order.
-                if k == "alarms" || k == "errors" {
-                    if let Value::Array(a) = x {
-                        a.sort_by_key(|v| v.to_string());
-                    }
+                if (k == "alarms" || k == "errors")
+                    && let Value::Array(a) = x
+                {
+                    a.sort_by_key(|v| v.to_string());
                 }
             }
         }
