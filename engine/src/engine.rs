@@ -219,6 +219,11 @@ impl Engine {
         self.core.has_alarm(ALARM_NOSPACE)
     }
 
+    /// Write requests waiting for the writer (etcd's pending proposals).
+    pub fn pending_writes(&self) -> usize {
+        self.jobs.max_capacity() - self.jobs.capacity()
+    }
+
     /// The keyspace's alarms (as last read from the store): (member id, type), ordered.
     pub fn alarms(&self) -> Vec<(u64, i32)> {
         self.core.alarms.read().clone()

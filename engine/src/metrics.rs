@@ -20,6 +20,10 @@ pub const SECONDS_BOUNDS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// A commit slower than this counts as etcd's slow apply (etcd warns when applying an
+/// entry takes longer than 100 ms).
+pub const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Bounds for batch sizes (requests per commit).
 pub const BATCH_BOUNDS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
@@ -53,6 +57,12 @@ pub struct EngineMetrics {
     pub commit_seconds: Histogram,
     /// pgetcd_commit_failures_total: batches that did not commit.
     pub commit_failures: AtomicU64,
+    /// etcd_server_proposals_failed_total: write requests of batches that did not
+    /// commit.
+    pub failed_requests: AtomicU64,
+    /// etcd_server_slow_apply_total: batches whose commit took longer than
+    /// [`SLOW_COMMIT`].
+    pub slow_commits: AtomicU64,
     /// pgetcd_watch_publish_delay_seconds: from a batch's commit to its events on the
     /// watch bus.
     pub publish_delay_seconds: Histogram,
@@ -87,6 +97,8 @@ impl Default for EngineMetrics {
                 SECONDS_BOUNDS,
             ),
             commit_failures: AtomicU64::new(0),
+            failed_requests: AtomicU64::new(0),
+            slow_commits: AtomicU64::new(0),
             publish_delay_seconds: histogram(
                 "pgetcd_watch_publish_delay_seconds",
                 "Time from a batch's commit to its events on the watch bus.",

@@ -393,8 +393,15 @@ impl Writer {
         let started = Instant::now();
         let outcome = self.commit(&ev).await;
         let m = &self.core.metrics;
-        m.commit_seconds.observe(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        m.commit_seconds.observe(took.as_secs_f64());
         m.batch_size.observe(ev.answers.len() as f64);
+        if took > crate::metrics::SLOW_COMMIT {
+            EngineMetrics::inc(&m.slow_commits, 1);
+        }
+        if !matches!(outcome, Outcome::Committed) {
+            EngineMetrics::inc(&m.failed_requests, ev.answers.len() as u64);
+        }
         match outcome {
             Outcome::Committed => {
                 self.publish(&st, ev);

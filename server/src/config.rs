@@ -839,15 +839,26 @@ impl LogFlags {
         Ok(())
     }
 
-    /// The log filter: --log when given, else --log-level's, else info.
+    /// The log filter: --log when given, else --log-level's, else info. Unless it
+    /// names rustls, rustls's warnings about a client's TLS server name (Node.js's gRPC
+    /// sends an IP address there, on every connection) are left out: the metric
+    /// `pgetcd_tls_handshakes_without_server_name_total` counts those connections.
     pub fn filter(&self) -> String {
-        match (&self.log, &self.log_level) {
+        let filter = match (&self.log, &self.log_level) {
             (Some(filter), _) => filter.clone(),
             (None, Some(level)) => log_filter_of_level(level).unwrap_or_else(|_| "info".into()),
             (None, None) => "info".into(),
+        };
+        if filter.contains("rustls") {
+            filter
+        } else {
+            format!("{filter},{QUIET_SNI_WARNINGS}")
         }
     }
 }
+
+/// The log directive that leaves out rustls's warnings about clients' server names.
+pub const QUIET_SNI_WARNINGS: &str = "rustls::msgs::handshake=error";
 
 /// etcd's --log-level as a log filter.
 fn log_filter_of_level(level: &str) -> Result<String, String> {
@@ -923,7 +934,7 @@ mod tests {
         assert!(c.tls.client_cert_auth);
         assert!(Config::try_parse_from(["etcd", "--client-cert-auth=maybe"]).is_err());
         let c = Config::try_parse_from(["etcd", "--log-level=warn"]).unwrap();
-        assert_eq!(c.log_filter(), "warn");
+        assert_eq!(c.log_filter(), format!("warn,{QUIET_SNI_WARNINGS}"));
         let c = Config::try_parse_from(["etcd", "--log-level=loud"]).unwrap();
         assert!(c.validate().is_err());
         let c = Config::try_parse_from([

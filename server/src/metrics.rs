@@ -262,6 +262,12 @@ pub struct Metrics {
     pub connections_open: AtomicI64,
     /// TLS handshakes that failed (no or bad client certificate, protocol errors).
     pub tls_handshake_failures: AtomicU64,
+    /// Bytes read from and written to client connections (after TLS).
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    /// TLS handshakes whose client named no server (or an IP address, which TLS does
+    /// not allow there and which is ignored).
+    pub tls_without_server_name: AtomicU64,
     #[cfg(target_os = "linux")]
     process: Arc<prometheus::process_collector::ProcessCollector>,
 }
@@ -273,6 +279,9 @@ impl Default for Metrics {
             connections_accepted: AtomicU64::new(0),
             connections_open: AtomicI64::new(0),
             tls_handshake_failures: AtomicU64::new(0),
+            tls_without_server_name: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
             #[cfg(target_os = "linux")]
             process: Arc::new(prometheus::process_collector::ProcessCollector::for_self()),
         }
@@ -469,6 +478,7 @@ async fn scrape(src: &Sources, process: bool) -> Scrape {
     connection_series(&s, &src.metrics);
     let engine = src.node.engine();
     server_series(&s, &engine);
+    proposal_series(&s, &src.node, &engine);
     mvcc_series(&s, &engine).await;
     engine_series(&s, &engine);
     pool_series(&s, &engine);
@@ -538,6 +548,21 @@ fn connection_series(s: &Scrape, m: &Metrics) {
         "Client TLS handshakes that failed (including missing or untrusted client certificates).",
         m.tls_handshake_failures.load(Ordering::Relaxed),
     );
+    s.counter(
+        "etcd_network_client_grpc_received_bytes_total",
+        "The total number of bytes received from grpc clients (pgetcd: every byte read from client connections, after TLS: HTTP/2 frames, the JSON gateway).",
+        m.bytes_received.load(Ordering::Relaxed),
+    );
+    s.counter(
+        "etcd_network_client_grpc_sent_bytes_total",
+        "The total number of bytes sent to grpc clients (pgetcd: every byte written to client connections, before TLS).",
+        m.bytes_sent.load(Ordering::Relaxed),
+    );
+    s.counter(
+        "pgetcd_tls_handshakes_without_server_name_total",
+        "Client TLS handshakes without a server name (SNI), or with an IP address there (ignored, as TLS does not allow it; Node.js's gRPC sends one).",
+        m.tls_without_server_name.load(Ordering::Relaxed),
+    );
 }
 
 /// etcd's server figures: leadership (pgetcd leads its keyspace until fenced),
@@ -566,6 +591,95 @@ fn server_series(s: &Scrape, engine: &Engine) {
         "Current backend storage quota size in bytes (0: no quota).",
         engine.quota_backend_bytes() as f64,
     );
+}
+
+/// etcd's raft and disk figures, in pgetcd's terms: a write request is a proposal,
+/// committed (and applied) once its batch's Postgres transaction commits; that commit is
+/// the WAL fsync and the backend commit; leader changes are the writer role changing
+/// hands.
+fn proposal_series(s: &Scrape, node: &crate::node::Node, engine: &Engine) {
+    let em = engine.metrics();
+    s.counter(
+        "etcd_server_leader_changes_seen_total",
+        "The number of leader changes seen (pgetcd: writers of the keyspace this instance saw, the first included).",
+        node.leader_changes(),
+    );
+    let committed = em.batch_size.get_sample_sum();
+    s.gauge(
+        "etcd_server_proposals_committed_total",
+        "The total number of consensus proposals committed (pgetcd: write requests committed to Postgres by this instance).",
+        committed,
+    );
+    s.gauge(
+        "etcd_server_proposals_applied_total",
+        "The total number of consensus proposals applied (pgetcd: as committed; a commit applies).",
+        committed,
+    );
+    s.gauge(
+        "etcd_server_proposals_pending",
+        "The current number of pending proposals to commit (pgetcd: write requests waiting for the writer).",
+        engine.pending_writes() as f64,
+    );
+    s.counter(
+        "etcd_server_proposals_failed_total",
+        "The total number of failed proposals seen (pgetcd: write requests whose batch did not commit).",
+        EngineMetrics::get(&em.failed_requests),
+    );
+    s.counter(
+        "etcd_server_slow_apply_total",
+        "The total number of slow apply requests (pgetcd: batches whose Postgres commit took over 100 ms).",
+        EngineMetrics::get(&em.slow_commits),
+    );
+    for (name, help) in [
+        (
+            "etcd_disk_wal_fsync_duration_seconds",
+            "The latency distributions of fsync called by WAL (pgetcd: the batch's Postgres commit, which makes it durable).",
+        ),
+        (
+            "etcd_disk_backend_commit_duration_seconds",
+            "The latency distributions of commit called by backend (pgetcd: the batch's Postgres commit).",
+        ),
+    ] {
+        s.add(Ok(Renamed::of(&em.commit_seconds, name, help)));
+    }
+}
+
+/// A collector's families under another name and help (one histogram, several names).
+struct Renamed {
+    desc: prometheus::core::Desc,
+    families: Vec<prometheus::proto::MetricFamily>,
+}
+
+impl Renamed {
+    fn of(c: &impl Collector, name: &str, help: &str) -> Renamed {
+        let families = c
+            .collect()
+            .into_iter()
+            .map(|mut f| {
+                f.set_name(name.to_owned());
+                f.set_help(help.to_owned());
+                f
+            })
+            .collect();
+        let desc = prometheus::core::Desc::new(
+            name.to_owned(),
+            help.to_owned(),
+            Vec::new(),
+            Default::default(),
+        )
+        .expect("a valid metric name");
+        Renamed { desc, families }
+    }
+}
+
+impl Collector for Renamed {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.families.clone()
+    }
 }
 
 /// etcd's MVCC figures: database size, keys, revisions, operations.

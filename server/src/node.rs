@@ -133,6 +133,10 @@ struct NodeInner {
     members: Mutex<Vec<MemberInfo>>,
     /// The writer's member id (0: unknown).
     leader_id: AtomicU64,
+    /// The last writer seen (0: none yet), and how often another one was seen
+    /// (etcd_server_leader_changes_seen_total).
+    last_leader: AtomicU64,
+    leader_changes: AtomicU64,
     /// A channel to the writer's first client URL, by URL.
     writer_channel: Mutex<Option<(String, tonic::transport::Channel)>>,
     /// How to reach a writer whose client URL is https.
@@ -174,6 +178,8 @@ impl Node {
                 members: Mutex::new(vec![me.clone()]),
                 me: Mutex::new(me),
                 leader_id: AtomicU64::new(0),
+                last_leader: AtomicU64::new(0),
+                leader_changes: AtomicU64::new(0),
                 writer_channel: Mutex::new(None),
                 forward_tls,
                 leader_seen: Mutex::new(Instant::now()),
@@ -362,6 +368,20 @@ impl Node {
         }
     }
 
+    /// Notes the writer known now: a writer other than the last one seen (the first
+    /// one included, as etcd counts) is a leader change.
+    pub fn note_leader(&self) {
+        let now = self.leader_id();
+        if now != 0 && self.inner.last_leader.swap(now, Ordering::Relaxed) != now {
+            self.inner.leader_changes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How many leader changes this instance saw.
+    pub fn leader_changes(&self) -> u64 {
+        self.inner.leader_changes.load(Ordering::Relaxed)
+    }
+
     /// The writer's member id, or 0 when no instance holds the role.
     pub fn leader_id(&self) -> u64 {
         if !self.engine().is_follower() {
@@ -476,6 +496,7 @@ impl Roles {
                 _ = crate::shutdown::stopped(&mut shutdown) => break,
             }
             self.heartbeat().await;
+            self.node.note_leader();
             if self.fence.is_some() && self.node.engine().writer_failed() {
                 // Its commit found the store elsewhere than it expected (fenced): give the
                 // role up; the next campaign opens a writer on what the store holds.

@@ -348,6 +348,79 @@ pub fn forward_tls(
     Ok(Some(tls))
 }
 
+/// A client connection counting the bytes it carries (etcd's client gRPC byte
+/// counters).
+struct CountedIo<T> {
+    io: T,
+    metrics: Arc<Metrics>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountedIo<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.metrics
+                .bytes_received
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountedIo<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            self.metrics
+                .bytes_sent
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            self.metrics
+                .bytes_sent
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// Counts an open connection for as long as it lives.
 struct OpenConnection(Arc<Metrics>);
 
@@ -430,7 +503,14 @@ pub async fn serve<S, B>(
                     let handshake =
                         tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
                     match handshake {
-                        Ok(Ok(s)) => Either::Right(s),
+                        Ok(Ok(s)) => {
+                            if s.get_ref().1.server_name().is_none() {
+                                metrics
+                                    .tls_without_server_name
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                            Either::Right(s)
+                        }
                         failed => {
                             metrics
                                 .tls_handshake_failures
@@ -446,7 +526,10 @@ pub async fn serve<S, B>(
                 }
             };
             let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(CoalescedWrites::new(io)), service)
+                .serve_connection_with_upgrades(
+                    TokioIo::new(CoalescedWrites::new(CountedIo { io, metrics })),
+                    service,
+                )
                 .into_owned();
             let result = watcher.watch(conn).await;
             if let Err(e) = result {

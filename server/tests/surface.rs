@@ -169,6 +169,17 @@ async fn metrics_exist_and_move_under_load() {
         "pgetcd_client_connections_accepted_total",
         "pgetcd_client_connections_open",
         "pgetcd_tls_handshake_failures_total",
+        "pgetcd_tls_handshakes_without_server_name_total",
+        "etcd_disk_wal_fsync_duration_seconds",
+        "etcd_disk_backend_commit_duration_seconds",
+        "etcd_network_client_grpc_received_bytes_total",
+        "etcd_network_client_grpc_sent_bytes_total",
+        "etcd_server_proposals_committed_total",
+        "etcd_server_proposals_applied_total",
+        "etcd_server_proposals_pending",
+        "etcd_server_proposals_failed_total",
+        "etcd_server_leader_changes_seen_total",
+        "etcd_server_slow_apply_total",
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",
         "process_open_fds",
@@ -257,6 +268,25 @@ async fn metrics_exist_and_move_under_load() {
     // 203 writes (200 puts, the txn, the delete, the lease grant) in at most as many
     // batches; every batch timed.
     assert!((1.0..=203.0).contains(&batches), "{batches}");
+    // etcd's names for the same: every write request a proposal, every batch's commit
+    // the fsync and the backend commit; one writer seen.
+    assert_eq!(
+        value(&after, "etcd_server_proposals_committed_total"),
+        203.0
+    );
+    assert_eq!(value(&after, "etcd_server_proposals_applied_total"), 203.0);
+    assert_eq!(value(&after, "etcd_server_proposals_failed_total"), 0.0);
+    assert_eq!(
+        value(&after, "etcd_disk_wal_fsync_duration_seconds_count"),
+        batches
+    );
+    assert_eq!(
+        value(&after, "etcd_disk_backend_commit_duration_seconds_count"),
+        batches
+    );
+    assert_eq!(value(&after, "etcd_server_leader_changes_seen_total"), 1.0);
+    assert!(value(&after, "etcd_network_client_grpc_received_bytes_total") > 0.0);
+    assert!(value(&after, "etcd_network_client_grpc_sent_bytes_total") > 0.0);
     assert_eq!(value(&after, "pgetcd_commit_batch_size_sum"), 203.0);
     assert_eq!(
         value(&after, "pgetcd_commit_duration_seconds_count"),
@@ -405,6 +435,13 @@ async fn tls_and_mutual_tls_on_client_urls() {
     );
     assert_eq!(String::from_utf8_lossy(&ok.stdout), "OK\n");
     assert!(!run(false).status.success());
+    // grpc-go dials an IP address without a server name (TLS allows none there):
+    // counted, not logged.
+    let (_, m) = http_get(srv.running.metrics_addrs[0], "/metrics").await;
+    assert!(
+        value(&m, "pgetcd_tls_handshakes_without_server_name_total") >= 1.0,
+        "{m}"
+    );
     srv.stop().await;
 
     // Auto-TLS: a self-signed certificate under the data directory, reused on restart.
@@ -650,6 +687,50 @@ async fn graceful_shutdown_answers_writes_and_ends_watches() {
     let keys: std::collections::HashSet<Bytes> = got.kvs.into_iter().map(|kv| kv.key).collect();
     for k in &acked {
         assert!(keys.contains(k.as_bytes()), "acknowledged {k} lost");
+    }
+    srv.stop().await;
+}
+
+/// Every series the shipped Grafana dashboard (dashboards/pgetcd.json) queries is
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_queries_only_served_series() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../dashboards/pgetcd.json")).unwrap();
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            exprs.push(target["expr"].as_str().unwrap().to_owned());
+        }
+    }
+    for var in dashboard["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = var["query"].as_str() {
+            exprs.push(q.to_owned());
+        }
+    }
+    let mut names: Vec<String> = exprs
+        .iter()
+        .flat_map(|e| {
+            e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("pgetcd_") || w.starts_with("etcd_"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() >= 15, "{names:?}");
+    let srv = TestServer::start_default().await;
+    let mut c = Clients::connect(&srv.url()).await;
+    c.put("k", "v").await;
+    let (_, served) = http_get(srv.running.metrics_addrs[0], "/metrics").await;
+    for name in names {
+        assert!(
+            served
+                .lines()
+                .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))),
+            "the dashboard queries {name}, which /metrics does not serve"
+        );
     }
     srv.stop().await;
 }

@@ -22,6 +22,16 @@ pub struct TestWatch {
     /// Set when the stream ended with an error.
     pub error: Arc<Mutex<Option<tonic::Status>>>,
     ended: tokio::sync::watch::Receiver<bool>,
+    /// The task reading the responses: aborted on drop, which cancels the stream (as a
+    /// client dropping its watch does; the server keeps a stream whose client only
+    /// closed its sending side, as etcd does).
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for TestWatch {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl TestWatch {
@@ -45,7 +55,7 @@ impl TestWatch {
         let (done, ended) = tokio::sync::watch::channel(false);
         // etcd sends the response headers only with its first message, so the call
         // completes only after a request was sent: drive it in the background.
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut request = tonic::Request::new(ReceiverStream::new(rx));
             if require_leader {
                 request.metadata_mut().insert(
@@ -78,6 +88,7 @@ impl TestWatch {
             responses,
             error,
             ended,
+            reader: reader.abort_handle(),
         }
     }
 
