@@ -527,7 +527,10 @@ pub async fn serve<S, B>(
             };
             let conn = builder
                 .serve_connection_with_upgrades(
-                    TokioIo::new(CoalescedWrites::new(CountedIo { io, metrics })),
+                    TokioIo::new(CoalescedWrites::new(CountedIo {
+                        io: crate::authority::AuthorityFix::new(io),
+                        metrics,
+                    })),
                     service,
                 )
                 .into_owned();

