@@ -82,7 +82,7 @@ func main() {
 	flag.IntVar(&shard.stormWorkers, "shard-storm-workers", 64, "goroutines of the storm through kube-apiserver")
 	flag.Float64Var(&shard.writeRate, "shard-rate", 20, "ConfigMap updates per second through kube-apiserver, over all writers")
 	flag.IntVar(&shard.writers, "shard-writers", 4, "ConfigMap writers, each updating its own ConfigMap")
-	flag.Float64Var(&shard.probeRate, "shard-probe-rate", 10, "Txns per second of the probe writing one key of main straight to pgetcd")
+	flag.Float64Var(&shard.probeRate, "shard-probe-rate", 20, "Txns per second of the probe writing one key of main straight to pgetcd")
 	flag.DurationVar(&shard.warmup, "shard-warmup", 10*time.Second, "writes before the quiet window")
 	flag.DurationVar(&shard.window, "shard-window", 30*time.Second, "length of each measured window (quiet, storm)")
 	flag.DurationVar(&shard.ramp, "shard-ramp", 5*time.Second, "from the storm's start to its window")

@@ -429,7 +429,7 @@ func (c *cluster) loadgenStorm(o shardOptions, url string, d time.Duration) (*pr
 		"--endpoints", url,
 		"--cacert", p("ca.crt"), "--cert", p("apiserver-etcd-client.crt"), "--key", p("apiserver-etcd-client.key"),
 		"--conns", "4", "--duration", fmt.Sprintf("%.0fs", d.Seconds()),
-		"--key-space-size", "0", "--val-size", "600", "--json",
+		"--key-space-size", "1", "--val-size", "600", "--json",
 		"k8s", "--create-rate", "0", "--update-rate", "0", "--list-rate", "0", "--watchers", "0",
 		"--event-rate", strconv.FormatFloat(o.stormRate, 'f', -1, 64),
 		"--compact-interval", "1h")
@@ -721,7 +721,7 @@ func (c *cluster) runShard(ctx context.Context, o shardOptions, run int, sharded
 	stormed := shardWindow{Run: run, Layout: layout, Storm: o.storm, StormKeyspace: stormKeyspace}
 	stormed.fill(stormFrom, stormTo, writes, probe, storm)
 	if lg != nil && !lg.running() {
-		logf("loadgen exited before the window ended:\n%s", lg.tail(20))
+		return nil, placed, fmt.Errorf("loadgen exited before the storm window ended:\n%s", lg.tail(20))
 	}
 	stopLoad()
 	wg.Wait()
