@@ -43,6 +43,9 @@ type options struct {
 	// and "events" on another, each on its own listener (shard.go), instead
 	// of one keyspace on its managed Postgres.
 	eventsKeyspace bool
+	// eventsNoFsync: the events keyspace's Postgres runs with fsync off (a
+	// diagnostic: does main's latency under a storm come from the disk?).
+	eventsNoFsync bool
 	// overrides: the resources kube-apiserver sends to the events keyspace
 	// (--etcd-servers-overrides), as group/resource.
 	overrides []string
@@ -187,15 +190,20 @@ func (c *cluster) startPostgres() (string, error) {
 	c.dataDir = c.path("postgres")
 	var url string
 	var err error
-	c.postgres, url, err = c.throwawayPostgres("postgres")
+	c.postgres, url, err = c.throwawayPostgres("postgres", true)
 	return url, err
 }
 
-// throwawayPostgres starts one durable throwaway Postgres cluster in dir/NAME
-// (its own port and data directory; its log is dir/NAME.log) and returns it
-// with its URL once it accepts connections.
-func (c *cluster) throwawayPostgres(name string) (*proc, string, error) {
-	p, err := startProc(c.opts.dir, name, c.opts.testPG, c.path(name), "--durable")
+// throwawayPostgres starts one throwaway Postgres cluster in dir/NAME (its
+// own port and data directory; its log is dir/NAME.log), durable (fsync and
+// synchronous commit on) or not, and returns it with its URL once it accepts
+// connections.
+func (c *cluster) throwawayPostgres(name string, durable bool) (*proc, string, error) {
+	args := []string{c.opts.testPG, c.path(name)}
+	if durable {
+		args = append(args, "--durable")
+	}
+	p, err := startProc(c.opts.dir, name, args...)
 	if err != nil {
 		return nil, "", err
 	}

@@ -87,6 +87,7 @@ func main() {
 	flag.DurationVar(&shard.window, "shard-window", 30*time.Second, "length of each measured window (quiet, storm)")
 	flag.DurationVar(&shard.ramp, "shard-ramp", 5*time.Second, "from the storm's start to its window")
 	flag.StringVar(&shard.loadgen, "loadgen", "", "the loadgen binary (-shard-storm loadgen)")
+	flag.BoolVar(&shard.eventsFsync, "shard-events-fsync", true, "the events keyspace's Postgres with fsync and synchronous commit on (false: off, to see what the shared disk costs main)")
 	flag.StringVar(&shard.report, "shard-report", "", "where the keyspace isolation scenario writes its JSON report")
 	flag.Parse()
 	if bench.enabled {

@@ -33,6 +33,9 @@ package main
 // alternate single, sharded, sharded, single, ... The scenario prints a table
 // and the ratio of each layout's storm p99 to its quiet p99, and writes a JSON
 // report. It exits 1 only when a run fails or a key is not where it belongs.
+//
+// -shard-events-fsync=false runs the events keyspace's Postgres without fsync:
+// a diagnostic of what the disk both clusters share costs main under a storm.
 
 import (
 	"context"
@@ -73,6 +76,7 @@ type shardOptions struct {
 	ramp         time.Duration // from the storm's start to its window
 	loadgen      string
 	report       string
+	eventsFsync  bool // false: the events keyspace's Postgres without fsync
 }
 
 const (
@@ -95,10 +99,10 @@ var shardOverrides = []string{"/events", "coordination.k8s.io/leases"}
 func (c *cluster) startShardStorage(ctx context.Context) error {
 	var mainPG, eventsPG string
 	var err error
-	if c.postgres, mainPG, err = c.throwawayPostgres("pg-main"); err != nil {
+	if c.postgres, mainPG, err = c.throwawayPostgres("pg-main", true); err != nil {
 		return err
 	}
-	if c.eventsPostgres, eventsPG, err = c.throwawayPostgres("pg-events"); err != nil {
+	if c.eventsPostgres, eventsPG, err = c.throwawayPostgres("pg-events", !c.opts.eventsNoFsync); err != nil {
 		return err
 	}
 	c.dataDir = c.path("pg-main")
@@ -736,16 +740,18 @@ func (c *cluster) runShard(ctx context.Context, o shardOptions, run int, sharded
 
 // shardReport is the JSON report.
 type shardReport struct {
-	Started   time.Time              `json:"started"`
-	Storm     string                 `json:"storm"`
-	StormRate float64                `json:"storm_rate_target"`
-	WriteRate float64                `json:"configmap_update_rate_target"`
-	ProbeRate float64                `json:"probe_rate_target"`
-	Window    float64                `json:"window_seconds"`
-	Pgetcd    string                 `json:"pgetcd"`
-	Overrides string                 `json:"etcd_servers_overrides"`
-	Placement map[string][]placement `json:"placement"`
-	Windows   []shardWindow          `json:"windows"`
+	Started   time.Time `json:"started"`
+	Storm     string    `json:"storm"`
+	StormRate float64   `json:"storm_rate_target"`
+	WriteRate float64   `json:"configmap_update_rate_target"`
+	ProbeRate float64   `json:"probe_rate_target"`
+	Window    float64   `json:"window_seconds"`
+	Pgetcd    string    `json:"pgetcd"`
+	Overrides string    `json:"etcd_servers_overrides"`
+	// The events keyspace's Postgres with fsync on (-shard-events-fsync).
+	EventsFsync bool                   `json:"events_postgres_fsync"`
+	Placement   map[string][]placement `json:"placement"`
+	Windows     []shardWindow          `json:"windows"`
 }
 
 func runShards(ctx context.Context, base options, o shardOptions) bool {
@@ -767,12 +773,13 @@ func runShards(ctx context.Context, base options, o shardOptions) bool {
 	}
 	base.backend = "pgetcd"
 	base.eventsKeyspace = true
+	base.eventsNoFsync = !o.eventsFsync
 	// kube-apiserver's defaults: nothing expires or is compacted within a run
 	// but what would in a real cluster.
 	base.eventTTL = time.Hour
 	base.compaction = 5 * time.Minute
 	rep := shardReport{Started: time.Now(), Storm: o.storm, StormRate: o.stormRate, WriteRate: o.writeRate,
-		ProbeRate: o.probeRate, Window: o.window.Seconds(), Pgetcd: base.pgetcd, Placement: map[string][]placement{}}
+		ProbeRate: o.probeRate, Window: o.window.Seconds(), Pgetcd: base.pgetcd, EventsFsync: o.eventsFsync, Placement: map[string][]placement{}}
 	ok := true
 	for i := 1; i <= o.runs; i++ {
 		// single, sharded, sharded, single, ...: drift hits both alike.
