@@ -43,6 +43,16 @@ type options struct {
 	// of its own, and its main listener (kube-apiserver's only endpoint)
 	// routes /registry/events/ to it (--route-prefix).
 	routeEvents bool
+	// eventsKeyspace: pgetcd serves keyspace "main" on one throwaway Postgres
+	// and "events" on another, each on its own listener (shard.go), instead
+	// of one keyspace on its managed Postgres.
+	eventsKeyspace bool
+	// eventsNoFsync: the events keyspace's Postgres runs with fsync off (a
+	// diagnostic: does main's latency under a storm come from the disk?).
+	eventsNoFsync bool
+	// overrides: the resources kube-apiserver sends to the events keyspace
+	// (--etcd-servers-overrides), as group/resource.
+	overrides []string
 }
 
 // cluster is a running control plane: a storage server, kube-apiserver over
@@ -51,12 +61,16 @@ type cluster struct {
 	opts       options
 	pki        *pki
 	storage    *proc
-	postgres   *proc     // kine's Postgres, or the one the pgetcd instances share
+	postgres   *proc     // kine's Postgres, the one the pgetcd instances share, or main's
 	members    []*member // with instances > 0; storage is nil then
 	storageURL string    // the endpoints, comma-separated
-	eventsURL  string    // with routeEvents: the events keyspace's own listener
 	metricsURL string    // the storage server's /metrics
 	dataDir    string    // what "size on disk" measures
+
+	// With eventsKeyspace: the events keyspace's Postgres; with it or with
+	// routeEvents: the events keyspace's own listener.
+	eventsPostgres *proc
+	eventsURL      string
 
 	apiserver, controllers, scheduler, kwok *proc
 	apiURL                                  string
@@ -107,6 +121,12 @@ func (c *cluster) startStorage(ctx context.Context) error {
 			return fmt.Errorf("several instances of %s: only pgetcd", c.opts.backend)
 		}
 		return c.startMembers(ctx)
+	}
+	if c.opts.eventsKeyspace {
+		if c.opts.backend != "pgetcd" {
+			return fmt.Errorf("an events keyspace on %s: only pgetcd", c.opts.backend)
+		}
+		return c.startShardStorage(ctx)
 	}
 	port, mport := freePort(), freePort()
 	c.storageURL = "https://127.0.0.1:" + strconv.Itoa(port)
@@ -179,26 +199,40 @@ func (c *cluster) waitStorage(ctx context.Context) error {
 // cluster settings pgetcd's harnesses use, the same server version.
 func (c *cluster) startPostgres() (string, error) {
 	c.dataDir = c.path("postgres")
+	var url string
 	var err error
-	c.postgres, err = startProc(c.opts.dir, "postgres", c.opts.testPG, c.dataDir, "--durable")
+	c.postgres, url, err = c.throwawayPostgres("postgres", true)
+	return url, err
+}
+
+// throwawayPostgres starts one throwaway Postgres cluster in dir/NAME (its
+// own port and data directory; its log is dir/NAME.log), durable (fsync and
+// synchronous commit on) or not, and returns it with its URL once it accepts
+// connections.
+func (c *cluster) throwawayPostgres(name string, durable bool) (*proc, string, error) {
+	args := []string{c.opts.testPG, c.path(name)}
+	if durable {
+		args = append(args, "--durable")
+	}
+	p, err := startProc(c.opts.dir, name, args...)
 	if err != nil {
-		return "", err
+		return nil, "", err
 	}
 	var url string
-	err = waitFor(context.Background(), "kine's postgres", 60*time.Second, func() error {
-		data, _ := os.ReadFile(c.postgres.log)
+	err = waitFor(context.Background(), name, 60*time.Second, func() error {
+		data, _ := os.ReadFile(p.log)
 		for _, line := range strings.Split(string(data), "\n") {
 			if strings.HasPrefix(line, "postgres://") {
 				url = line
 				return nil
 			}
 		}
-		if !c.postgres.running() {
-			return fmt.Errorf("exited:\n%s", c.postgres.tail(20))
+		if !p.running() {
+			return fmt.Errorf("exited:\n%s", p.tail(20))
 		}
 		return fmt.Errorf("no URL yet")
 	})
-	return url, err
+	return p, url, err
 }
 
 // restartStorage stops the storage server (SIGTERM) and starts it again with
@@ -239,6 +273,9 @@ current-context: harness
 			"--etcd-cafile", p("ca.crt"),
 			"--etcd-certfile", p("apiserver-etcd-client.crt"),
 			"--etcd-keyfile", p("apiserver-etcd-client.key"))
+	}
+	if len(c.opts.overrides) > 0 {
+		etcd = append(etcd, "--etcd-servers-overrides", c.serversOverrides())
 	}
 	args := append([]string{bin("kube-apiserver")}, etcd...)
 	args = append(args,
@@ -326,7 +363,7 @@ func (c *cluster) stop() {
 	for _, m := range c.members {
 		procs = append(procs, m.proc)
 	}
-	for _, p := range append(procs, c.postgres) {
+	for _, p := range append(procs, c.postgres, c.eventsPostgres) {
 		p.stop()
 	}
 }

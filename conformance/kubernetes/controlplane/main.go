@@ -13,7 +13,9 @@
 //
 // With -bench it runs the benchmark workload of bench.go instead; with -ha N,
 // the high-availability scenario of haload.go on N pgetcd instances; with
-// -migrate N, the migration from etcd to pgetcd of migrate.go, N times.
+// -migrate N, the migration from etcd to pgetcd of migrate.go, N times; with
+// -shard N, the keyspace isolation scenario of shard.go (an event storm with
+// events in the main keyspace, then in a keyspace of their own), N runs each.
 package main
 
 import (
@@ -75,6 +77,20 @@ func main() {
 	flag.DurationVar(&mig.after, "migrate-after", 10*time.Second, "load after the first write after the cutover")
 	flag.BoolVar(&mig.retryAfter, "migrate-retry-after", true,
 		"in the migration scenario, kube-apiserver --shutdown-send-retry-after (false: its default shutdown, which waits up to 60 s for open watches; the harness kills it after 30 s)")
+	var shard shardOptions
+	flag.IntVar(&shard.runs, "shard", 0, "run the keyspace isolation scenario of shard.go this many times per layout (single keyspace, events sharded), alternating, instead of the checks")
+	flag.StringVar(&shard.storm, "shard-storm", "apiserver", "where the event storm comes from: apiserver (client-go creates through kube-apiserver) or loadgen (leased Txn creates straight to the keyspace Events go to)")
+	flag.Float64Var(&shard.stormRate, "shard-storm-rate", 1000, "Events per second the storm aims at")
+	flag.IntVar(&shard.stormWorkers, "shard-storm-workers", 64, "goroutines of the storm through kube-apiserver")
+	flag.Float64Var(&shard.writeRate, "shard-rate", 20, "ConfigMap updates per second through kube-apiserver, over all writers")
+	flag.IntVar(&shard.writers, "shard-writers", 4, "ConfigMap writers, each updating its own ConfigMap")
+	flag.Float64Var(&shard.probeRate, "shard-probe-rate", 20, "Txns per second of the probe writing one key of main straight to pgetcd")
+	flag.DurationVar(&shard.warmup, "shard-warmup", 10*time.Second, "writes before the quiet window")
+	flag.DurationVar(&shard.window, "shard-window", 30*time.Second, "length of each measured window (quiet, storm)")
+	flag.DurationVar(&shard.ramp, "shard-ramp", 5*time.Second, "from the storm's start to its window")
+	flag.StringVar(&shard.loadgen, "loadgen", "", "the loadgen binary (-shard-storm loadgen)")
+	flag.BoolVar(&shard.eventsFsync, "shard-events-fsync", true, "the events keyspace's Postgres with fsync and synchronous commit on (false: off, to see what the shared disk costs main)")
+	flag.StringVar(&shard.report, "shard-report", "", "where the keyspace isolation scenario writes its JSON report")
 	flag.Parse()
 	if bench.enabled {
 		// LISTs of the benchmark's PodTemplates go to storage, not the watch cache.
@@ -93,6 +109,13 @@ func main() {
 	}
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
+	if shard.runs > 0 {
+		if !runShards(ctx, o, shard) {
+			cancel()
+			os.Exit(1)
+		}
+		return
+	}
 	if mig.runs > 0 {
 		if !runMigrations(ctx, o, mig) {
 			cancel()

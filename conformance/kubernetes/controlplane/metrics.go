@@ -24,7 +24,7 @@ type histQuantiles struct {
 	P99   float64 `json:"p99_ms"`
 }
 
-// The series read, and the labels that make their keys.
+// The series of kube-apiserver read, and the labels that make their keys.
 var histogramKeys = map[string][]string{
 	"apiserver_request_duration_seconds": {"verb", "resource"},
 	"etcd_request_duration_seconds":      {"operation", "resource"},
@@ -35,10 +35,12 @@ func (c *cluster) apiHistograms() (histograms, error) {
 	if err != nil {
 		return nil, err
 	}
-	return parseHistograms(text), nil
+	return parseHistograms(text, histogramKeys), nil
 }
 
-func parseHistograms(text string) histograms {
+// parseHistograms reads the histograms named in keys (series name to the
+// labels that make a key) from a /metrics text.
+func parseHistograms(text string, histogramKeys map[string][]string) histograms {
 	out := histograms{}
 	for _, line := range strings.Split(text, "\n") {
 		name, rest, ok := strings.Cut(line, "_bucket{")
@@ -112,13 +114,7 @@ func (h histograms) since(before histograms) (requests, storage map[string]histQ
 		out := map[string]histQuantiles{}
 		sums := map[string]*histogram{}
 		for key, now := range h[name] {
-			d := &histogram{bounds: now.bounds, counts: make([]float64, len(now.counts))}
-			copy(d.counts, now.counts)
-			if old := before[name][key]; old != nil && len(old.counts) == len(d.counts) {
-				for i := range d.counts {
-					d.counts[i] -= old.counts[i]
-				}
-			}
+			d := now.minus(before[name][key])
 			if d.total() == 0 {
 				continue
 			}
@@ -143,6 +139,32 @@ func (h histograms) since(before histograms) (requests, storage map[string]histQ
 		return out
 	}
 	return delta("apiserver_request_duration_seconds", true), delta("etcd_request_duration_seconds", true)
+}
+
+// minus is what was observed after old (nil: since the start).
+func (h *histogram) minus(old *histogram) *histogram {
+	d := &histogram{bounds: h.bounds, counts: make([]float64, len(h.counts))}
+	copy(d.counts, h.counts)
+	if old != nil && len(old.counts) == len(d.counts) {
+		for i := range d.counts {
+			d.counts[i] -= old.counts[i]
+		}
+	}
+	return d
+}
+
+// between returns the quantiles of series name at key observed between before
+// and h (a zero count when nothing was).
+func (h histograms) between(before histograms, name, key string) histQuantiles {
+	now := h[name][key]
+	if now == nil {
+		return histQuantiles{}
+	}
+	d := now.minus(before[name][key])
+	if d.total() == 0 {
+		return histQuantiles{}
+	}
+	return d.quantiles()
 }
 
 func (h *histogram) total() float64 {
