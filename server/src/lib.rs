@@ -513,18 +513,7 @@ fn grpc_routes(
             engine.clone(),
             shutdown.clone(),
         ));
-        let grpc = common
-            .add_service(
-                KvServer::from_arc(kv.clone())
-                    .max_decoding_message_size(limit)
-                    .max_encoding_message_size(usize::MAX),
-            )
-            .add_service(
-                WatchServer::from_arc(watch.clone())
-                    .max_decoding_message_size(limit)
-                    .max_encoding_message_size(usize::MAX),
-            )
-            .add_service(LeaseServer::from_arc(lease.clone()).max_decoding_message_size(limit));
+        let grpc = with_kv_watch_lease(common, &kv, &watch, &lease, limit);
         return (grpc, gateway(kv, watch, lease.clone(), lease));
     };
     let compaction = routing::CompactionMap::new(routes.clone());
@@ -532,7 +521,25 @@ fn grpc_routes(
     let kv = Arc::new(routing::RoutedKv::new(routes.clone(), compaction));
     let watch = Arc::new(routing::RoutedWatch::new(routes.clone(), shutdown.clone()));
     let lease = Arc::new(routing::RoutedLease::new(routes.clone(), shutdown.clone()));
-    let grpc = common
+    let grpc = with_kv_watch_lease(common, &kv, &watch, &lease, limit);
+    (grpc, gateway(kv, watch, lease.clone(), lease))
+}
+
+/// `routes` with the KV, Watch and Lease services, with etcd's message size limits
+/// (`limit` received).
+fn with_kv_watch_lease<K, W, L>(
+    routes: tonic::service::Routes,
+    kv: &Arc<K>,
+    watch: &Arc<W>,
+    lease: &Arc<L>,
+    limit: usize,
+) -> tonic::service::Routes
+where
+    K: pgetcd_proto::etcdserverpb::kv_server::Kv,
+    W: pgetcd_proto::etcdserverpb::watch_server::Watch,
+    L: pgetcd_proto::etcdserverpb::lease_server::Lease,
+{
+    routes
         .add_service(
             KvServer::from_arc(kv.clone())
                 .max_decoding_message_size(limit)
@@ -543,8 +550,7 @@ fn grpc_routes(
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(usize::MAX),
         )
-        .add_service(LeaseServer::from_arc(lease.clone()).max_decoding_message_size(limit));
-    (grpc, gateway(kv, watch, lease.clone(), lease))
+        .add_service(LeaseServer::from_arc(lease.clone()).max_decoding_message_size(limit))
 }
 
 /// Serves /health, /metrics and friends on every --listen-metrics-urls.
