@@ -379,7 +379,7 @@ async fn instances_register_and_one_holds_the_writer_role_at_a_time() {
 }
 
 #[tokio::test]
-async fn a_version_2_keyspace_is_migrated_to_version_3() {
+async fn a_version_2_keyspace_is_migrated_to_the_current_version() {
     let pg = postgres();
     let schema = fresh_keyspace();
     let store = store_via(pg.options().port, &schema).await;
@@ -387,7 +387,7 @@ async fn a_version_2_keyspace_is_migrated_to_version_3() {
     let admin = admin_client().await;
     admin
         .batch_execute(&format!(
-            "DROP TABLE {schema}.members; \
+            "DROP TABLE {schema}.members; DROP TABLE {schema}.alarms; \
              ALTER TABLE {schema}.meta DROP COLUMN leader, DROP COLUMN leader_until; \
              UPDATE {schema}.meta SET schema_version = 2"
         ))
@@ -400,12 +400,19 @@ async fn a_version_2_keyspace_is_migrated_to_version_3() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(version, 3);
+    // Version 3 brought members and the writer's claim, version 4 the alarms.
+    assert_eq!(version, 4);
     store.register(&member("a")).await.unwrap();
     assert!(matches!(
         store.campaign("a", Duration::from_secs(1)).await.unwrap(),
         Campaign::Won { .. }
     ));
+    assert!(!store.set_alarm(0, 1, true).await.unwrap());
+    assert!(store.set_alarm(0, 1, true).await.unwrap());
+    assert_eq!(store.alarms().await.unwrap(), [(0, 1)]);
+    assert!(store.set_alarm(0, 1, false).await.unwrap());
+    assert!(!store.set_alarm(0, 1, false).await.unwrap());
+    assert!(store.alarms().await.unwrap().is_empty());
 }
 
 /// Every retained version of an export, with its meta's revisions and its leases.
