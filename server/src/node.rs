@@ -109,6 +109,24 @@ pub fn forwarded(status: tonic::Status) -> tonic::Status {
     }
 }
 
+/// The gRPC metadata key marking a request an instance forwarded to its keyspace's
+/// writer: a routed listener receiving one serves it for its own keyspace alone (the
+/// forwarding instance's router reaches the other keyspaces itself).
+pub const FORWARDED: &str = "pgetcd-forwarded";
+
+/// `message` as a request forwarded to the writer.
+pub fn to_writer<T>(message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    r
+}
+
+/// Whether a request was forwarded by another instance (see [`FORWARDED`]).
+pub fn was_forwarded(metadata: &tonic::metadata::MetadataMap) -> bool {
+    metadata.contains_key(FORWARDED)
+}
+
 /// etcd's error for a request only the writer answers, sent to another instance.
 fn not_leader() -> tonic::Status {
     crate::status::to_status(Error::NotWriter)

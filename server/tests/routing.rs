@@ -563,3 +563,65 @@ async fn the_main_keyspace_serves_through_the_listener_while_the_routed_ones_pos
     server.stop().await;
     second.stop();
 }
+
+/// Two instances of both keyspaces, each routing `/registry/events/` on its main
+/// listener: through the follower's routed listener, writes of either keyspace reach
+/// that keyspace's writer (forwarded), reads and watches answer from the follower, and
+/// leases are granted in both keyspaces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_routes_as_the_writer_does() {
+    let mut first = test_config();
+    let events = route_to_new_keyspace(&mut first, "/registry/events/", None);
+    first.member.name = "a".into();
+    let writer = TestServer::start(first.clone()).await;
+    let mut second = first.clone();
+    second.member.name = "b".into();
+    second.storage.data_dir = pgetcd_testkit::fresh_dir("data");
+    let follower = TestServer::start(second).await;
+    assert!(follower.running.node.engine().is_follower());
+    assert!(follower.running.others[0].node.engine().is_follower());
+    let url = follower.url();
+    let w = TestWatch::open(&url).await;
+    w.create(WatchCreateRequest {
+        key: Bytes::from_static(b"/registry/events/"),
+        range_end: Bytes::from_static(b"/registry/events0"),
+        ..Default::default()
+    })
+    .await;
+    let rev = put(&url, "/registry/events/e").await.unwrap();
+    assert_eq!(rev, 2);
+    assert_eq!(put(&url, "/registry/pods/p").await.unwrap(), 2);
+    // The events keyspace's own listener on the writer holds it.
+    let writer_events = writer.running.others[0].client_url();
+    assert_eq!(
+        range(&writer_events, "/registry/events/", "/registry/events0", 0)
+            .await
+            .unwrap()
+            .0,
+        1
+    );
+    w.wait_progress(rev).await;
+    assert_eq!(w.event_count(), 1);
+    let id = LeaseClient::new(channel(&url).await)
+        .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    for ks in [&writer.running.node, &writer.running.others[0].node] {
+        assert!(ks.engine().lease_leases().leases.iter().any(|l| l.id == id));
+    }
+    put_leased(&url, "/registry/events/leased", id)
+        .await
+        .unwrap();
+    spans_both(
+        &range(&url, "/registry/", "/registry0", 0)
+            .await
+            .unwrap_err(),
+        &first.storage.keyspace,
+        &events,
+    );
+    drop(w);
+    follower.stop().await;
+    writer.stop().await;
+}

@@ -72,8 +72,12 @@ impl Kv for RoutedKv {
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
         let rev = req.get_ref().revision;
+        // Forwarded by another instance, whose router compacts the other keyspaces.
+        let forwarded = crate::node::was_forwarded(req.metadata());
         let resp = self.kv(0).compact(req).await?;
-        self.compaction.main_compacted(rev);
+        if !forwarded {
+            self.compaction.main_compacted(rev);
+        }
         Ok(resp)
     }
 }

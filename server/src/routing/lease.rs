@@ -29,6 +29,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::Routes;
+use crate::node::was_forwarded;
 use crate::services::{KeepAliveRequests, OpenKeepAlive};
 
 /// How long a keyspace whose keepalive stream failed is left out of a client's stream.
@@ -76,6 +77,9 @@ impl Lease for RoutedLease {
         &self,
         req: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
+        if was_forwarded(req.metadata()) {
+            return self.routes.targets()[0].lease.lease_grant(req).await;
+        }
         let asked = req.into_inner();
         let targets = self.routes.targets();
         // A random id that another keyspace holds already is drawn again.
@@ -116,6 +120,9 @@ impl Lease for RoutedLease {
         &self,
         req: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        if was_forwarded(req.metadata()) {
+            return self.routes.targets()[0].lease.lease_revoke(req).await;
+        }
         let results = self.revoke_everywhere(req.get_ref().id).await;
         if let Some(failed) = results
             .iter()
@@ -139,6 +146,9 @@ impl Lease for RoutedLease {
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<KeepAliveResponses>, Status> {
         let metadata = req.metadata().clone();
+        if was_forwarded(&metadata) {
+            return self.routes.targets()[0].lease.lease_keep_alive(req).await;
+        }
         let rx = self
             .open_keep_alive(&metadata, Box::pin(req.into_inner()))
             .await?;
@@ -149,6 +159,9 @@ impl Lease for RoutedLease {
         &self,
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        if was_forwarded(req.metadata()) {
+            return self.routes.targets()[0].lease.lease_time_to_live(req).await;
+        }
         let asked = req.into_inner();
         let results = futures::future::join_all(
             self.routes
@@ -196,8 +209,11 @@ impl Lease for RoutedLease {
 
     async fn lease_leases(
         &self,
-        _req: Request<LeaseLeasesRequest>,
+        req: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        if was_forwarded(req.metadata()) {
+            return self.routes.targets()[0].lease.lease_leases(req).await;
+        }
         let results = futures::future::join_all(
             self.routes
                 .targets()

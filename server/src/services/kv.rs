@@ -59,7 +59,7 @@ impl Kv for KvService {
                 .node
                 .forward(|ch| {
                     let req = req.clone();
-                    async move { writer_kv(ch).put(req).await }
+                    async move { writer_kv(ch).put(crate::node::to_writer(req)).await }
                 })
                 .await?
                 .into_inner();
@@ -84,7 +84,11 @@ impl Kv for KvService {
                 .node
                 .forward(|ch| {
                     let req = req.clone();
-                    async move { writer_kv(ch).delete_range(req).await }
+                    async move {
+                        writer_kv(ch)
+                            .delete_range(crate::node::to_writer(req))
+                            .await
+                    }
                 })
                 .await?
                 .into_inner();
@@ -106,7 +110,7 @@ impl Kv for KvService {
                 .node
                 .forward(|ch| {
                     let req = req.clone();
-                    async move { writer_kv(ch).txn(req).await }
+                    async move { writer_kv(ch).txn(crate::node::to_writer(req)).await }
                 })
                 .await?
                 .into_inner();
@@ -130,7 +134,9 @@ impl Kv for KvService {
             let req = req.into_inner();
             let resp = self
                 .node
-                .forward(|ch| async move { writer_kv(ch).compact(req).await })
+                .forward(
+                    |ch| async move { writer_kv(ch).compact(crate::node::to_writer(req)).await },
+                )
                 .await?
                 .into_inner();
             // Reads below the compact revision are refused here from now on too.

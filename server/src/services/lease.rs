@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::node::{Node, forwarded};
+use crate::node::{Node, forwarded, to_writer};
 use crate::services::OpenKeepAlive;
 use crate::status::to_status;
 
@@ -51,7 +51,7 @@ impl Lease for LeaseService {
             let req = req.into_inner();
             return self
                 .node
-                .forward(|ch| async move { LeaseClient::new(ch).lease_grant(req).await })
+                .forward(|ch| async move { LeaseClient::new(ch).lease_grant(to_writer(req)).await })
                 .await;
         }
         self.node
@@ -70,7 +70,9 @@ impl Lease for LeaseService {
             let req = req.into_inner();
             let resp = self
                 .node
-                .forward(|ch| async move { LeaseClient::new(ch).lease_revoke(req).await })
+                .forward(
+                    |ch| async move { LeaseClient::new(ch).lease_revoke(to_writer(req)).await },
+                )
                 .await?
                 .into_inner();
             let rev = resp.header.as_ref().map_or(0, |h| h.revision);
@@ -108,7 +110,11 @@ impl Lease for LeaseService {
             let req = req.into_inner();
             return self
                 .node
-                .forward(|ch| async move { LeaseClient::new(ch).lease_time_to_live(req).await })
+                .forward(|ch| async move {
+                    LeaseClient::new(ch)
+                        .lease_time_to_live(to_writer(req))
+                        .await
+                })
                 .await;
         }
         Ok(Response::new(
@@ -124,7 +130,9 @@ impl Lease for LeaseService {
             let req = req.into_inner();
             return self
                 .node
-                .forward(|ch| async move { LeaseClient::new(ch).lease_leases(req).await })
+                .forward(
+                    |ch| async move { LeaseClient::new(ch).lease_leases(to_writer(req)).await },
+                )
                 .await;
         }
         Ok(Response::new(self.node.engine().lease_leases()))
@@ -163,7 +171,7 @@ impl super::OpenKeepAlive for LeaseService {
                 .forward(|ch| async move {
                     let (up, up_rx) = mpsc::channel(16);
                     let down = LeaseClient::new(ch)
-                        .lease_keep_alive(ReceiverStream::new(up_rx))
+                        .lease_keep_alive(to_writer(ReceiverStream::new(up_rx)))
                         .await?;
                     Ok((up, down))
                 })
