@@ -369,9 +369,7 @@ where
         None => Ok(Box::pin(futures::stream::empty())),
         Some(Err(s)) => Err(s),
         Some(Ok(first)) => {
-            let rest = ReceiverStream::new(rx)
-                .take_while(|r| std::future::ready(r.is_ok()))
-                .map(|r| r);
+            let rest = ReceiverStream::new(rx).take_while(|r| std::future::ready(r.is_ok()));
             Ok(Box::pin(
                 futures::stream::once(async { Ok(first) }).chain(rest),
             ))

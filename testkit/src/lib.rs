@@ -567,38 +567,68 @@ fn authority(url: &str) -> &str {
     url.trim_start_matches("http://").trim_end_matches('/')
 }
 
+/// An HTTP/1.1 answer read so far: status, headers (lowercased names), body (chunked
+/// transfer decoded); None before its head arrived.
+struct Answer {
+    code: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+    chunked: bool,
+}
+
+impl Answer {
+    fn parse(raw: &[u8]) -> Option<Answer> {
+        let text = String::from_utf8_lossy(raw).into_owned();
+        let (head, rest) = text.split_once("\r\n\r\n")?;
+        let code = head.get(9..12)?.parse().ok()?;
+        let headers: Vec<(String, String)> = head
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let chunked = headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+        let body = if chunked {
+            dechunk(rest)
+        } else {
+            rest.to_owned()
+        };
+        Some(Answer {
+            code,
+            headers,
+            body,
+            chunked,
+        })
+    }
+}
+
+/// Connects to the endpoint at `url` (`http://...`) and sends `POST path` with `body`
+/// (`close`: asking the server to close the connection after its answer).
+async fn send_post(url: &str, path: &str, body: &str, close: bool) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let host = authority(url);
+    let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
+    let connection = if close { "Connection: close\r\n" } else { "" };
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{connection}\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("send the request");
+    s
+}
+
 /// Sends `POST path` with `body` over HTTP/1.1 to the endpoint at `url` (`http://...`)
 /// and returns the status, the headers (lowercased names) and the body (chunked
 /// transfer decoded).
 pub async fn http_post(url: &str, path: &str, body: &str) -> (u16, Vec<(String, String)>, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let host = authority(url);
-    let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.expect("send the request");
+    use tokio::io::AsyncReadExt;
+    let mut s = send_post(url, path, body, true).await;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).await.expect("read the answer");
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, rest) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let code = head[9..12].parse().expect("a status code");
-    let headers: Vec<(String, String)> = head
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-    let body = if chunked {
-        dechunk(rest)
-    } else {
-        rest.to_owned()
-    };
-    (code, headers, body)
+    let a = Answer::parse(&raw).expect("an HTTP answer");
+    (a.code, a.headers, a.body)
 }
 
 /// The body of a chunked HTTP/1.1 answer.
@@ -620,19 +650,9 @@ fn dechunk(mut rest: &str) -> String {
 /// The status, lines and whether the last line is complete, of a streamed answer read
 /// so far (None before its head arrived).
 fn streamed_lines(raw: &[u8]) -> Option<(u16, Vec<String>, bool)> {
-    let text = String::from_utf8_lossy(raw).into_owned();
-    let (head, rest) = text.split_once("\r\n\r\n")?;
-    let code = head.get(9..12)?.parse().ok()?;
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    let body = if chunked {
-        dechunk(rest)
-    } else {
-        rest.to_owned()
-    };
-    let lines = body.lines().map(str::to_owned).collect();
-    Some((code, lines, body.ends_with('\n') || !chunked))
+    let a = Answer::parse(raw)?;
+    let lines = a.body.lines().map(str::to_owned).collect();
+    Some((a.code, lines, a.body.ends_with('\n') || !a.chunked))
 }
 
 /// Sends `POST path` with `body` to the endpoint at `url` and returns the first `lines`
@@ -645,14 +665,8 @@ pub async fn http_stream_lines(
     lines: usize,
     wait: std::time::Duration,
 ) -> (u16, Vec<String>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let host = authority(url);
-    let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.expect("send the request");
+    use tokio::io::AsyncReadExt;
+    let mut s = send_post(url, path, body, false).await;
     let deadline = tokio::time::Instant::now() + wait;
     let mut raw = Vec::new();
     let mut buf = [0u8; 8192];

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::StreamMap;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::Routes;
 use crate::node::was_forwarded;
@@ -47,12 +47,18 @@ impl RoutedLease {
     }
 }
 
+/// Whether `s` is the engine's `e` as a client gets it (`status::to_status`).
+fn is(s: &Status, e: pgetcd_engine::Error) -> bool {
+    let want = crate::status::to_status(e);
+    s.code() == want.code() && s.message() == want.message()
+}
+
 fn lease_exists(s: &Status) -> bool {
-    s.code() == Code::FailedPrecondition && s.message() == "etcdserver: lease already exists"
+    is(s, pgetcd_engine::Error::LeaseExists)
 }
 
 fn lease_not_found(s: &Status) -> bool {
-    s.code() == Code::NotFound && s.message() == "etcdserver: requested lease not found"
+    is(s, pgetcd_engine::Error::LeaseNotFound)
 }
 
 type KeepAliveResponses =
