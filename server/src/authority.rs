@@ -31,6 +31,9 @@ const PRIORITY: u8 = 0x20;
 const MAX_FRAME: usize = 16_384;
 /// A header block larger than this while still incomplete: give up (hyper limits it).
 const MAX_PENDING: usize = 1 << 20;
+/// The HPACK table size the HTTP/2 server allows its clients (HTTP/2's default
+/// SETTINGS_HEADER_TABLE_SIZE, which hyper keeps): a larger size update is refused.
+const TABLE_SIZE: usize = 4096;
 
 enum Mode {
     /// Reading up to the first header block.
@@ -110,6 +113,12 @@ impl<T> AuthorityFix<T> {
                 return self.pass();
             };
             match &mut self.mode {
+                _ if !well_formed(&block.fragment) => {
+                    // For hyper to refuse (the decoder would panic on some of these, or
+                    // grow its table past what HTTP/2 allows).
+                    self.ready.extend_from_slice(&raw);
+                    return self.pass();
+                }
                 Mode::Inspect => {
                     let mut decoder = Box::new(hpack::Decoder::new());
                     let Ok(headers) = decoder.decode(&block.fragment) else {
@@ -248,6 +257,68 @@ impl HeaderBlock {
             out.extend_from_slice(chunk);
         }
     }
+}
+
+/// Whether an HPACK block is one the decoder takes safely: every integer well formed,
+/// every string within the block, every table size update at most [`TABLE_SIZE`]
+/// (RFC 7541 section 6).
+fn well_formed(mut block: &[u8]) -> bool {
+    while let Some(&first) = block.first() {
+        let ok = if first & 0x80 != 0 {
+            integer(&mut block, 7).is_some()
+        } else if first & 0x40 != 0 {
+            field(&mut block, 6)
+        } else if first & 0x20 != 0 {
+            integer(&mut block, 5).is_some_and(|size| size <= TABLE_SIZE)
+        } else {
+            field(&mut block, 4)
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// A literal field: its name's index (0: a name string follows), then its value.
+fn field(block: &mut &[u8], prefix: u32) -> bool {
+    match integer(block, prefix) {
+        Some(0) => string(block) && string(block),
+        Some(_) => string(block),
+        None => false,
+    }
+}
+
+/// A string literal (Huffman bit, length, octets), skipped.
+fn string(block: &mut &[u8]) -> bool {
+    match integer(block, 7) {
+        Some(len) if len <= block.len() => {
+            *block = &block[len..];
+            true
+        }
+        _ => false,
+    }
+}
+
+/// An HPACK integer with a `prefix`-bit prefix, consumed; None when cut short or
+/// larger than 2^28.
+fn integer(block: &mut &[u8], prefix: u32) -> Option<usize> {
+    let max = (1usize << prefix) - 1;
+    let (&first, rest) = block.split_first()?;
+    *block = rest;
+    let mut value = usize::from(first) & max;
+    if value < max {
+        return Some(value);
+    }
+    for shift in (0..=21).step_by(7) {
+        let (&byte, rest) = block.split_first()?;
+        *block = rest;
+        value += usize::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
 }
 
 /// Whether a request's `:authority` is not an authority.
@@ -466,6 +537,40 @@ mod tests {
         input.extend_from_slice(b);
         let out = through(input).await;
         assert_eq!(blocks(&out), vec![request("h:1")]);
+    }
+
+    /// Blocks the HPACK decoder would panic on (a size update cut short), or that
+    /// would grow its table past HTTP/2's size, are left to hyper; every block that
+    /// passes the check decodes without a panic.
+    #[test]
+    fn only_well_formed_blocks_reach_the_decoder() {
+        assert!(!well_formed(&[0x3f]));
+        // A size update to 4096 is allowed, to 4097 not.
+        assert!(well_formed(&[0x3f, 0xe1, 0x1f]));
+        assert!(!well_formed(&[0x3f, 0xe2, 0x1f]));
+        assert!(well_formed(&[0x20]));
+        assert!(!well_formed(&[0x40, 0x05, b'a']));
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut checked = 0;
+        for _ in 0..200_000 {
+            let len = (next() % 48) as usize;
+            let block: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if !well_formed(&block) {
+                continue;
+            }
+            checked += 1;
+            let decoded = std::panic::catch_unwind(|| {
+                let _ = hpack::Decoder::new().decode(&block);
+            });
+            assert!(decoded.is_ok(), "the decoder panicked on {block:?}");
+        }
+        assert!(checked > 10_000, "{checked}");
     }
 
     #[tokio::test]
