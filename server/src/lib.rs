@@ -9,6 +9,8 @@
 
 /// Exclusive access to a keyspace for the offline commands (restore, migrate).
 pub mod admin;
+/// etcd's auth state and tokens (not yet served: see the module).
+pub mod auth;
 /// Mends an HTTP/2 `:authority` that is a whole URL (etcdctl 3.4).
 mod authority;
 /// etcd's periodic and revision auto-compaction schedules.

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pgetcd_storage::{
-    Batch, Campaign, Change, LeaseOps, MemberInfo, Outcome, Pruned, Resolution, Store, StoreError,
-    Version,
+    AuthRecord, Batch, Campaign, Change, LeaseOps, MemberInfo, Outcome, Pruned, Resolution, Store,
+    StoreError, Version,
 };
 use pgetcd_storage_postgres::{PgStore, PgStoreConfig};
 use pgetcd_testkit::proxy::TcpProxy;
@@ -400,8 +400,9 @@ async fn a_version_2_keyspace_is_migrated_to_the_current_version() {
         .await
         .unwrap()
         .get(0);
-    // Version 3 brought members and the writer's claim, version 4 the alarms.
-    assert_eq!(version, 4);
+    // Version 3 brought members and the writer's claim, version 4 the alarms, version
+    // 5 the auth state.
+    assert_eq!(version, 5);
     store.register(&member("a")).await.unwrap();
     assert!(matches!(
         store.campaign("a", Duration::from_secs(1)).await.unwrap(),
@@ -413,6 +414,22 @@ async fn a_version_2_keyspace_is_migrated_to_the_current_version() {
     assert!(store.set_alarm(0, 1, false).await.unwrap());
     assert!(!store.set_alarm(0, 1, false).await.unwrap());
     assert!(store.alarms().await.unwrap().is_empty());
+    // The auth state is swapped only from the revision it holds.
+    assert_eq!(store.auth().await.unwrap(), AuthRecord::default());
+    let first = AuthRecord {
+        revision: 1,
+        state: Bytes::from_static(b"one"),
+    };
+    assert!(!store.swap_auth(3, &first).await.unwrap());
+    assert!(store.swap_auth(0, &first).await.unwrap());
+    assert!(!store.swap_auth(0, &first).await.unwrap());
+    let second = AuthRecord {
+        revision: 2,
+        state: Bytes::from_static(b"two"),
+    };
+    assert!(store.swap_auth(1, &second).await.unwrap());
+    assert!(!store.swap_auth(1, &first).await.unwrap());
+    assert_eq!(store.auth().await.unwrap(), second);
 }
 
 /// Every retained version of an export, with its meta's revisions and its leases.

@@ -161,6 +161,14 @@ impl<S: Store + Clone> Store for FaultyStore<S> {
         self.inner.set_alarm(member_id, alarm, on).await
     }
 
+    async fn auth(&self) -> Result<crate::AuthRecord> {
+        self.inner.auth().await
+    }
+
+    async fn swap_auth(&self, expected: u64, record: &crate::AuthRecord) -> Result<bool> {
+        self.inner.swap_auth(expected, record).await
+    }
+
     async fn remove_member(
         &self,
         name: &str,

@@ -37,8 +37,8 @@ pub mod memory;
 
 pub use error::{BoxError, Outcome, Result, StoreError};
 pub use model::{
-    Batch, CHUNK_VERSIONS, CHUNKS_IN_FLIGHT, Campaign, Change, Changes, CompactionPlan, Export,
-    FeedCommit, FeedPrepared, Fence, Import, Imported, LeaseOp, LeaseOps, Loaded, MemberInfo, Meta,
-    PoolStatus, Pruned, Removal, Resolution, Version, VersionChunk, VersionId,
+    AuthRecord, Batch, CHUNK_VERSIONS, CHUNKS_IN_FLIGHT, Campaign, Change, Changes, CompactionPlan,
+    Export, FeedCommit, FeedPrepared, Fence, Import, Imported, LeaseOp, LeaseOps, Loaded,
+    MemberInfo, Meta, PoolStatus, Pruned, Removal, Resolution, Version, VersionChunk, VersionId,
 };
 pub use store::{ChangeFeed, LoadVisitor, Store};

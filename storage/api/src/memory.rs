@@ -41,6 +41,7 @@ struct Inner {
     leader: Option<(String, Instant)>,
     /// Alarms: (member id, type).
     alarms: std::collections::BTreeSet<(u64, i32)>,
+    auth: crate::AuthRecord,
 }
 
 impl Inner {
@@ -110,6 +111,7 @@ impl MemoryStore {
                 consumers: BTreeMap::new(),
                 members: BTreeMap::new(),
                 alarms: Default::default(),
+                auth: Default::default(),
                 leader: None,
             })),
             feed_grew: Arc::new(Notify::new()),
@@ -236,6 +238,19 @@ impl Store for MemoryStore {
         } else {
             g.alarms.remove(&(member_id, alarm))
         })
+    }
+
+    async fn auth(&self) -> Result<crate::AuthRecord> {
+        Ok(self.inner.lock().auth.clone())
+    }
+
+    async fn swap_auth(&self, expected: u64, record: &crate::AuthRecord) -> Result<bool> {
+        let mut g = self.inner.lock();
+        if g.auth.revision != expected {
+            return Ok(false);
+        }
+        g.auth = record.clone();
+        Ok(true)
     }
 
     async fn remove_member(

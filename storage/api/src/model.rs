@@ -59,6 +59,16 @@ pub struct Change {
     pub prev: Option<Version>,
 }
 
+/// The keyspace's auth state: opaque to the store, with the auth revision that every
+/// change raises (etcd's `authRevision`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthRecord {
+    /// The auth revision; 0 before the state was first written.
+    pub revision: u64,
+    /// The state, encoded by its owner.
+    pub state: Bytes,
+}
+
 /// The keyspace's meta record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Meta {

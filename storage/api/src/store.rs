@@ -3,6 +3,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::AuthRecord;
 use crate::error::Result;
 use crate::model::{
     Batch, Campaign, Changes, CompactionPlan, Export, FeedCommit, FeedPrepared, Fence, Import,
@@ -48,6 +49,15 @@ pub trait Store: Send + Sync + 'static {
     /// Raises (`on`) or clears alarm `alarm` of member `member_id`; returns whether it
     /// was raised before.
     async fn set_alarm(&self, member_id: u64, alarm: i32, on: bool) -> Result<bool>;
+
+    /// The keyspace's auth state (etcd's users, roles and auth flag) as the server
+    /// encoded it; revision 0 and an empty state when it was never written.
+    async fn auth(&self) -> Result<AuthRecord>;
+
+    /// Replaces the auth state with `record` if its revision is still `expected`
+    /// (compare-and-swap: any instance may write it); false when another change landed
+    /// first, and nothing was written.
+    async fn swap_auth(&self, expected: u64, record: &AuthRecord) -> Result<bool>;
 
     /// Forgets the instance `name` unless it registered within `live`, and drops the
     /// change feed of its consumer `feed` (None: the keyspace's default one), so the

@@ -15,7 +15,7 @@ use thiserror::Error;
 
 /// Version of the schema this build writes. Start-up migrates older schemas and refuses
 /// newer ones.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// Default number of revisions per `history` partition.
 pub const DEFAULT_PARTITION_REVISIONS: i64 = 100_000;
@@ -139,6 +139,7 @@ impl Layout {
             self.leader_ddl(),
             self.members_ddl(),
             self.alarms_ddl(),
+            self.auth_ddl(),
         ]
     }
 
@@ -148,6 +149,7 @@ impl Layout {
             1 => vec![self.leases_ddl()],
             2 => vec![self.leader_ddl(), self.members_ddl()],
             3 => vec![self.alarms_ddl()],
+            4 => vec![self.auth_ddl()],
             _ => Vec::new(),
         }
     }
@@ -177,6 +179,16 @@ impl Layout {
         format!(
             "CREATE TABLE IF NOT EXISTS {}.alarms (member_id bigint NOT NULL, alarm int NOT NULL, \
              PRIMARY KEY (member_id, alarm))",
+            self.schema
+        )
+    }
+
+    /// The keyspace's auth state (schema version 5): etcd's users, roles and auth flag,
+    /// encoded by the server, in one row whose auth revision every change raises.
+    fn auth_ddl(&self) -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {}.auth (id int PRIMARY KEY CHECK (id = 1), \
+             revision bigint NOT NULL, state bytea NOT NULL)",
             self.schema
         )
     }

@@ -257,6 +257,22 @@ impl Store for PgStore {
         members::set_alarm(client, &self.layout, member_id, alarm, on).await
     }
 
+    async fn auth(&self) -> Result<pgetcd_storage::AuthRecord> {
+        let guard = self.role_connection().await?;
+        let Some(client) = guard.as_ref() else {
+            return Err(StoreError::determinate("role connection", "not connected"));
+        };
+        members::auth(client, &self.layout).await
+    }
+
+    async fn swap_auth(&self, expected: u64, record: &pgetcd_storage::AuthRecord) -> Result<bool> {
+        let guard = self.role_connection().await?;
+        let Some(client) = guard.as_ref() else {
+            return Err(StoreError::determinate("role connection", "not connected"));
+        };
+        members::swap_auth(client, &self.layout, expected, record).await
+    }
+
     async fn campaign(&self, name: &str, ttl: std::time::Duration) -> Result<Campaign> {
         let guard = self.role_connection().await?;
         let Some(client) = guard.as_ref() else {

@@ -268,3 +268,55 @@ pub(crate) async fn set_alarm(
         .map_err(write_error("set an alarm"))?;
     Ok(row.get(0))
 }
+
+pub(crate) async fn auth(client: &Client, layout: &Layout) -> Result<pgetcd_storage::AuthRecord> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT revision, state FROM {} WHERE id = 1",
+                layout.table("auth")
+            ),
+            &[],
+        )
+        .await
+        .map_err(read_error("read the auth state"))?;
+    Ok(match row {
+        None => pgetcd_storage::AuthRecord::default(),
+        Some(r) => pgetcd_storage::AuthRecord {
+            revision: to_u64(r.get(0)),
+            state: bytes::Bytes::from(r.get::<_, Vec<u8>>(1)),
+        },
+    })
+}
+
+pub(crate) async fn swap_auth(
+    client: &Client,
+    layout: &Layout,
+    expected: u64,
+    record: &pgetcd_storage::AuthRecord,
+) -> Result<bool> {
+    let table = layout.table("auth");
+    let state: &[u8] = &record.state;
+    let rows = if expected == 0 {
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {table} (id, revision, state) VALUES (1, $1, $2) \
+                     ON CONFLICT (id) DO NOTHING"
+                ),
+                &[&to_i64(record.revision), &state],
+            )
+            .await
+    } else {
+        client
+            .execute(
+                &format!(
+                    "UPDATE {table} SET revision = $1, state = $2 WHERE id = 1 AND revision = $3"
+                ),
+                &[&to_i64(record.revision), &state, &to_i64(expected)],
+            )
+            .await
+    }
+    .map_err(write_error("write the auth state"))?;
+    Ok(rows == 1)
+}
