@@ -363,6 +363,11 @@ pub struct WatchFlags {
     /// from history.
     #[arg(long, env = "PGETCD_WATCH_STREAM_QUEUE", default_value_t = 1024)]
     pub watch_stream_queue: usize,
+
+    /// Most watchers one Watch stream may hold (pgetcd's own bound; etcd has none): a
+    /// create past it is answered created and canceled with a reason. 0 = no limit.
+    #[arg(long, env = "PGETCD_MAX_WATCHERS_PER_STREAM", default_value_t = DEFAULT_MAX_WATCHERS_PER_STREAM)]
+    pub max_watchers_per_stream: usize,
 }
 
 /// TLS of the client URLs.
@@ -411,6 +416,27 @@ pub struct TlsFlags {
     #[arg(long, env = "PGETCD_CLIENT_CRL_FILE")]
     pub client_crl_file: Option<PathBuf>,
 
+    /// Comma-separated host names (or IP addresses) of which a client certificate must
+    /// name one (subject alternative names, as a client checks a server's name) under
+    /// --client-cert-auth; others fail the handshake (etcd's flag; etcd 3.5 takes one
+    /// name, 3.6 a list).
+    #[arg(
+        long,
+        env = "PGETCD_CLIENT_CERT_ALLOWED_HOSTNAME",
+        value_delimiter = ','
+    )]
+    pub client_cert_allowed_hostname: Vec<String>,
+
+    /// How often the client TLS files (--cert-file, --key-file, --trusted-ca-file,
+    /// --client-crl-file) are checked for changes and reloaded; 0 = only on SIGHUP.
+    #[arg(
+        long,
+        env = "PGETCD_TLS_RELOAD_INTERVAL",
+        default_value = "5s",
+        value_parser = parse_duration
+    )]
+    pub tls_reload_interval: Duration,
+
     /// Validity of --auto-tls certificates, in years.
     #[arg(long, env = "PGETCD_SELF_SIGNED_CERT_VALIDITY", default_value_t = 1)]
     pub self_signed_cert_validity: u32,
@@ -438,7 +464,19 @@ pub struct GrpcFlags {
         value_parser = parse_duration
     )]
     pub grpc_keepalive_timeout: Duration,
+
+    /// Most concurrent HTTP/2 streams (calls) per client connection (etcd's
+    /// --max-concurrent-streams; its default too: 2^32-1, no limit). Further calls wait
+    /// in the client until one ends.
+    #[arg(long, env = "PGETCD_MAX_CONCURRENT_STREAMS", default_value_t = DEFAULT_MAX_CONCURRENT_STREAMS)]
+    pub max_concurrent_streams: u32,
 }
+
+/// Default --max-watchers-per-stream.
+pub const DEFAULT_MAX_WATCHERS_PER_STREAM: usize = 100_000;
+
+/// etcd's default --max-concurrent-streams (math.MaxUint32).
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = u32::MAX;
 
 /// etcd's auto-compaction.
 #[derive(Debug, Clone, clap::Args)]
@@ -684,6 +722,16 @@ impl Config {
         crate::transport::tls_policy(&self.tls())?;
         self.logging.validate()?;
         self.recovery.validate()?;
+        if self.grpc.max_concurrent_streams == 0 {
+            return Err("--max-concurrent-streams must be at least 1".into());
+        }
+        let tls = self.tls();
+        if !tls.allowed_hostnames.is_empty() && !tls.client_cert_auth {
+            return Err(
+                "--client-cert-allowed-hostname needs --client-cert-auth (and --trusted-ca-file)"
+                    .into(),
+            );
+        }
         if self.tls.self_signed_cert_validity == 0 {
             return Err("--self-signed-cert-validity must be at least 1 (year)".into());
         }
@@ -715,11 +763,7 @@ impl MemberFlags {
             crate::transport::parse_listen_url(u)?;
         }
         for u in &self.listen_metrics_urls {
-            if crate::transport::parse_listen_url(u)?.tls {
-                return Err(format!(
-                    "{u}: --listen-metrics-urls serves plain HTTP only (use http://)"
-                ));
-            }
+            crate::transport::parse_listen_url(u)?;
         }
         Ok(())
     }
@@ -808,6 +852,12 @@ impl TlsFlags {
             max_version: self.tls_max_version.clone(),
             cipher_suites: self.cipher_suites.clone(),
             client_crl_file: self.client_crl_file.clone(),
+            allowed_hostnames: self
+                .client_cert_allowed_hostname
+                .iter()
+                .filter(|h| !h.trim().is_empty())
+                .cloned()
+                .collect(),
         }
     }
 }

@@ -47,6 +47,8 @@ mod shutdown;
 pub mod snapshot;
 /// Engine errors as etcd gRPC statuses.
 pub mod status;
+/// `--client-cert-allowed-hostname`: the client certificate verifier that checks names.
+mod tls_names;
 /// Client listeners: TLS, HTTP/2 and HTTP/1 on one port, graceful drain.
 pub mod transport;
 /// The watch feed (committed batches to the watch bus).
@@ -226,7 +228,8 @@ async fn start_keyspace(
     others: Vec<metrics::Sources>,
     routed: Vec<routing::Target>,
 ) -> Result<Running, ServerError> {
-    let clients = ClientListeners::bind(&config).await?;
+    let server_metrics = Arc::new(metrics::Metrics::default());
+    let clients = ClientListeners::bind(&config, &server_metrics).await?;
     let record = served::Record::new(&config.storage.data_dir, &config.storage.keyspace);
     let (node, roles, hub, checked) = join(&config, url, &clients.advertise, &record).await?;
     let engine = (*node.engine()).clone();
@@ -236,7 +239,12 @@ async fn start_keyspace(
     tasks.push(tokio::spawn(
         served.clone().run(node.clone(), shutdown_rx.clone()),
     ));
-    let server_metrics = Arc::new(metrics::Metrics::default());
+    if let Some(tls) = &clients.tls {
+        tasks.push(tokio::spawn(
+            tls.clone()
+                .run(config.tls.tls_reload_interval, shutdown_rx.clone()),
+        ));
+    }
     let sources = metrics::Sources {
         node: node.clone(),
         hub: hub.clone(),
@@ -290,6 +298,7 @@ async fn start_keyspace(
             app.clone(),
             server_metrics.clone(),
             keepalive,
+            config.grpc.max_concurrent_streams,
             shutdown_rx.clone(),
         )));
     }
@@ -297,7 +306,14 @@ async fn start_keyspace(
         others,
         ..sources.clone()
     };
-    let metrics_addrs = serve_metrics(&config, &every_keyspace, &shutdown_rx, &mut tasks).await?;
+    let metrics_addrs = serve_metrics(
+        &config,
+        &every_keyspace,
+        clients.tls.as_ref(),
+        &shutdown_rx,
+        &mut tasks,
+    )
+    .await?;
     info!(addrs = ?client_addrs, metrics = ?metrics_addrs, name = %config.member.name, keyspace = %config.storage.keyspace, "serving etcd clients");
     Ok(Running {
         client_addrs,
@@ -393,9 +409,12 @@ async fn join(
     Ok((node, roles, hub, checked))
 }
 
-/// The bound client URLs, each with its TLS acceptor when https.
+/// The bound client URLs, each with its TLS when https.
 struct ClientListeners {
-    listeners: Vec<(TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
+    listeners: Vec<(TcpListener, Option<Arc<transport::ServerTls>>)>,
+    /// The TLS of the https client URLs (reloaded when its files change), also served
+    /// on https metrics URLs, as etcd; or, with no https client URL, for those alone.
+    tls: Option<Arc<transport::ServerTls>>,
     addrs: Vec<SocketAddr>,
     urls: Vec<String>,
     /// What MemberList advertises: --advertise-client-urls, else the bound URLs.
@@ -403,7 +422,10 @@ struct ClientListeners {
 }
 
 impl ClientListeners {
-    async fn bind(config: &Config) -> Result<ClientListeners, ServerError> {
+    async fn bind(
+        config: &Config,
+        metrics: &Arc<metrics::Metrics>,
+    ) -> Result<ClientListeners, ServerError> {
         let mut bound = Vec::new();
         let mut addrs = Vec::new();
         let mut urls = Vec::new();
@@ -414,8 +436,16 @@ impl ClientListeners {
             urls.push(format!("{scheme}://{addr}"));
             bound.push((l, listen.tls));
         }
-        let tls = if bound.iter().any(|(_, tls)| *tls) {
-            Some(transport::acceptor(&config.tls(), &addrs).map_err(ServerError::Config)?)
+        let https_metrics = config
+            .member
+            .listen_metrics_urls
+            .iter()
+            .any(|u| parse_listen_url(u).is_ok_and(|l| l.tls));
+        let tls = if https_metrics || bound.iter().any(|(_, tls)| *tls) {
+            Some(
+                transport::ServerTls::new(&config.tls(), &addrs, metrics.clone())
+                    .map_err(ServerError::Config)?,
+            )
         } else {
             None
         };
@@ -430,6 +460,7 @@ impl ClientListeners {
         };
         Ok(ClientListeners {
             listeners,
+            tls,
             addrs,
             urls,
             advertise,
@@ -463,6 +494,7 @@ fn watch_settings(config: &Config) -> services::WatchSettings {
     services::WatchSettings {
         progress_interval: config.progress_notify_interval(),
         max_response_bytes: config.engine.max_request_bytes,
+        max_watchers: config.watch.max_watchers_per_stream,
     }
 }
 
@@ -555,18 +587,37 @@ where
         .add_service(LeaseServer::from_arc(lease.clone()).max_decoding_message_size(limit))
 }
 
-/// Serves /health, /metrics and friends on every --listen-metrics-urls.
+/// Serves /health, /metrics and friends on every --listen-metrics-urls: `http://`
+/// in plaintext, `https://` with the client URLs' TLS (`tls`: their certificate, and
+/// under --client-cert-auth their client certificate checks), as etcd.
 async fn serve_metrics(
     config: &Config,
     sources: &metrics::Sources,
+    tls: Option<&Arc<transport::ServerTls>>,
     shutdown: &watch::Receiver<bool>,
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> Result<Vec<SocketAddr>, ServerError> {
     let mut addrs = Vec::new();
     for url in &config.member.listen_metrics_urls {
-        let (l, _, addr) = bind(url).await?;
+        let (l, listen, addr) = bind(url).await?;
         addrs.push(addr);
         let app = http::router(sources.clone());
+        if listen.tls {
+            let tls = tls.ok_or_else(|| {
+                ServerError::Config(format!("{url}: https needs --cert-file/--key-file"))
+            })?;
+            tasks.push(tokio::spawn(transport::serve(
+                l,
+                Some(tls.clone()),
+                app,
+                // Its own counters: scrapes are not client traffic.
+                Arc::new(metrics::Metrics::default()),
+                transport::Keepalive::from(&config.grpc),
+                config.grpc.max_concurrent_streams,
+                shutdown.clone(),
+            )));
+            continue;
+        }
         let mut rx = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             let stop = async move { stopped(&mut rx).await };

@@ -268,6 +268,10 @@ pub struct Metrics {
     /// TLS handshakes whose client named no server (or an IP address, which TLS does
     /// not allow there and which is ignored).
     pub tls_without_server_name: AtomicU64,
+    /// Reloads of the client TLS files that took effect.
+    pub tls_reloads: AtomicU64,
+    /// Reloads refused (bad files): the certificate in force was kept.
+    pub tls_reload_failures: AtomicU64,
     #[cfg(target_os = "linux")]
     process: Arc<prometheus::process_collector::ProcessCollector>,
 }
@@ -280,6 +284,8 @@ impl Default for Metrics {
             connections_open: AtomicI64::new(0),
             tls_handshake_failures: AtomicU64::new(0),
             tls_without_server_name: AtomicU64::new(0),
+            tls_reloads: AtomicU64::new(0),
+            tls_reload_failures: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
             #[cfg(target_os = "linux")]
@@ -562,6 +568,16 @@ fn connection_series(s: &Scrape, m: &Metrics) {
         "pgetcd_tls_handshakes_without_server_name_total",
         "Client TLS handshakes without a server name (SNI), or with an IP address there (ignored, as TLS does not allow it; Node.js's gRPC sends one).",
         m.tls_without_server_name.load(Ordering::Relaxed),
+    );
+    s.counter(
+        "pgetcd_tls_reloads_total",
+        "Reloads of the client TLS files (certificate, key, trusted CA, CRL) that took effect.",
+        m.tls_reloads.load(Ordering::Relaxed),
+    );
+    s.counter(
+        "pgetcd_tls_reload_failures_total",
+        "Changed client TLS files that could not be used; the certificate in force was kept.",
+        m.tls_reload_failures.load(Ordering::Relaxed),
     );
 }
 

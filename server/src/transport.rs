@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -99,6 +99,10 @@ pub struct TlsSettings {
     /// `--client-crl-file`: revoked client certificates (PEM or DER CRLs), checked under
     /// --client-cert-auth.
     pub client_crl_file: Option<PathBuf>,
+    /// `--client-cert-allowed-hostname`: under --client-cert-auth, a client certificate
+    /// must also be valid for one of these names (SAN DNS names with wildcards, or IP
+    /// addresses); empty = any.
+    pub allowed_hostnames: Vec<String>,
 }
 
 /// A TLS version flag value (etcd's names).
@@ -282,16 +286,13 @@ fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
     f.write_all(data)
 }
 
-/// The TLS acceptor for https client URLs.
-pub fn acceptor(settings: &TlsSettings, hosts: &[SocketAddr]) -> Result<TlsAcceptor, String> {
-    let (cert, key) = match (&settings.cert_file, &settings.key_file) {
-        (Some(c), Some(k)) => (c.clone(), k.clone()),
-        (None, None) if settings.auto_tls => auto_cert(settings, hosts)?,
-        (None, None) => {
-            return Err("https client URLs need --cert-file and --key-file (or --auto-tls)".into());
-        }
-        _ => return Err("--cert-file and --key-file go together".into()),
-    };
+/// The rustls configuration for https client URLs, read from the files `settings`
+/// name (generating the auto-TLS certificate for `hosts` when asked).
+fn server_config(
+    settings: &TlsSettings,
+    hosts: &[SocketAddr],
+) -> Result<rustls::ServerConfig, String> {
+    let (cert, key) = cert_and_key(settings, hosts)?;
     let (provider, versions) = tls_policy(settings)?;
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&versions)
@@ -318,7 +319,18 @@ pub fn acceptor(settings: &TlsSettings, hosts: &[SocketAddr]) -> Result<TlsAccep
         let verifier = verifier
             .build()
             .map_err(|e| format!("client certificate verifier: {e}"))?;
-        builder.with_client_cert_verifier(verifier)
+        if settings.allowed_hostnames.is_empty() {
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            let allowed =
+                crate::tls_names::AllowedHostnames::new(verifier, &settings.allowed_hostnames)?;
+            builder.with_client_cert_verifier(Arc::new(allowed))
+        }
+    } else if !settings.allowed_hostnames.is_empty() {
+        return Err(
+            "--client-cert-allowed-hostname needs --client-cert-auth (and --trusted-ca-file)"
+                .into(),
+        );
     } else {
         builder.with_no_client_auth()
     };
@@ -326,7 +338,144 @@ pub fn acceptor(settings: &TlsSettings, hosts: &[SocketAddr]) -> Result<TlsAccep
         .with_single_cert(read_certs(&cert)?, read_key(&key)?)
         .map_err(|e| format!("{}: {e}", cert.display()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(config)
+}
+
+/// The certificate and key files served: --cert-file/--key-file, or auto-TLS's.
+fn cert_and_key(
+    settings: &TlsSettings,
+    hosts: &[SocketAddr],
+) -> Result<(PathBuf, PathBuf), String> {
+    match (&settings.cert_file, &settings.key_file) {
+        (Some(c), Some(k)) => Ok((c.clone(), k.clone())),
+        (None, None) if settings.auto_tls => auto_cert(settings, hosts),
+        (None, None) => {
+            Err("https client URLs need --cert-file and --key-file (or --auto-tls)".into())
+        }
+        _ => Err("--cert-file and --key-file go together".into()),
+    }
+}
+
+/// What identifies one version of a file: a rename over it changes the inode, a
+/// write in place the modification time or length. None: the file cannot be read.
+type FileStamp = Option<(SystemTime, u64, u64)>;
+
+fn stamp(path: &Path) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// The TLS side of the https client URLs (and https metrics URLs), reloadable.
+///
+/// Protocol: every accepted connection takes the configuration current at that
+/// moment ([`ServerTls::acceptor`]); a reload builds a whole new configuration from
+/// the files (certificate, key, trusted CA, CRL) and swaps it in atomically, so new
+/// handshakes use the new files and connections already established keep the session
+/// they negotiated. A reload that fails (a file missing, unparsable, a key that does
+/// not match the certificate) keeps the configuration in force, logs an error and
+/// counts `pgetcd_tls_reload_failures_total`; the next change of any file tries again.
+/// Reloads happen when [`ServerTls::run`] sees a file's stamp change (polled every
+/// `--tls-reload-interval`) and on SIGHUP (always re-read).
+pub struct ServerTls {
+    settings: TlsSettings,
+    hosts: Vec<SocketAddr>,
+    current: arc_swap::ArcSwap<rustls::ServerConfig>,
+    files: Vec<PathBuf>,
+    stamps: parking_lot::Mutex<Vec<FileStamp>>,
+    metrics: Arc<Metrics>,
+}
+
+impl ServerTls {
+    /// Reads the files once; an error here stops start-up.
+    pub fn new(
+        settings: &TlsSettings,
+        hosts: &[SocketAddr],
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<ServerTls>, String> {
+        let config = server_config(settings, hosts)?;
+        let (cert, key) = cert_and_key(settings, hosts)?;
+        let mut files = vec![cert, key];
+        files.extend(settings.trusted_ca_file.clone());
+        files.extend(settings.client_crl_file.clone());
+        let stamps = files.iter().map(|f| stamp(f)).collect();
+        Ok(Arc::new(ServerTls {
+            settings: settings.clone(),
+            hosts: hosts.to_vec(),
+            current: arc_swap::ArcSwap::from_pointee(config),
+            files,
+            stamps: parking_lot::Mutex::new(stamps),
+            metrics,
+        }))
+    }
+
+    /// An acceptor with the configuration in force now.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.load_full())
+    }
+
+    /// Re-reads the files and swaps the new configuration in; on error keeps the old.
+    pub fn reload(&self) -> Result<(), String> {
+        *self.stamps.lock() = self.files.iter().map(|f| stamp(f)).collect();
+        match server_config(&self.settings, &self.hosts) {
+            Ok(config) => {
+                self.current.store(Arc::new(config));
+                self.metrics.tls_reloads.fetch_add(1, Ordering::Relaxed);
+                info!(files = ?self.files, "reloaded the client TLS certificate");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics
+                    .tls_reload_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "client TLS files changed but cannot be used; keeping the certificate in force");
+                Err(e)
+            }
+        }
+    }
+
+    /// Reloads when any file's stamp changed since the last look.
+    pub fn reload_if_changed(&self) {
+        let now: Vec<FileStamp> = self.files.iter().map(|f| stamp(f)).collect();
+        if *self.stamps.lock() != now {
+            let _ = self.reload();
+        }
+    }
+
+    /// Polls the files every `interval` (never when zero) and reloads on SIGHUP, until
+    /// `shutdown`.
+    pub async fn run(self: Arc<Self>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGHUP; TLS files are reloaded by polling only");
+                None
+            }
+        };
+        let poll = !interval.is_zero();
+        let mut tick = tokio::time::interval(if poll {
+            interval
+        } else {
+            Duration::from_secs(3600)
+        });
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = crate::shutdown::stopped(&mut shutdown) => return,
+                _ = tick.tick(), if poll => self.reload_if_changed(),
+                Some(()) = async {
+                    match hangup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    info!("SIGHUP: reloading the client TLS files");
+                    let _ = self.reload();
+                }
+            }
+        }
+    }
 }
 
 /// How a follower reaches a writer whose client URL is https: the writer's certificate
@@ -441,10 +590,11 @@ impl Drop for OpenConnection {
 /// Serves `app` on `listener` until `shutdown`, then drains.
 pub async fn serve<S, B>(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ServerTls>>,
     app: S,
     metrics: Arc<Metrics>,
     keepalive: Keepalive,
+    max_concurrent_streams: u32,
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: tower::Service<
@@ -463,7 +613,7 @@ pub async fn serve<S, B>(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(u32::MAX)
+        .max_concurrent_streams(max_concurrent_streams)
         // h2 closes a connection (GOAWAY ENHANCE_YOUR_CALM "too_many_data_frames")
         // once small request frames it buffered for the application exceed half the
         // connection window: with hyper's 1 MiB default, a few thousand queued requests
@@ -493,7 +643,7 @@ pub async fn serve<S, B>(
         let watcher = graceful.watcher();
         let builder = builder.clone();
         let service = TowerToHyperService::new(app.clone());
-        let tls = tls.clone();
+        let tls = tls.as_ref().map(|t| t.acceptor());
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let _open = open;

@@ -396,6 +396,12 @@ impl RealEtcd {
         RealEtcd::start_in(etcd_dir(client), client, peer, &[], Some(pki)).await
     }
 
+    /// [`RealEtcd::start_tls`] with extra flags.
+    pub async fn start_with_tls(pki: &pki::TestPki, extra: &[&str]) -> RealEtcd {
+        let (client, peer) = (free_port().expect("port"), free_port().expect("port"));
+        RealEtcd::start_in(etcd_dir(client), client, peer, extra, Some(pki)).await
+    }
+
     /// Restores `snapshot` with `etcdutl snapshot restore` (which checks its SHA-256
     /// trailer) and starts etcd on the restored data.
     pub async fn start_restored(snapshot: &std::path::Path) -> RealEtcd {

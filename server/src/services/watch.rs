@@ -38,6 +38,11 @@ use crate::status::to_status;
 
 /// etcd's reasons, sent in `cancel_reason`.
 const EMPTY_RANGE: &str = "mvcc: watcher range is empty";
+/// The cancel reason of a create past `--max-watchers-per-stream` (pgetcd's own limit;
+/// etcd has none).
+pub(crate) fn too_many_watchers(limit: usize) -> String {
+    format!("pgetcd: too many watchers on this stream (--max-watchers-per-stream {limit})")
+}
 pub(crate) const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
 
 /// Settings of the Watch service.
@@ -47,6 +52,8 @@ pub struct WatchSettings {
     pub progress_interval: Duration,
     /// Event responses larger than this are split when the watcher allows fragments.
     pub max_response_bytes: usize,
+    /// Watchers one stream may hold (`--max-watchers-per-stream`; 0 = no limit).
+    pub max_watchers: usize,
 }
 
 /// etcd's Watch service over the bus.
@@ -267,6 +274,11 @@ impl StreamTask {
         };
         if span.is_empty() {
             return self.send(refuse(EMPTY_RANGE)).await;
+        }
+        let limit = self.settings.max_watchers;
+        if limit > 0 && self.watchers.len() >= limit {
+            tracing::debug!(limit, "watch refused: the stream holds too many watchers");
+            return self.send(refuse(&too_many_watchers(limit))).await;
         }
         let id = if c.watch_id != 0 {
             if self.watchers.contains_key(&c.watch_id) {
