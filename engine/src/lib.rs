@@ -28,6 +28,9 @@ mod exec;
 /// Following a keyspace another instance writes: the change feed applied to the index,
 /// the read index.
 mod follower;
+/// The request fuzz target's core (also run by ordinary tests).
+#[doc(hidden)]
+pub mod fuzzing;
 /// etcd's HashKV over the index.
 mod hash;
 /// The in-memory revision index and value-cache bookkeeping.

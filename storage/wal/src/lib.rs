@@ -24,6 +24,9 @@
 //! Must not depend on tonic, the watch bus or the engine: the Postgres store
 //! (`pgetcd-storage-postgres`) wraps it as the keyspace's change feed.
 
+/// The pgoutput fuzz target's core (also run by ordinary tests).
+#[doc(hidden)]
+pub mod fuzzing;
 mod pgoutput;
 /// TLS for the replication connection: a private unix socket piped over TLS.
 mod tunnel;
