@@ -12,6 +12,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+/// A gRPC fuzzer over raw HTTP/2 for a live endpoint.
+pub mod grpc_fuzz;
 /// A seeded etcd history (puts, deletes, txns, a lease, a compaction).
 pub mod history;
 /// Leases kept alive as etcd clients do.
